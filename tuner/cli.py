@@ -1,0 +1,175 @@
+"""The `tuner` command: list-cfg, copy-cfg, train, convert, chat, make-identity-data.
+
+Every subcommand exits 0 on success, 1 on an error the user can fix (one clear line,
+no traceback), 2 on bad command-line usage, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+from tuner.errors import TunerError
+
+
+def cmd_list_cfg(args) -> int:
+    from tuner.configs_index import builtin_configs
+
+    pattern = (args.pattern or "").lower()
+    names = [n for n in builtin_configs() if pattern in n.lower()]
+    if not names:
+        print(f"no built-in config matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    print("\n".join(names))
+    return 0
+
+
+def cmd_copy_cfg(args) -> int:
+    from tuner.configs_index import copy_config
+
+    print(f"Copied to {copy_config(args.name, args.dest)}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tuner.config import load_config
+    from tuner.engine.loop import Trainer
+
+    cfg = load_config(args.config, args.cfg_options)
+    started = time.perf_counter()
+    trainer = Trainer(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed)
+    trainer.train()
+    trainer.info(f"Training finished in {time.perf_counter() - started:.1f}s; checkpoints in {trainer.work_dir}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from tuner.convert import hf
+
+    if args.action == "pth_to_hf":
+        from tuner.config import load_config
+
+        cfg = load_config(args.config, args.cfg_options)
+        out = hf.pth_to_hf(cfg, args.pth, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size)
+        kind = "adapter" if cfg.lora is not None else "model"
+        print(f"Saved the {kind} to {out}")
+    else:
+        out = hf.merge(args.base, args.adapter, args.save_dir, max_shard_size=args.max_shard_size, device=args.device)
+        print(f"Saved the merged model to {out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tuner.chat.cli import run_chat
+
+    return run_chat(args)
+
+
+def cmd_make_identity_data(args) -> int:
+    from tuner.data.identity import write_identity_data
+
+    n_identity, n_replay = write_identity_data(args.out, args.name, args.author, args.count,
+                                               None if args.no_replay else args.model, args.replay_repeats, args.seed)
+    print(f"Wrote {n_identity} identity samples and {n_replay} replay samples to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuner", description="Fine-tune LLMs from a config file.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list-cfg", help="list built-in configs")
+    p.add_argument("-p", "--pattern", help="case-insensitive substring of the config name")
+    p.set_defaults(func=cmd_list_cfg)
+
+    p = sub.add_parser("copy-cfg", help="copy a built-in config to DEST/NAME_copy.py")
+    p.add_argument("name")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_copy_cfg)
+
+    p = sub.add_parser("train", help="train from a config file or built-in config name")
+    p.add_argument("config")
+    p.add_argument("--work-dir", help="default: ./work_dirs/<config name>")
+    p.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the work dir's last one")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. optim.lr=1e-4 data.max_length=512")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="pth_to_hf: checkpoint -> HF folder; merge: base + adapter -> model")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = actions.add_parser("pth_to_hf", help="write a PEFT adapter (LoRA) or a full HF model (full)")
+    c.add_argument("config")
+    c.add_argument("pth")
+    c.add_argument("save_dir")
+    c.add_argument("--fp32", action="store_true", help="save float32 instead of the training dtype")
+    c.add_argument("--max-shard-size", default="2GB")
+    c.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    m = actions.add_parser("merge", help="merge a LoRA adapter into its base model")
+    m.add_argument("base")
+    m.add_argument("adapter")
+    m.add_argument("save_dir")
+    m.add_argument("--max-shard-size", default="2GB")
+    m.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal")
+    p.add_argument("model", help="HF folder, hub id, or smollm2-135m-instruct")
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply")
+    p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-streamer", action="store_true", help="print each answer at once")
+    p.add_argument("--stop-words", nargs="+", default=[])
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("make-identity-data", help="write personal-assistant (identity) training data")
+    p.add_argument("--name", required=True, help="the assistant's new name")
+    p.add_argument("--author", required=True, help="who made it")
+    p.add_argument("--count", type=int, default=60, help="identity samples")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model that answers the replay questions")
+    p.add_argument("--replay-repeats", type=int, default=3)
+    p.add_argument("--no-replay", action="store_true", help="identity samples only (expect a parrot)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_identity_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except TunerError as e:
+        print(f"tuner {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"tuner {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """transformers' per-load progress bars and advice drown tuner's own output."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

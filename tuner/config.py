@@ -1,0 +1,325 @@
+"""Typed configuration: the sections a config file builds, loading, overrides, saving.
+
+A config file is plain Python in XTuner's shape (PART 1 Settings at the top, then the
+sections). It assigns some of these names at module level:
+
+    model = ModelConfig(...)         lora = LoraConfig(...) or None (full fine-tuning)
+    data = DataConfig(...)           optim = OptimConfig(...)
+    train = TrainConfig(...)         checkpoint = CheckpointConfig(...)
+    evaluate = EvaluateConfig(...)   custom_hooks = [...]
+
+Every section checks the types of its fields when it is built, so a wrong value fails
+when the config loads, naming the field, not at step 300.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import sys
+import traceback
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+from tuner.errors import TunerError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+def section(cls):
+    """Make `cls` a dataclass whose constructor names the valid fields on a wrong keyword."""
+    cls = dataclass(cls)
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            raise TunerError(f"{cls.__name__} has no field {unknown[0]!r}; valid fields: {', '.join(valid)}")
+        original_init(self, *args, **kwargs)
+        check_types(self)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if annotation is None or annotation is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value) if args else True
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is Callable or origin is typing.get_origin(Callable):
+        return callable(value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("NoneType", "None")
+    return text[len("<class '"):-2] if text.startswith("<class '") else text
+
+
+def check_types(obj) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise TunerError(
+                f"{type(obj).__name__}.{f.name} must be {_describe(hints[f.name])}, got {value!r} ({type(value).__name__})")
+    post = getattr(obj, "validate", None)
+    if post:
+        post()
+
+
+@section
+class ModelConfig:
+    path: str = EMBEDDED_MODEL
+    """A local HF model folder, a hub id, or 'smollm2-135m-instruct' (embedded, works offline)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Dtype the base weights are loaded in; trainable weights are kept in float32"""
+    quantization: Optional[Literal["4bit", "8bit"]] = None
+    """QLoRA: load the frozen base in 4-bit NF4 (double quantized) or 8-bit with bitsandbytes"""
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@section
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+    """'all-linear' = every nn.Linear except the output head"""
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: Optional[list[str]] = None
+
+    def validate(self):
+        if self.r <= 0:
+            raise TunerError(f"LoraConfig.r must be positive, got {self.r}")
+
+
+@section
+class DataConfig:
+    path: Union[str, list[str]] = ""
+    """A .json/.jsonl file (or a list of them); relative paths are relative to the working directory"""
+    format: Literal["openai", "alpaca"] = "openai"
+    map_fn: Optional[Callable] = None
+    """Your own function row -> {'messages': [...]}; replaces `format` when given"""
+    template: Optional[str] = None
+    """A named prompt template (see tuner.data.templates), or None for the tokenizer's own chat template"""
+    system: Optional[str] = None
+    """System prompt added to conversations that have none (None: leave them as they are)"""
+    max_length: int = 2048
+    pack: bool = True
+    """Pack several samples into each max_length sequence (they cannot see each other)"""
+    shuffle: bool = True
+
+    def validate(self):
+        if self.max_length < 8:
+            raise TunerError(f"DataConfig.max_length must be at least 8, got {self.max_length}")
+
+
+@section
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_norm: Optional[float] = 1.0
+    """Gradient clipping by global norm (None: no clipping)"""
+
+
+@section
+class TrainConfig:
+    batch_size: int = 1
+    """Sequences per device per micro-batch"""
+    accumulative_counts: int = 16
+    """Micro-batches per optimizer step"""
+    max_epochs: int = 3
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides max_epochs when smaller)"""
+    warmup_ratio: float = 0.03
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    seed: int = 0
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute dtype for autocast; 'auto' = bf16 where the CPU/GPU supports it, else fp32"""
+    log_interval: int = 1
+
+    def validate(self):
+        for name in ("batch_size", "accumulative_counts", "max_epochs", "log_interval"):
+            if getattr(self, name) < 1:
+                raise TunerError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@section
+class CheckpointConfig:
+    save_steps: int = 500
+    save_total_limit: int = 2
+    """Keep at most this many iter_N.pth (-1: keep all)"""
+
+
+@section
+class EvaluateConfig:
+    inputs: list[str] = field(default_factory=list)
+    """Questions answered before training and every `freq` steps, written to eval_outputs_iter_N.txt"""
+    freq: int = 500
+    system: Optional[str] = None
+    max_new_tokens: int = 64
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
+    "train": TrainConfig, "checkpoint": CheckpointConfig, "evaluate": EvaluateConfig,
+}
+
+
+@dataclass
+class Config:
+    name: str
+    path: Path
+    source: str
+    model: ModelConfig
+    lora: Optional[LoraConfig]
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    evaluate: EvaluateConfig
+    custom_hooks: list = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        if self.lora is None:
+            return "full"
+        return "qlora" if self.model.quantization else "lora"
+
+    def apply_overrides(self, options: list[str]) -> None:
+        """Apply `--cfg-options section.field=value` with the field's type."""
+        for option in options:
+            key, sep, raw = option.partition("=")
+            section_name, dot, field_name = key.partition(".")
+            if not sep or not dot:
+                raise TunerError(f"--cfg-options expects section.field=value, got {option!r}")
+            if section_name not in SECTIONS:
+                raise TunerError(f"--cfg-options {option!r}: unknown section {section_name!r}; "
+                                 f"valid sections: {', '.join(SECTIONS)}")
+            target = getattr(self, section_name)
+            if target is None:  # e.g. lora.r=8 on a full fine-tuning config
+                target = SECTIONS[section_name]()
+                setattr(self, section_name, target)
+            hints = typing.get_type_hints(type(target))
+            if field_name not in hints:
+                raise TunerError(f"--cfg-options {option!r}: {type(target).__name__} has no field {field_name!r}; "
+                                 f"valid fields: {', '.join(f.name for f in dataclasses.fields(target))}")
+            setattr(target, field_name, parse_value(raw, hints[field_name]))
+            check_types(target)
+
+    def resolved_text(self) -> str:
+        """The config after overrides, as Python that builds the same sections."""
+        lines = [f"# Resolved config of {self.path} (written by tuner train)",
+                 "from tuner.config import *  # noqa", ""]
+        for name in SECTIONS:
+            value = getattr(self, name)
+            lines.append(f"{name} = {_python_repr(value)}")
+        if self.custom_hooks:
+            lines.append(f"# custom_hooks = {self.custom_hooks!r}")
+        return "\n".join(lines) + "\n"
+
+
+def _python_repr(value: Any) -> str:
+    if dataclasses.is_dataclass(value):
+        args = ", ".join(f"{f.name}={_python_repr(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        return f"{type(value).__name__}({args})"
+    if callable(value):  # a map function written in the config: name it
+        return f"{getattr(value, '__name__', repr(value))}"
+    return repr(value)
+
+
+def parse_value(raw: str, annotation: Any) -> Any:
+    """'1e-4' -> 0.0001 for a float field, 'a,b' -> ['a', 'b'] for a list field, 'None' -> None ..."""
+    if raw == "None":
+        return None
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for arg in args:  # first member type that accepts the value
+            try:
+                value = parse_value(raw, arg)
+            except (ValueError, SyntaxError, TunerError):
+                continue
+            if _type_ok(value, arg):
+                return value
+        return raw
+    if annotation is bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise TunerError(f"expected true or false, got {raw!r}")
+    if annotation is int:
+        return int(raw)
+    if annotation is float:
+        return float(raw)
+    if origin in (list, tuple):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = [v for v in raw.split(",") if v]
+        value = list(value) if isinstance(value, (list, tuple)) else [value]
+        return tuple(value) if origin is tuple else value
+    return raw
+
+
+def load_config(path: str | Path, options: list[str] | None = None) -> Config:
+    """Run a config file and collect its sections; errors name the file and line."""
+    from tuner.configs_index import resolve_config_path
+
+    path = resolve_config_path(path)
+    source = path.read_text(encoding="utf-8")
+    namespace: dict[str, Any] = {"__file__": str(path), "__name__": f"tuner_config_{path.stem}"}
+    try:
+        code = compile(source, str(path), "exec")
+        # Register the module so functions and dataclasses defined in the config work.
+        module = types.ModuleType(namespace["__name__"])
+        module.__dict__.update(namespace)
+        sys.modules[module.__name__] = module
+        exec(code, module.__dict__)
+        namespace = module.__dict__
+    except SyntaxError as e:
+        raise TunerError(f"config {path}:{e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - any failure in user code is reported with its line
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == str(path)), "?")
+        raise TunerError(f"config {path}:{line}: {e}") from None
+
+    sections = {}
+    for name, cls in SECTIONS.items():
+        value = namespace.get(name, None if name == "lora" else cls())
+        if value is not None and not isinstance(value, cls):
+            raise TunerError(f"config {path}: `{name}` must be a {cls.__name__}, got {type(value).__name__}")
+        sections[name] = value
+    hooks = namespace.get("custom_hooks", [])
+    config = Config(name=path.stem, path=path, source=source, custom_hooks=list(hooks), **sections)
+    config.apply_overrides(options or [])
+    if not config.data.path:
+        raise TunerError(f"config {path}: data.path is empty; set data_path in PART 1")
+    return config

@@ -1,0 +1,117 @@
+"""`tuner convert pth_to_hf` and `tuner convert merge`.
+
+pth_to_hf writes what training produced in the formats everyone else reads: a PEFT
+adapter folder for LoRA/QLoRA (no base model is loaded for that), or a full HF model
+folder with its tokenizer for full fine-tuning. merge folds an adapter into its base.
+Outputs are written to a temporary folder and renamed, and an existing folder is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tuner.config import Config
+from tuner.engine.checkpoint import load_checkpoint
+from tuner.errors import TunerError
+from tuner.model.load import DTYPES, load_tokenizer, resolve_model_path
+
+
+@contextmanager
+def fresh_output_dir(save_dir: str | Path):
+    """Yield a temporary folder that becomes `save_dir` only when everything was written."""
+    save_dir = Path(save_dir)
+    if save_dir.exists() and any(save_dir.iterdir()):
+        raise TunerError(f"{save_dir} already exists and is not empty; not overwriting it")
+    tmp = save_dir.with_name(save_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if save_dir.exists():
+            save_dir.rmdir()
+        os.replace(tmp, save_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_dtype(cfg: Config, fp32: bool) -> torch.dtype | None:
+    """The dtype the base weights had in training (None = keep each tensor's own)."""
+    if fp32:
+        return torch.float32
+    dtype = DTYPES[cfg.model.dtype]
+    return None if dtype == "auto" else dtype
+
+
+def pth_to_hf(cfg: Config, pth: str | Path, save_dir: str | Path, fp32: bool = False,
+              max_shard_size: str = "2GB") -> Path:
+    state = load_checkpoint(Path(pth))
+    if state.get("method") != cfg.method:
+        raise TunerError(f"{pth} holds a {state.get('method')} checkpoint but the config trains {cfg.method}")
+    dtype = _save_dtype(cfg, fp32)
+    weights = {k: (v.to(dtype) if dtype and v.is_floating_point() else v) for k, v in state["model"].items()}
+    with fresh_output_dir(save_dir) as out:
+        if cfg.lora is not None:
+            _write_adapter(cfg, weights, out)
+        else:
+            _write_full_model(cfg, weights, out, max_shard_size)
+    return Path(save_dir)
+
+
+def _write_adapter(cfg: Config, weights: dict, out: Path) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import save_file
+
+    lora = cfg.lora
+    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                                 use_dora=lora.use_dora, modules_to_save=lora.modules_to_save,
+                                 task_type="CAUSAL_LM", base_model_name_or_path=cfg.model.path)
+    peft_config.save_pretrained(str(out))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _write_full_model(cfg: Config, weights: dict, out: Path, max_shard_size: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = resolve_model_path(cfg.model.path)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):  # no second copy of the weights: the checkpoint's tensors are used as they are
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    model.load_state_dict(weights, assign=True)
+    model.tie_weights()
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TunerError("--device cuda but no CUDA device is available; use --device cpu")
+    return name
+
+
+def merge(base: str, adapter: str | Path, save_dir: str | Path, max_shard_size: str = "2GB",
+          device: str = "auto") -> Path:
+    """Base + adapter -> one model folder, in the base's own dtype, with tokenizer and chat template."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise TunerError(f"{adapter} is not an adapter folder (no adapter_config.json); "
+                         "make one with `tuner convert pth_to_hf`")
+    with fresh_output_dir(save_dir) as out:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype="auto",
+                                                     device_map=pick_device(device))
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+        load_tokenizer(base).save_pretrained(out)
+    return Path(save_dir)

@@ -1,0 +1,119 @@
+"""Side work that hangs off the loop's named points: logging, checkpoints, evaluate-chat.
+
+A hook is any object with some of `before_train(trainer)`, `after_iter(trainer, step, metrics)`
+and `after_train(trainer)`; a plain function in `custom_hooks` is called after every step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tuner.chat.generate import GenerationSettings, Generator
+from tuner.engine.checkpoint import save_checkpoint
+
+console = Console(stderr=True)
+
+
+class Hook:
+    def before_train(self, trainer) -> None: ...
+    def after_iter(self, trainer, step: int, metrics: dict) -> None: ...
+    def after_train(self, trainer) -> None: ...
+
+
+class FunctionHook(Hook):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def after_iter(self, trainer, step, metrics):
+        self.fn(trainer, step, metrics)
+
+
+class LoggerHook(Hook):
+    """Progress bar on the terminal, lines in the log file, one JSON line per step in scalars.json."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self.progress = None
+
+    def before_train(self, trainer):
+        self.scalars = open(trainer.run_dir / "vis_data" / "scalars.json", "a", encoding="utf-8")
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.task = self.progress.add_task("train", total=trainer.total_steps, completed=trainer.start_step, status="")
+        self.progress.start()
+
+    def after_iter(self, trainer, step, metrics):
+        self.scalars.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.scalars.flush()
+        status = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s"
+        self.progress.update(self.task, completed=step, status=status)
+        if step % self.interval == 0 or step == trainer.total_steps:
+            line = (f"Iter(train) [{step}/{trainer.total_steps}]  lr: {metrics['lr']:.4e}  loss: {metrics['loss']:.4f}  "
+                    f"grad_norm: {metrics['grad_norm']:.4f}  tokens/s: {metrics['tokens_per_s']:.1f}  "
+                    f"time: {metrics['step_time']:.3f}s")
+            trainer.logger.info(line)
+            if not console.is_terminal:  # the bar is not drawn into pipes and files: print the line
+                console.print(line, highlight=False, soft_wrap=True)
+
+    def after_train(self, trainer):
+        if self.progress:
+            self.progress.stop()
+            self.scalars.close()
+
+
+class CheckpointHook(Hook):
+    def __init__(self, save_steps: int, keep: int):
+        self.save_steps, self.keep = save_steps, keep
+
+    def after_iter(self, trainer, step, metrics):
+        if step % self.save_steps == 0 or step == trainer.total_steps:
+            path = save_checkpoint(trainer.work_dir, step, trainer.state_dict(step), self.keep)
+            trainer.logger.info(f"Saved checkpoint {path}")
+
+
+class EvaluateChatHook(Hook):
+    """Answers the config's evaluation inputs (greedy) before training and every `freq` steps."""
+
+    def __init__(self, inputs: list[str], freq: int, system: str | None, max_new_tokens: int):
+        self.inputs, self.freq, self.system = inputs, freq, system
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+
+    def _run(self, trainer, step: int) -> None:
+        if not self.inputs:
+            return
+        started = time.perf_counter()
+        generator = Generator(trainer.model, trainer.tokenizer, trainer.cfg.data.template,
+                              compute_dtype=trainer.compute_dtype)
+        blocks = []
+        for question in self.inputs:
+            messages = ([{"role": "system", "content": self.system}] if self.system else [])
+            messages.append({"role": "user", "content": question})
+            answer = generator.reply(messages, self.settings)
+            blocks.append(f"### Q: {question}\n### A: {answer.strip()}\n")
+        text = f"Evaluate-chat at iter {step}\n\n" + "\n".join(blocks)
+        (trainer.work_dir / f"eval_outputs_iter_{step}.txt").write_text(text, encoding="utf-8")
+        trainer.logger.info(text.rstrip() + f"\n(evaluate-chat took {time.perf_counter() - started:.1f}s)")
+
+    def before_train(self, trainer):
+        if trainer.start_step == 0:
+            self._run(trainer, 0)
+
+    def after_iter(self, trainer, step, metrics):
+        if step % self.freq == 0 or step == trainer.total_steps:
+            self._run(trainer, step)
+
+
+def file_logger(path) -> logging.Logger:
+    logger = logging.getLogger(f"tuner.run.{path}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(message)s", "%Y/%m/%d %H:%M:%S"))
+    logger.addHandler(handler)
+    return logger

@@ -1,0 +1,58 @@
+"""Decide what trains: LoRA adapters (peft) on a frozen base, or every weight (full)."""
+
+from __future__ import annotations
+
+import torch
+
+from tuner.config import LoraConfig
+
+
+def apply_lora(model, cfg: LoraConfig, quantized: bool = False):
+    """Wrap `model` in a peft LoRA model; adapters are float32 whatever the base dtype."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_config = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,  # 'all-linear' excludes the output head in peft
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_config)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def prepare_full(model):
+    """Full fine-tuning keeps float32 master weights: pure bf16 barely learns at small lr."""
+    model.float()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """Only what training changes: the adapter weights for LoRA, everything for full."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
+    else:
+        model.load_state_dict(state)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
