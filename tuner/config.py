@@ -262,7 +262,12 @@ def parse_value(raw: str, annotation: Any) -> Any:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
+        # Strings last: 'q_proj,v_proj' for Union[str, list[str]] means a list, 'all-linear' a string.
+        looks_like_list = raw.startswith(("[", "(")) or "," in raw
+        args = [a for a in args if a is not str] + [a for a in args if a is str]
         for arg in args:  # first member type that accepts the value
+            if typing.get_origin(arg) in (list, tuple) and not looks_like_list:
+                continue
             try:
                 value = parse_value(raw, arg)
             except (ValueError, SyntaxError, TunerError):

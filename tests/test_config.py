@@ -1,0 +1,94 @@
+import pytest
+
+from tuner.config import LoraConfig, TrainConfig, load_config
+from tuner.configs_index import builtin_configs, copy_config
+from tuner.errors import TunerError
+
+REQUIRED = ["smollm2_135m_instruct_lora_personal_assistant_e3", "smollm2_135m_instruct_full_personal_assistant_e3",
+            "internlm2_1_8b_qlora_alpaca_e3", "internlm2_1_8b_full_alpaca_e3", "internlm2_chat_7b_qlora_oasst1_e3"]
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_builtin_configs_load(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert cfg.method == name.split("_")[-3] if "personal" not in name else cfg.method in ("lora", "full")
+    assert cfg.data.max_length > 0 and cfg.optim.lr > 0
+
+
+def test_method_follows_config():
+    assert load_config("internlm2_1_8b_qlora_alpaca_e3").method == "qlora"
+    assert load_config("internlm2_1_8b_full_alpaca_e3").method == "full"
+    assert load_config("smollm2_135m_instruct_lora_personal_assistant_e3").method == "lora"
+
+
+def test_map_fn_written_in_config_works():
+    cfg = load_config("internlm2_chat_7b_qlora_oasst1_e3")
+    row = {"text": "### Human: Hi there### Assistant: Hello! How can I help?### Human: Bye### Assistant: Bye!"}
+    assert cfg.data.map_fn(row)["messages"] == [
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+
+
+def test_cfg_options_convert_types():
+    cfg = load_config("smollm2_135m_instruct_lora_personal_assistant_e3",
+                      ["optim.lr=1e-4", "data.max_length=256", "data.pack=false", "lora.target_modules=q_proj,v_proj",
+                       "optim.max_norm=None", "data.template=chatml"])
+    assert cfg.optim.lr == 1e-4 and cfg.data.max_length == 256 and cfg.data.pack is False
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.optim.max_norm is None
+    assert cfg.data.template == "chatml"
+
+
+def test_cfg_options_unknown_key_lists_valid_names():
+    with pytest.raises(TunerError, match=r"no field 'lrate'.*valid fields: lr, weight_decay"):
+        load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["optim.lrate=1"])
+    with pytest.raises(TunerError, match="unknown section 'optimizer'.*valid sections: model, lora"):
+        load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["optimizer.lr=1"])
+    with pytest.raises(ValueError):
+        load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["train.batch_size=two"])
+
+
+def test_wrong_key_or_type_in_config_file(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from tuner.config import *\n\ndata = DataConfig(path='x.jsonl', max_len=5)\n")
+    with pytest.raises(TunerError, match=r"bad.py:3: DataConfig has no field 'max_len'; valid fields: path, format"):
+        load_config(bad)
+    bad.write_text("from tuner.config import *\ntrain = TrainConfig(batch_size='8')\n")
+    with pytest.raises(TunerError, match=r"bad.py:2: TrainConfig.batch_size must be int, got '8'"):
+        load_config(bad)
+    bad.write_text("from tuner.config import *\ndata = DataConfig(path='x'\n")
+    with pytest.raises(TunerError, match=r"bad.py:2: syntax error"):
+        load_config(bad)
+
+
+def test_field_checks():
+    with pytest.raises(TunerError, match="scheduler must be"):
+        TrainConfig(scheduler="step")
+    with pytest.raises(TunerError, match="r must be positive"):
+        LoraConfig(r=0)
+
+
+def test_unknown_config_name_suggests():
+    with pytest.raises(TunerError) as e:
+        load_config("smollm2_lora")
+    assert "no config file or built-in config" in str(e.value)
+    with pytest.raises(TunerError, match="config file not found"):
+        load_config("missing/config.py")
+
+
+def test_copy_cfg_never_overwrites(tmp_path):
+    dest = copy_config("internlm2_1_8b_qlora_alpaca_e3", tmp_path)
+    assert dest.name == "internlm2_1_8b_qlora_alpaca_e3_copy.py"
+    assert dest.read_text() == builtin_configs()["internlm2_1_8b_qlora_alpaca_e3"].read_text()
+    dest.write_text("# my edits")
+    with pytest.raises(TunerError, match="already exists"):
+        copy_config("internlm2_1_8b_qlora_alpaca_e3", tmp_path)
+    assert dest.read_text() == "# my edits"
+
+
+def test_resolved_config_reloads(tmp_path):
+    cfg = load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["optim.lr=3e-4"])
+    resolved = tmp_path / "resolved.py"
+    resolved.write_text(cfg.resolved_text())
+    again = load_config(resolved)
+    assert again.optim == cfg.optim and again.lora == cfg.lora and again.data == cfg.data
