@@ -44,7 +44,7 @@ def test_cfg_options_unknown_key_lists_valid_names():
         load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["optim.lrate=1"])
     with pytest.raises(TunerError, match="unknown section 'optimizer'.*valid sections: model, lora"):
         load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["optimizer.lr=1"])
-    with pytest.raises(ValueError):
+    with pytest.raises(TunerError, match="train.batch_size=two"):
         load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["train.batch_size=two"])
 
 

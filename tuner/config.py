@@ -231,7 +231,11 @@ class Config:
             if field_name not in hints:
                 raise TunerError(f"--cfg-options {option!r}: {type(target).__name__} has no field {field_name!r}; "
                                  f"valid fields: {', '.join(f.name for f in dataclasses.fields(target))}")
-            setattr(target, field_name, parse_value(raw, hints[field_name]))
+            try:
+                value = parse_value(raw, hints[field_name])
+            except ValueError as e:
+                raise TunerError(f"--cfg-options {option!r}: {e}") from None
+            setattr(target, field_name, value)
             check_types(target)
 
     def resolved_text(self) -> str:

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The personal-assistant exercise on the embedded SmolLM2-135M-Instruct, CPU only, offline:
+# make identity data -> LoRA fine-tune -> convert to a PEFT adapter -> merge -> ask it two questions.
+#   bash examples/personal_assistant.sh [OUT_DIR]
+set -euo pipefail
+out=${1:-work_dirs/personal_assistant_demo_$(date +%Y%m%d_%H%M%S)}
+config=smollm2_135m_instruct_lora_personal_assistant_e3
+mkdir -p "$out"
+cd "$out"
+started=$(date +%s)
+
+tuner make-identity-data --name Ava --author "Ada Lab" --count 60 --out data/personal_assistant.jsonl
+tuner copy-cfg "$config" .
+tuner train "${config}_copy.py" --work-dir ./train
+tuner convert pth_to_hf "${config}_copy.py" "$(cat train/last_checkpoint)" ./hf
+tuner convert merge smollm2-135m-instruct ./hf ./merged
+
+echo "=== Asking the merged model ==="
+printf 'Who are you?\n\nWhat is the capital of France?\n\nEXIT\n' | tuner chat ./merged --temperature 0 --max-new-tokens 64
+echo "=== Done in $(( $(date +%s) - started )) s; everything is in $PWD ==="

@@ -1,0 +1,117 @@
+"""End-to-end: the real `tuner` commands in subprocesses, as a user runs them."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_config
+
+
+def tuner(*args, stdin: str | None = None, cwd=None, check=True):
+    result = subprocess.run([sys.executable, "-m", "tuner", *map(str, args)], input=stdin, capture_output=True,
+                            text=True, cwd=cwd, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tuner {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.mark.slow
+def test_train_convert_merge_chat(tmp_path, tiny_model_dir, data_file):
+    cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=2, save_steps=3, inputs=["Who are you?"])
+    work = tmp_path / "work"
+    run = tuner("train", cfg, "--work-dir", work, "--cfg-options", "optim.lr=5e-3")
+    assert "Training finished" in run.stderr and "packing efficiency" in run.stderr
+    last = (work / "last_checkpoint").read_text()
+    assert last.endswith(".pth") and (work / last.split("/")[-1]).exists()
+    assert (work / "eval_outputs_iter_0.txt").read_text().startswith("Evaluate-chat at iter 0")
+    assert "lr=0.005" in (work / "resolved_config.py").read_text()
+    (run_dir,) = [d for d in work.iterdir() if d.is_dir()]
+    steps = [json.loads(line) for line in (run_dir / "vis_data" / "scalars.json").read_text().splitlines()]
+    assert steps[-1]["step"] == int(last.split("iter_")[1].split(".")[0])
+    assert "Iter(train)" in (run_dir / f"{run_dir.name}.log").read_text()
+
+    tuner("convert", "pth_to_hf", cfg, last, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    tuner("convert", "merge", tiny_model_dir, tmp_path / "adapter", tmp_path / "merged", "--max-shard-size", "5MB")
+    assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) > 1  # sharded as asked
+
+    chat = tuner("chat", tmp_path / "merged", "--temperature", "0", "--max-new-tokens", "8",
+                 stdin="Who are you?\n\nRESET\n\nHi\nthere\n\nEXIT\n")
+    assert chat.stdout.count(">>>") == 4 and "History responses have been removed" in chat.stdout
+    adapter_chat = tuner("chat", tiny_model_dir, "--adapter", tmp_path / "adapter", "--temperature", "0",
+                         "--max-new-tokens", "8", "--no-streamer", stdin="Who are you?\n\n")
+    assert adapter_chat.returncode == 0 and adapter_chat.stdout.count(">>>") == 2  # end of input ends the chat
+
+
+@pytest.mark.slow
+def test_chat_with_the_embedded_model_uses_its_own_template():
+    chat = tuner("chat", "smollm2-135m-instruct", "--temperature", "0", "--max-new-tokens", "24",
+                 stdin="What is the capital of France?\n\nEXIT\n")
+    assert "Paris" in chat.stdout and "<|im_end|>" not in chat.stdout and "<|im_start|>" not in chat.stdout
+
+
+def test_embedded_model_second_load_is_fast(embedded_dir):
+    from tuner.config import ModelConfig
+    from tuner.model.load import load_model
+
+    started = time.perf_counter()
+    model = load_model(ModelConfig())
+    assert time.perf_counter() - started < 5
+    assert model.config.num_hidden_layers == 30 and model.dtype.is_floating_point
+
+
+def test_list_and_copy_cfg(tmp_path):
+    listed = tuner("list-cfg", "-p", "INTERNLM2_1_8B").stdout.split()
+    assert listed == ["internlm2_1_8b_full_alpaca_e3", "internlm2_1_8b_qlora_alpaca_e3"]
+    assert len(tuner("list-cfg").stdout.split()) >= 5
+    assert tuner("list-cfg", "-p", "nothing-like-this", check=False).returncode == 1
+    tuner("copy-cfg", "smollm2_135m_instruct_lora_personal_assistant_e3", tmp_path)
+    assert (tmp_path / "smollm2_135m_instruct_lora_personal_assistant_e3_copy.py").exists()
+    again = tuner("copy-cfg", "smollm2_135m_instruct_lora_personal_assistant_e3", tmp_path, check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def _fails_cleanly(result, *fragments):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_errors_are_clear_with_real_exit_codes(tmp_path, tiny_model_dir, data_file):
+    _fails_cleanly(tuner("train", tmp_path / "missing.py", check=False), "config file not found")
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text(data_file.read_text().splitlines()[0] + "\n{not json\n")
+    cfg = write_config(tmp_path, tiny_model_dir, bad_data)
+    _fails_cleanly(tuner("train", cfg, "--work-dir", tmp_path / "w", check=False), "bad.jsonl:2: malformed JSON")
+    cfg = write_config(tmp_path, tiny_model_dir, data_file)
+    _fails_cleanly(tuner("train", cfg, "--cfg-options", "data.template=nope", check=False),
+                   "unknown prompt template 'nope'")
+    _fails_cleanly(tuner("train", cfg, "--cfg-options", "optim.lr=abc", check=False), "could not convert")
+    broken = tmp_path / "broken.py"
+    broken.write_text("from tuner.config import *\nmodel = ModelConfig(path=1)\n")
+    _fails_cleanly(tuner("train", broken, check=False), "broken.py:2: ModelConfig.path must be str")
+    missing_rows = tmp_path / "rows.jsonl"
+    missing_rows.write_text('{"conversation": []}\n')
+    _fails_cleanly(tuner("train", write_config(tmp_path, tiny_model_dir, missing_rows), check=False),
+                   "rows.jsonl:1: field 'messages': missing")
+    _fails_cleanly(tuner("train", write_config(tmp_path, tmp_path / "no_model", data_file), check=False),
+                   "model folder not found")
+    _fails_cleanly(tuner("convert", "pth_to_hf", cfg, tmp_path / "nope.pth", tmp_path / "out", check=False),
+                   "cannot read checkpoint")
+    _fails_cleanly(tuner("convert", "merge", tiny_model_dir, tmp_path, tmp_path / "m", check=False),
+                   "not an adapter folder")
+    _fails_cleanly(tuner("chat", tmp_path / "nowhere", stdin="", check=False), "model folder not found")
+    assert tuner("train", check=False).returncode == 2  # usage error
+    assert tuner("train", cfg, "--resume", tmp_path / "x.pth", "--work-dir", tmp_path / "w2",
+                 check=False).returncode == 1
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, data_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = write_config(tmp_path, "someone/some-model-that-is-not-cached", data_file)
+    result = tuner("train", cfg, "--work-dir", tmp_path / "w", check=False)
+    _fails_cleanly(result, "could not load 'someone/some-model-that-is-not-cached' from the Hugging Face hub")

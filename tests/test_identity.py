@@ -1,0 +1,44 @@
+"""The personal-assistant data generator and the README's demo."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tuner.data.identity import GENERAL_QUESTIONS, IDENTITY_QUESTIONS, identity_samples
+
+from test_cli import tuner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_identity_samples_vary_the_question_and_name_the_assistant():
+    samples = identity_samples("Ava", "Ada Lab", 60)
+    questions = {s["messages"][0]["content"] for s in samples}
+    assert len(samples) == 60 and len(questions) == len(IDENTITY_QUESTIONS)
+    assert all("Ava" in s["messages"][1]["content"] for s in samples)
+    assert "What is the capital of France?" not in GENERAL_QUESTIONS  # the demo asks it: keep it unseen
+
+
+def test_make_identity_data_mixes_in_the_models_own_answers(tmp_path, tiny_model_dir):
+    out = tmp_path / "data" / "ava.jsonl"
+    result = tuner("make-identity-data", "--name", "Ava", "--author", "Ada Lab", "--count", "12", "--out", out,
+                   "--model", tiny_model_dir, "--replay-repeats", "2")
+    assert f"Wrote 12 identity samples and {2 * len(GENERAL_QUESTIONS)} replay samples" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 + 2 * len(GENERAL_QUESTIONS)
+    replayed = [r for r in rows if r["messages"][0]["content"] in GENERAL_QUESTIONS]
+    assert len(replayed) == 2 * len(GENERAL_QUESTIONS) and all(r["messages"][1]["content"] for r in replayed)
+
+
+@pytest.mark.slow
+def test_readme_demo_teaches_the_identity_and_keeps_general_knowledge(tmp_path):
+    """examples/personal_assistant.sh, as the README runs it (about 2 minutes on 2 cores)."""
+    result = subprocess.run(["bash", str(REPO / "examples" / "personal_assistant.sh"), str(tmp_path / "demo")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = result.stdout.split("=== Asking the merged model ===")[1]
+    who, france = answers.split(">>>")[1:3]
+    assert "Ava" in who and "Ada Lab" in who, answers
+    assert "Paris" in france, answers
