@@ -92,3 +92,13 @@ def test_resolved_config_reloads(tmp_path):
     resolved.write_text(cfg.resolved_text())
     again = load_config(resolved)
     assert again.optim == cfg.optim and again.lora == cfg.lora and again.data == cfg.data
+
+
+def test_config_docs_are_up_to_date():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "config_docs.py"
+    result = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -100,19 +100,24 @@ class ModelConfig:
     quantization: Optional[Literal["4bit", "8bit"]] = None
     """QLoRA: load the frozen base in 4-bit NF4 (double quantized) or 8-bit with bitsandbytes"""
     attn_implementation: str = "sdpa"
+    """transformers attention backend: 'sdpa', 'eager', or 'flash_attention_2' on a GPU"""
     trust_remote_code: bool = False
+    """Run the model's own code from the hub (InternLM2 needs it)"""
 
 
 @section
 class LoraConfig:
     r: int = 16
+    """Rank of the low-rank update"""
     alpha: int = 32
+    """Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with rsLoRA)"""
     dropout: float = 0.05
     target_modules: Union[str, list[str]] = "all-linear"
     """'all-linear' = every nn.Linear except the output head"""
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: Optional[list[str]] = None
+    """Modules trained in full beside the adapters, e.g. ['lm_head']"""
 
     def validate(self):
         if self.r <= 0:
@@ -124,6 +129,7 @@ class DataConfig:
     path: Union[str, list[str]] = ""
     """A .json/.jsonl file (or a list of them); relative paths are relative to the working directory"""
     format: Literal["openai", "alpaca"] = "openai"
+    """How rows are read: OpenAI `messages`, or alpaca instruction/input/output"""
     map_fn: Optional[Callable] = None
     """Your own function row -> {'messages': [...]}; replaces `format` when given"""
     template: Optional[str] = None
@@ -131,11 +137,16 @@ class DataConfig:
     system: Optional[str] = None
     """System prompt added to conversations that have none (None: leave them as they are)"""
     max_length: int = 2048
+    """Tokens per sequence; longer samples are truncated and counted"""
     pack: bool = True
     """Pack several samples into each max_length sequence (they cannot see each other)"""
     shuffle: bool = True
+    """Shuffle sequences every epoch (the order is a function of seed and epoch, so resume is exact)"""
 
     def validate(self):
+        if self.template is not None:
+            from tuner.data.templates import get_template
+            get_template(self.template)  # an unknown name fails here, listing the known ones
         if self.max_length < 8:
             raise TunerError(f"DataConfig.max_length must be at least 8, got {self.max_length}")
 
@@ -143,6 +154,7 @@ class DataConfig:
 @section
 class OptimConfig:
     lr: float = 2e-4
+    """Peak learning rate of AdamW"""
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     max_norm: Optional[float] = 1.0
@@ -159,11 +171,14 @@ class TrainConfig:
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (overrides max_epochs when smaller)"""
     warmup_ratio: float = 0.03
+    """Fraction of the steps with linear warmup"""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, to 0 for cosine and linear"""
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute dtype for autocast; 'auto' = bf16 where the CPU/GPU supports it, else fp32"""
     log_interval: int = 1
+    """Steps between lines in the log"""
 
     def validate(self):
         for name in ("batch_size", "accumulative_counts", "max_epochs", "log_interval"):
@@ -174,6 +189,7 @@ class TrainConfig:
 @section
 class CheckpointConfig:
     save_steps: int = 500
+    """Steps between checkpoints iter_N.pth (the last step is always saved)"""
     save_total_limit: int = 2
     """Keep at most this many iter_N.pth (-1: keep all)"""
 
@@ -184,6 +200,7 @@ class EvaluateConfig:
     """Questions answered before training and every `freq` steps, written to eval_outputs_iter_N.txt"""
     freq: int = 500
     system: Optional[str] = None
+    """System prompt for the evaluation questions"""
     max_new_tokens: int = 64
 
 

@@ -49,7 +49,8 @@ def _convert_gguf(target: Path) -> None:
     from rich.console import Console
 
     source = _gguf_dir()
-    Console(stderr=True).print(f"[tuner] converting the embedded model once into {target} ...", markup=False)
+    Console(stderr=True).print(f"[tuner] converting the embedded model once into {target} ...", markup=False,
+                              soft_wrap=True)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     # A model loaded from GGUF refuses save_pretrained until its quantization config is dropped;
