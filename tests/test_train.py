@@ -140,3 +140,30 @@ def test_full_pth_to_hf_keeps_dtype_unless_fp32(tmp_path, tiny_model_dir, data_f
     assert bf16.dtype == torch.bfloat16
     fp32 = AutoModelForCausalLM.from_pretrained(pth_to_hf(trainer.cfg, pth, tmp_path / "hf32", fp32=True), dtype="auto")
     assert fp32.dtype == torch.float32
+
+
+def test_hook_function_written_in_the_config_runs_every_step(tmp_path, tiny_model_dir, data_file):
+    extra = "\nSEEN = []\n\ndef remember(trainer, step, metrics):\n    SEEN.append((step, metrics['loss']))\n\n" \
+            "custom_hooks = [remember]\n"
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, data_file, epochs=1, extra=extra))
+    trainer = Trainer(cfg, work_dir=tmp_path / "work")
+    losses = trainer.train()
+    seen = cfg.custom_hooks[0].__globals__["SEEN"]
+    assert seen == list(enumerate(losses, start=1))
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    from tuner.engine import checkpoint as ckpt
+
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1}, keep=2)
+
+    def disk_full(obj, path):
+        open(path, "wb").write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, 2, {"step": 2}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth", "last_checkpoint"]
+    assert (tmp_path / "last_checkpoint").read_text().endswith("iter_1.pth")
+    assert ckpt.load_checkpoint(tmp_path / "iter_1.pth") == {"step": 1}

@@ -168,8 +168,8 @@ class Trainer:
             hook.before_train(self)
         for step in range(self.start_step, self.total_steps):
             started = time.perf_counter()
-            batches = [collate([self.sequences[i] for i in idx], self.tokenizer.pad_token_id)
-                       for idx in self.schedule.micro_batches(step)]
+            micro_batches = self.schedule.micro_batches(step)
+            batches = [collate([self.sequences[i] for i in idx], self.tokenizer.pad_token_id) for idx in micro_batches]
             # Token-weighted loss: every trained token of the whole step counts the same,
             # however the tokens fall into micro-batches.
             n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
@@ -186,7 +186,7 @@ class Trainer:
 
             elapsed = time.perf_counter() - started
             # Real tokens only: padding is not throughput.
-            real_tokens = sum(len(self.sequences[i].input_ids) for idx in self.schedule.micro_batches(step) for i in idx)
+            real_tokens = sum(len(self.sequences[i].input_ids) for idx in micro_batches for i in idx)
             metrics = {"loss": loss_sum, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens": real_tokens, "tokens_per_s": real_tokens / elapsed, "step_time": elapsed}
             losses.append(loss_sum)
