@@ -58,8 +58,67 @@ def test_truncation(tokenizer):
 
 
 def test_registry():
-    with pytest.raises(TunerError, match="unknown prompt template 'chatlm'; known templates: default, chatml"):
+    with pytest.raises(TunerError, match="unknown prompt template 'chatlm'; known templates: default, zephyr"):
         get_template("chatlm")
     with pytest.raises(ValueError, match="already registered"):
         register_template(PromptTemplate(name="chatml", system="{system}", user="{input}", suffix=""))
-    assert {"default", "chatml", "internlm2_chat", "llama3_chat", "qwen_chat", "phi3_chat"} <= set(TEMPLATES)
+    xtuner = {"default", "zephyr", "internlm_chat", "internlm2_chat", "moss_sft", "llama2_chat", "code_llama_chat",
+              "chatglm2", "chatglm3", "qwen_chat", "baichuan_chat", "baichuan2_chat", "wizardlm", "wizardcoder",
+              "vicuna", "deepseek_coder", "deepseek_moe", "deepseek_v2", "mistral", "mixtral", "minicpm", "gemma",
+              "cohere_chat", "llama3_chat", "phi3_chat"}
+    assert xtuner | {"chatml", "qwen2_5_chat", "qwen3_chat"} <= set(TEMPLATES)
+
+
+def family_tokenizer(tokenizer, jinja: str, bos: str | None, eos: str, special: list[str]):
+    """The real tokenizer dressed as another family: its official template and special tokens."""
+    import copy
+
+    family = copy.deepcopy(tokenizer)
+    family.chat_template = jinja
+    family.add_special_tokens({"additional_special_tokens": [t for t in (bos, eos, *special) if t]})
+    family.bos_token, family.eos_token = bos, eos
+    return family
+
+
+@pytest.mark.parametrize("name", list(__import__("official_templates").FAMILIES))
+def test_named_template_renders_like_the_official_one(tokenizer, name):
+    from official_templates import FAMILIES
+
+    jinja, bos, eos, has_system, special = FAMILIES[name]
+    family = family_tokenizer(tokenizer, jinja, bos, eos, special)
+    ours = get_template(name, family)
+    ours_as_official = get_template(None, family)
+    for conversation in CONVERSATIONS:
+        if conversation[0]["role"] == "system" and not has_system:
+            conversation = conversation[1:]
+        if name == "chatml" and conversation[0]["role"] != "system":
+            conversation = [{"role": "system", "content": "You are Ava."}] + conversation
+        official = family.apply_chat_template(conversation, tokenize=False)
+        assert ours.render(conversation).text == official
+        prompt = family.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
+        assert ours.render(conversation[:-1], add_generation_prompt=True).text == prompt
+        # token ids and trained tokens agree too, whether the named or the official template is used
+        named, _ = encode(conversation, family, ours, 10_000)
+        official_sample, _ = encode(conversation, family, ours_as_official, 10_000)
+        assert named.input_ids == family.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+        assert named.input_ids == official_sample.input_ids
+        trained = lambda s: family.decode([t for t in s.labels if t != IGNORE])  # noqa: E731
+        assert all(m["content"] in trained(named) for m in conversation if m["role"] == "assistant")
+        assert trained(named).replace("\n", "") == trained(official_sample).replace("\n", "").replace(eos * 2, eos)
+
+
+def test_tool_calls_render_in_named_and_tokenizer_templates(tokenizer):
+    tools = [{"type": "function", "function": {"name": "calculate", "parameters": {"type": "object"}}}]
+    conversation = [
+        {"role": "user", "content": "What is 3 * 7?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "calculate", "arguments": '{"expression": "3 * 7"}'}}]},
+        {"role": "tool", "content": "21"},
+        {"role": "assistant", "content": "3 * 7 = 21."}]
+    for template in (get_template("chatml", tokenizer), get_template(None, tokenizer)):
+        rendered = template.render(conversation, tools=tools)
+        trained = "".join(rendered.text[a:b] for a, b in rendered.spans)
+        assert '<tool_call>\n{"name": "calculate", "arguments": {"expression": "3 * 7"}}\n</tool_call>' in trained
+        assert "3 * 7 = 21." in trained and "21\n</tool_response>" not in trained
+    assert '"name": "calculate"' in get_template("chatml", tokenizer).render(conversation, tools=tools).text.split(
+        "<|im_start|>user")[0]  # the tools are listed in the system prompt

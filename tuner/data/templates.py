@@ -14,8 +14,11 @@ evaluate-chat hook all render through `render`, so what is trained is what is se
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import dataclass, field, replace
 
+from tuner.data.template_data import TEMPLATE_DATA
 from tuner.errors import TunerError
 
 
@@ -31,26 +34,41 @@ class PromptTemplate:
     """A template is data: how each role is written, and the words that end a reply."""
     name: str
     system: str  # contains {system}
-    user: str  # contains {input}; ends with the assistant's header
+    user: str  # contains {input} (and maybe {round}); ends with the assistant's header
     suffix: str  # written (and trained) after each assistant reply
-    sep: str = ""  # written (not trained) after the suffix, before the next turn
+    sep: str = ""  # written (not trained) after the suffix
     prefix: str = ""  # written once at the start (a BOS token, say)
+    end: str = ""  # written once after a conversation that ends with a reply (not in prompts)
     default_system: str | None = None
     stop_words: tuple[str, ...] = ()
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
+    def bind(self, tokenizer) -> "PromptTemplate":
+        """Fill {bos} and {eos} with the tokenizer's tokens; stop words gain the EOS token."""
+        bos = (getattr(tokenizer, "bos_token", None) or "") if tokenizer is not None else ""
+        eos = (getattr(tokenizer, "eos_token", None) or "") if tokenizer is not None else ""
+        fill = lambda text: text.replace("{bos}", bos).replace("{eos}", eos)  # noqa: E731
+        stop = tuple(dict.fromkeys(w for w in (*self.stop_words, eos) if w))
+        return replace(self, system=fill(self.system), user=fill(self.user), suffix=fill(self.suffix),
+                       sep=fill(self.sep), prefix=fill(self.prefix), end=fill(self.end), stop_words=stop)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> Rendered:
         out = Rendered(self.prefix)
-        if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
-            out.text += self.system.format(system=self.default_system)
-        for message in messages:
-            role, content = message["role"], message["content"]
+        has_system = bool(messages) and messages[0]["role"] == "system"
+        if not has_system and (self.default_system is not None or tools):
+            out.text += self.system.format(system=with_tools(self.default_system or "", tools))
+        round_number = 0
+        for i, message in enumerate(messages):
+            role, content = message["role"], message.get("content") or ""
             if role == "system":
-                out.text += self.system.format(system=content)
+                out.text += self.system.format(system=with_tools(content, tools))
             elif role == "user":
-                out.text += self.user.format(input=content)
+                round_number += 1
+                out.text += self.user.format(input=content, round=round_number)
+            elif role == "tool":  # a tool's result goes back to the model as a user turn
+                out.text += self.user.format(input=tool_response_text(content), round=round_number)
             elif role == "assistant":
                 start = len(out.text)
-                out.text += content + self.suffix
+                out.text += content + tool_calls_text(message.get("tool_calls")) + self.suffix
                 if message.get("loss", True):
                     out.spans.append((start, len(out.text)))
                 out.text += self.sep
@@ -58,6 +76,10 @@ class PromptTemplate:
                 raise TunerError(f"template {self.name!r} cannot render role {role!r}")
         if add_generation_prompt and messages and messages[-1]["role"] == "assistant":
             raise TunerError("add_generation_prompt after an assistant message")
+        if not add_generation_prompt and messages and messages[-1]["role"] == "assistant" and self.end:
+            out.text += self.end
+            if messages[-1].get("loss", True):  # the closing token is learned, as with the official template
+                out.spans[-1] = (out.spans[-1][0], len(out.text))
         # The assistant header is part of `user`, so a prompt ending in a user turn is ready.
         return out
 
@@ -66,37 +88,99 @@ class ChatTemplate:
     """The tokenizer's own Jinja `chat_template`, with trainable spans found by prefix rendering.
 
     For each assistant turn i, rendering messages[:i] with the generation prompt gives a
-    prefix P and rendering messages[:i+1] gives Q; the reply is Q[len(P):]. This works for
-    any template, with or without `{% generation %}` markers, as long as rendering is
-    prefix-stable (earlier turns do not change when later ones are added).
+    prefix P and rendering messages[:i+1] gives Q; the reply is what Q adds to P, as far
+    as Q agrees with the whole conversation's text (a template may close a conversation
+    with an EOS that the next turn replaces). This works for any template, with or
+    without `{% generation %}` markers, as long as earlier turns render the same when
+    later ones are added.
     """
     name = "tokenizer"
 
     def __init__(self, tokenizer):
-        if not getattr(tokenizer, "chat_template", None):
+        source = getattr(tokenizer, "chat_template", None)
+        if not source:
             raise TunerError("this tokenizer has no chat_template",
                              hint="set prompt_template to a named template, e.g. 'chatml' or 'default'")
         self.tokenizer = tokenizer
+        self.knows_tools = "tool_calls" in source
         self.stop_words = tuple(w for w in (tokenizer.eos_token,) if w)
 
-    def _apply(self, messages, add_generation_prompt):
-        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def _apply(self, messages, add_generation_prompt, tools=None):
+        clean = []
+        for m in messages:
+            message = {"role": m["role"], "content": m.get("content") or ""}
+            if m.get("tool_calls"):
+                if self.knows_tools:
+                    message["tool_calls"] = m["tool_calls"]
+                else:  # a template without tool support would drop the calls: keep them as text
+                    message["content"] += tool_calls_text(m["tool_calls"])
+            for key in ("name", "tool_call_id"):
+                if key in m:
+                    message[key] = m[key]
+            clean.append(message)
+        kwargs = {"tools": tools} if tools else {}
+        return self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **kwargs)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
-        text = self._apply(messages, add_generation_prompt)
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> Rendered:
+        text = self._apply(messages, add_generation_prompt, tools)
         out = Rendered(text)
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or not message.get("loss", True):
                 continue
-            before = self._apply(messages[:i], add_generation_prompt=True)
-            through = self._apply(messages[: i + 1], add_generation_prompt=False)
-            if not (through.startswith(before) and text.startswith(through)):
+            before = self._apply(messages[:i], add_generation_prompt=True, tools=tools)
+            through = self._apply(messages[: i + 1], add_generation_prompt=False, tools=tools)
+            if not (text.startswith(before) and through.startswith(before)):
                 raise TunerError("the tokenizer's chat template is not prefix-stable (it rewrites earlier turns), "
                                  "so assistant tokens cannot be located",
                                  hint="set prompt_template to a named template")
-            out.spans.append((len(before), len(through)))
+            end = self._token_boundary(text, len(os.path.commonprefix([through, text])))
+            out.spans.append((len(before), end))
         return out
+
+    def _token_boundary(self, text: str, end: int) -> int:
+        """Move `end` back to the start of a special token it would cut in two
+        ('<|end|>\\n<|endoftext|>' and '<|end|>\\n<|user|>' agree up to '<|')."""
+        if not hasattr(self, "_special"):
+            self._special = [t for t in self.tokenizer.get_added_vocab() if len(t) > 1]
+        for token in self._special:
+            for start in range(max(0, end - len(token) + 1), end):
+                if text.startswith(token, start):
+                    return start
+        return end
+
+
+def with_tools(system: str, tools: list | None) -> str:
+    """A system prompt that lists the tools, in the Hermes / Qwen format."""
+    if not tools:
+        return system
+    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ((system + "\n\n" if system else "") +
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{listed}\n</tools>"
+            "\n\nFor each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+            "\n</tool_call>")
+
+
+def tool_calls_text(calls: list | None) -> str:
+    """[{"function": {"name": "f", "arguments": {...}}}] -> '\n<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>'"""
+    text = ""
+    for call in calls or []:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        text += "\n<tool_call>\n" + json.dumps({"name": function["name"], "arguments": arguments},
+                                                ensure_ascii=False) + "\n</tool_call>"
+    return text
+
+
+def tool_response_text(content: str) -> str:
+    return f"<tool_response>\n{content}\n</tool_response>"
 
 
 TEMPLATES: dict[str, PromptTemplate] = {}
@@ -108,30 +192,8 @@ def register_template(template: PromptTemplate) -> None:
     TEMPLATES[template.name] = template
 
 
-register_template(PromptTemplate(
-    name="default", system="<|System|>:{system}\n", user="<|User|>:{input}\n<|Bot|>:",
-    suffix="<|endoftext|>", sep="\n", stop_words=("<|endoftext|>",)))
-register_template(PromptTemplate(
-    name="chatml", system="<|im_start|>system\n{system}<|im_end|>\n",
-    user="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-    suffix="<|im_end|>", sep="\n", stop_words=("<|im_end|>",)))
-register_template(PromptTemplate(
-    name="qwen_chat", system="<|im_start|>system\n{system}<|im_end|>\n",
-    user="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-    suffix="<|im_end|>", sep="\n", stop_words=("<|im_end|>", "<|endoftext|>")))
-register_template(PromptTemplate(
-    name="internlm2_chat", prefix="<s>", system="<|im_start|>system\n{system}<|im_end|>\n",
-    user="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-    suffix="<|im_end|>", sep="\n", stop_words=("<|im_end|>",)))
-register_template(PromptTemplate(
-    name="llama3_chat", prefix="<|begin_of_text|>",
-    system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-    user="<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
-         "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    suffix="<|eot_id|>", stop_words=("<|eot_id|>",)))
-register_template(PromptTemplate(
-    name="phi3_chat", system="<|system|>\n{system}<|end|>\n", user="<|user|>\n{input}<|end|>\n<|assistant|>\n",
-    suffix="<|end|>", sep="\n", stop_words=("<|end|>",)))
+for _name, _fields in TEMPLATE_DATA.items():
+    register_template(PromptTemplate(name=_name, **_fields))
 
 
 def get_template(name: str | None, tokenizer=None) -> PromptTemplate | ChatTemplate:
@@ -143,4 +205,4 @@ def get_template(name: str | None, tokenizer=None) -> PromptTemplate | ChatTempl
     if name not in TEMPLATES:
         raise TunerError(f"unknown prompt template {name!r}; known templates: {', '.join(TEMPLATES)} "
                          "(or None for the tokenizer's own)")
-    return TEMPLATES[name]
+    return TEMPLATES[name].bind(tokenizer)
