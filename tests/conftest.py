@@ -25,6 +25,16 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Tokenized-data caches of the tests go to a temporary folder, not the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("data_cache")
+    os.environ["TUNER_DATA_CACHE"] = str(folder)  # inherited by the CLI subprocesses too
+    return folder
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     from tuner.model.embedded import embedded_model_dir

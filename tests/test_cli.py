@@ -97,7 +97,7 @@ def test_errors_are_clear_with_real_exit_codes(tmp_path, tiny_model_dir, data_fi
     missing_rows = tmp_path / "rows.jsonl"
     missing_rows.write_text('{"conversation": []}\n')
     _fails_cleanly(tuner("train", write_config(tmp_path, tiny_model_dir, missing_rows), check=False),
-                   "rows.jsonl:1: field 'messages': missing")
+                   "rows.jsonl:1: cannot tell the format from the columns conversation; set data.format to one of")
     _fails_cleanly(tuner("train", write_config(tmp_path, tmp_path / "no_model", data_file), check=False),
                    "model folder not found")
     _fails_cleanly(tuner("convert", "pth_to_hf", cfg, tmp_path / "nope.pth", tmp_path / "out", check=False),

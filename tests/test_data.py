@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tuner.config import DataConfig
-from tuner.data.dataset import IGNORE, Sample, build_sequences, collate, pack
+from tuner.data.dataset import IGNORE, Sample, build_sequences, collate, pack_best_fit, pack_split
 from tuner.data.formats import alpaca_map_fn
 from tuner.errors import TunerError
 
@@ -17,22 +17,26 @@ def test_alpaca_map_fn():
 
 
 def test_pack_best_fit_keeps_samples_whole():
-    samples = [Sample([i] * n, [i] * n) for i, n in enumerate([6, 3, 5, 2], start=1)]
-    packed = pack(samples, 8)
-    assert sorted(sorted(set(s.input_ids)) for s in packed) == [[1, 4], [2, 3]]
-    assert all(len(s.input_ids) <= 8 for s in packed)
-    first = next(s for s in packed if 1 in s.input_ids)
-    assert first.input_ids == [1] * 6 + [4] * 2 and first.position_ids == list(range(6)) + list(range(2))
+    assert sorted(pack_best_fit([6, 3, 5, 2], 8)) == [[0, 3], [1, 2]]
+    lengths = [((i * 7919) % 500) + 1 for i in range(3000)]
+    bins = pack_best_fit(lengths, 512)
+    assert sorted(i for b in bins for i in b) == list(range(3000))  # every sample once, whole
+    assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
+    assert sum(lengths) / (len(bins) * 512) > 0.97
+
+
+def test_pack_split_cuts_at_max_length():
+    assert pack_split([5, 6], 4) == [[(0, 0, 4)], [(0, 4, 5), (1, 0, 3)], [(1, 3, 6)]]
 
 
 def test_build_sequences_alpaca_json_array(tmp_path, tokenizer):
     path = tmp_path / "alpaca.json"
     rows = [{"instruction": f"Say {i}", "input": "", "output": f"{i}"} for i in range(10)]
     path.write_text(json.dumps(rows, indent=2))
-    seqs, stats = build_sequences(DataConfig(path=str(path), format="alpaca", template="chatml", max_length=256),
-                                  tokenizer)
-    assert stats.rows == 10 and stats.samples == 10 and 0 < stats.packing_efficiency <= 1
-    assert sum(len(s.input_ids) for s in seqs) == stats.tokens
+    seqs, report = build_sequences(DataConfig(path=str(path), format="alpaca", template="chatml", max_length=256),
+                                   tokenizer)
+    assert report.stats.rows == 10 and report.stats.samples == 10 and 0 < report.packing_efficiency <= 1
+    assert sum(len(seqs[i].input_ids) for i in range(len(seqs))) == report.stats.tokens
 
 
 def test_system_is_added_when_missing(tmp_path, tokenizer):
@@ -46,6 +50,8 @@ def test_system_is_added_when_missing(tmp_path, tokenizer):
 BAD_ROWS = [
     ('{"messages": [{"role": "user", "content": "hi"}, ', r"d.jsonl:2: malformed JSON"),
     ('{"msgs": []}', r"d.jsonl:2: field 'messages': missing \(row has: msgs\)"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}',
+     r"d.jsonl:2: field 'messages\[1\].content': must be a string, got NoneType"),
     ('{"messages": [{"role": "human", "content": "hi"}]}', r"d.jsonl:2: field 'messages\[0\].role': must be one of"),
     ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}',
      r"d.jsonl:2: field 'messages\[0\].content': is empty"),
@@ -63,7 +69,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tokenizer, line, message):
     good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(TunerError, match=message):
-        build_sequences(DataConfig(path=str(path)), tokenizer)
+        build_sequences(DataConfig(path=str(path), format="openai"), tokenizer)
 
 
 def test_bad_files(tmp_path, tokenizer):
@@ -94,9 +100,9 @@ def test_packed_samples_cannot_see_each_other(tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    a, b = Sample(list(range(100, 120)), [0] * 20), Sample(list(range(300, 311)), [0] * 11)
-    packed = collate(pack([a, b], 64), tokenizer.pad_token_id)
+    a, b = list(range(100, 120)), list(range(300, 311))
+    packed = collate([Sample(a + b, [0] * 31, list(range(20)) + list(range(11)))], tokenizer.pad_token_id)
     with torch.no_grad():
         together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
-        alone = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits
+        alone = model(input_ids=torch.tensor([b]), use_cache=False).logits
     assert torch.allclose(together[0, 20:31], alone[0], atol=1e-5)

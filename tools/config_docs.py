@@ -12,7 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
-from tuner.config import SECTIONS, _describe
+from tuner.config import SECTIONS, DatasetSource, _describe
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "config.md"
@@ -33,13 +33,18 @@ def field_docs() -> dict[tuple[str, str], str]:
 
 def tables() -> str:
     docs, out = field_docs(), []
-    for name, cls in SECTIONS.items():
+    for name, cls in [*SECTIONS.items(), ("data.sources[i]", DatasetSource)]:
         out += [f"\n### `{name} = {cls.__name__}(...)`\n", "| field | type | default | meaning |", "|---|---|---|---|"]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
             meaning = docs.get((cls.__name__, f.name), "").replace("|", "\\|")
-            out.append(f"| `{f.name}` | `{_describe(hints[f.name])}` | `{default!r}` | {meaning} |")
+            out.append(f"| `{f.name}` | `{_describe(hints[f.name])}` | `{default}` | {meaning} |")
     return "\n".join(out) + "\n"
 
 

@@ -124,24 +124,56 @@ class LoraConfig:
             raise TunerError(f"LoraConfig.r must be positive, got {self.r}")
 
 
+FORMAT_NAMES = Literal["auto", "openai", "alpaca", "alpaca_zh", "sharegpt", "oasst1", "pretrain", "msagent"]
+
+
+@section
+class DatasetSource:
+    """One dataset among several in `DataConfig.sources` (mixing)."""
+    path: str
+    """A file, a folder of files, or a Hugging Face dataset name"""
+    format: FORMAT_NAMES = "auto"
+    map_fn: Optional[Callable] = None
+    repeats: float = 1.0
+    """Times each sample is used per epoch: 2.0 doubles this dataset, 0.5 keeps a (seeded) half"""
+    split: str = "train"
+    """Split of a Hugging Face dataset"""
+
+    def validate(self):
+        if self.repeats <= 0:
+            raise TunerError(f"DatasetSource.repeats must be positive, got {self.repeats}")
+
+
 @section
 class DataConfig:
     path: Union[str, list[str]] = ""
-    """A .json/.jsonl file (or a list of them); relative paths are relative to the working directory"""
-    format: Literal["openai", "alpaca"] = "openai"
-    """How rows are read: OpenAI `messages`, or alpaca instruction/input/output"""
+    """A file (.json .jsonl .parquet .csv .txt), a folder of them, a Hugging Face dataset name, or a list"""
+    format: FORMAT_NAMES = "auto"
+    """How rows are read; 'auto' tells from the columns (`tuner list-dataset-format` lists them)"""
     map_fn: Optional[Callable] = None
-    """Your own function row -> {'messages': [...]}; replaces `format` when given"""
+    """Your own function row -> {'messages': [...]} or {'text': ...}; replaces `format` when given"""
+    sources: Optional[list[DatasetSource]] = None
+    """Several datasets mixed, each with its own format and repeats (replaces path/format/map_fn)"""
     template: Optional[str] = None
     """A named prompt template (see tuner.data.templates), or None for the tokenizer's own chat template"""
     system: Optional[str] = None
     """System prompt added to conversations that have none (None: leave them as they are)"""
     max_length: int = 2048
-    """Tokens per sequence; longer samples are truncated and counted"""
+    """Tokens per sequence"""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What happens to a sample longer than max_length; either way it is counted and reported"""
     pack: bool = True
     """Pack several samples into each max_length sequence (they cannot see each other)"""
+    pack_split: bool = False
+    """Let a sample continue in the next sequence instead of being truncated (pretraining)"""
     shuffle: bool = True
     """Shuffle sequences every epoch (the order is a function of seed and epoch, so resume is exact)"""
+    skip_bad_rows: bool = False
+    """Skip and count rows that fail validation instead of stopping at the first"""
+    num_proc: int = 0
+    """Tokenizer processes (0: one per core)"""
+    cache: bool = True
+    """Keep tokenized data on disk, keyed by the content of files, tokenizer, template and settings"""
 
     def validate(self):
         if self.template is not None:
@@ -149,6 +181,12 @@ class DataConfig:
             get_template(self.template)  # an unknown name fails here, listing the known ones
         if self.max_length < 8:
             raise TunerError(f"DataConfig.max_length must be at least 8, got {self.max_length}")
+
+    def source_list(self) -> list[DatasetSource]:
+        if self.sources:
+            return list(self.sources)
+        paths = [self.path] if isinstance(self.path, str) else list(self.path)
+        return [DatasetSource(path=p, format=self.format, map_fn=self.map_fn) for p in paths]
 
 
 @section
@@ -271,6 +309,9 @@ def _python_repr(value: Any) -> str:
     if dataclasses.is_dataclass(value):
         args = ", ".join(f"{f.name}={_python_repr(getattr(value, f.name))}" for f in dataclasses.fields(value))
         return f"{type(value).__name__}({args})"
+    if isinstance(value, (list, tuple)) and any(dataclasses.is_dataclass(v) or callable(v) for v in value):
+        items = ", ".join(_python_repr(v) for v in value)
+        return f"[{items}]" if isinstance(value, list) else f"({items})"
     if callable(value):  # a map function written in the config: name it
         return f"{getattr(value, '__name__', repr(value))}"
     return repr(value)
@@ -346,6 +387,6 @@ def load_config(path: str | Path, options: list[str] | None = None) -> Config:
     hooks = namespace.get("custom_hooks", [])
     config = Config(name=path.stem, path=path, source=source, custom_hooks=list(hooks), **sections)
     config.apply_overrides(options or [])
-    if not config.data.path:
+    if not config.data.path and not config.data.sources:
         raise TunerError(f"config {path}: data.path is empty; set data_path in PART 1")
     return config

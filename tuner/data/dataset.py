@@ -10,17 +10,19 @@
 
 from __future__ import annotations
 
+import bisect
+import random
+from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tuner.config import DataConfig
-from tuner.data.formats import FORMATS, RowError, check_messages
-from tuner.data.loading import iter_rows
-from tuner.data.templates import get_template
-from tuner.errors import TunerError
+from tuner.data.encode import IGNORE, encode_conversation
+from tuner.data.tokenized import TokenStats, TokenStore, load_token_store
 
-IGNORE = -100
+Piece = tuple[int, int, int]  # (sample index, start, end): a slice of one sample in a sequence
 
 
 @dataclass
@@ -34,111 +36,159 @@ class Sample:
             self.position_ids = list(range(len(self.input_ids)))
 
 
-@dataclass
-class DataStats:
-    rows: int = 0
-    samples: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    truncated: int = 0
-    dropped_no_loss: int = 0
-    sequences: int = 0
-    packing_efficiency: float = 1.0
-
-    def summary(self) -> str:
-        return (f"{self.rows} rows -> {self.samples} samples, {self.tokens} tokens ({self.trained_tokens} trained), "
-                f"{self.truncated} truncated, {self.dropped_no_loss} dropped (no trainable token); "
-                f"{self.sequences} sequences, packing efficiency {self.packing_efficiency:.1%}")
-
-
 def encode(messages: list[dict], tokenizer, template, max_length: int) -> tuple[Sample, bool]:
-    """Render and tokenize one conversation; labels keep only the trainable spans."""
-    rendered = template.render(messages)
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    labels = [IGNORE] * len(ids)
-    span_index = 0
-    for i, (start, _end) in enumerate(offsets):
-        while span_index < len(rendered.spans) and start >= rendered.spans[span_index][1]:
-            span_index += 1
-        if span_index < len(rendered.spans) and rendered.spans[span_index][0] <= start:
-            labels[i] = ids[i]
-    labels[0] = IGNORE  # nothing predicts a sample's first token, also when it is packed after another
-    truncated = len(ids) > max_length
-    return Sample(ids[:max_length], labels[:max_length]), truncated
+    """One conversation as a Sample (labels keep only trained tokens), and whether it was truncated."""
+    encoded = encode_conversation(messages, tokenizer, template, max_length)
+    labels = [t if trained else IGNORE for t, trained in zip(encoded.ids, encoded.trained)]
+    labels[0] = IGNORE  # nothing predicts a sample's first token
+    return Sample(encoded.ids, labels), encoded.truncated
 
 
-def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], int]:
-    """Every row of every file as a validated conversation; errors name file, line and field."""
-    map_fn = cfg.map_fn or FORMATS[cfg.format]
-    paths = [cfg.path] if isinstance(cfg.path, str) else list(cfg.path)
-    conversations, rows = [], 0
-    for path in paths:
-        for file, line, row in iter_rows(path):
-            rows += 1
-            try:
-                messages = check_messages(map_fn(row)["messages"])
-            except RowError as e:
-                raise TunerError(f"{file}:{line}: {e}") from None
-            except (KeyError, TypeError) as e:  # a user's map function that trips on the row
-                raise TunerError(f"{file}:{line}: map function {map_fn.__name__} failed: {e!r}") from None
-            if cfg.system is not None and messages[0]["role"] != "system":
-                messages.insert(0, {"role": "system", "content": cfg.system, "loss": False})
-            conversations.append(messages)
-    if not conversations:
-        raise TunerError(f"no rows in {', '.join(map(str, paths))}")
-    return conversations, rows
+# ---------------------------------------------------------------- which samples, how often
+
+def sample_order(stats: TokenStats, sources_repeats: list[float], seed: int) -> list[int]:
+    """Sample indices for one epoch of mixed sources: repeats 2.0 lists a source twice, 0.5 a seeded half."""
+    order, start = [], 0
+    rng = random.Random(seed)
+    for count, repeats in zip(stats.source_samples, sources_repeats):
+        indices = list(range(start, start + count))
+        whole, fraction = int(repeats), repeats - int(repeats)
+        order += indices * whole + sorted(rng.sample(indices, round(fraction * count)))
+        start += count
+    return order
 
 
-def pack(samples: list[Sample], max_length: int) -> list[Sample]:
+# ---------------------------------------------------------------- packing plans
+
+def pack_best_fit(lengths: list[int], max_length: int) -> list[list[int]]:
     """Best-fit decreasing: each sample goes whole into the fullest sequence it still fits.
 
-    [len 6, len 3, len 5, len 2] at max_length 8 -> [6+2], [5+3]
+    lengths [6, 3, 5, 2] at max_length 8 -> [[0, 3], [1, 2]] (6+2 and 3+5)
     """
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
     bins: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = len(samples[i].input_ids)
-        best = min((b for b in range(len(bins)) if free[b] >= n), key=lambda b: free[b], default=None)
-        if best is None:
-            bins.append([]), free.append(max_length)
-            best = len(bins) - 1
-        bins[best].append(i)
-        free[best] -= n
-    packed = []
-    for members in bins:
-        members.sort()  # keep the data's own order inside a sequence
-        packed.append(Sample(
-            input_ids=[t for i in members for t in samples[i].input_ids],
-            labels=[t for i in members for t in samples[i].labels],
-            position_ids=[p for i in members for p in samples[i].position_ids]))
-    return packed
+    free_values: list[int] = []  # sorted distinct free capacities that some bin has
+    bins_with_free: dict[int, list[int]] = defaultdict(list)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        at = bisect.bisect_left(free_values, n)
+        if at == len(free_values):  # no open sequence has room: start one
+            bins.append([i])
+            b, free = len(bins) - 1, max_length - n
+        else:
+            old = free_values[at]
+            b = bins_with_free[old].pop()
+            if not bins_with_free[old]:
+                free_values.pop(at)
+            bins[b].append(i)
+            free = old - n
+        if free > 0:
+            if not bins_with_free[free]:
+                bisect.insort(free_values, free)
+            bins_with_free[free].append(b)
+    return [sorted(members) for members in bins]  # the data's own order inside a sequence
 
 
-def build_sequences(cfg: DataConfig, tokenizer) -> tuple[list[Sample], DataStats]:
+def pack_split(lengths: list[int], max_length: int) -> list[list[Piece]]:
+    """Concatenate samples and cut every max_length tokens; a sample may continue in the next one.
+
+    lengths [5, 6] at max_length 4 -> [[(0,0,4)], [(0,4,5), (1,0,3)], [(1,3,6)]]
+    """
+    sequences, current, room = [], [], max_length
+    for i, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            take = min(room, n - start)
+            current.append((i, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                sequences.append(current)
+                current, room = [], max_length
+    if current:
+        sequences.append(current)
+    return sequences
+
+
+class SequenceDataset:
+    """Training sequences built on demand from the token store and a packing plan."""
+
+    def __init__(self, store: TokenStore, plan: list[list[Piece]]):
+        self.store, self.plan = store, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def num_tokens(self, k: int) -> int:
+        return sum(end - start for _, start, end in self.plan[k])
+
+    def __getitem__(self, k: int) -> Sample:
+        ids, labels, positions = [], [], []
+        for i, start, end in self.plan[k]:
+            sample_ids, trained = self.store.sample(i)
+            piece_ids = sample_ids[start:end].tolist()
+            piece_labels = np.where(trained[start:end], sample_ids[start:end], IGNORE).tolist()
+            piece_labels[0] = IGNORE  # nothing in this sequence predicts a piece's first token
+            ids += piece_ids
+            labels += piece_labels
+            positions += range(end - start)
+        return Sample(ids, labels, positions)
+
+
+@dataclass
+class DataReport:
+    stats: TokenStats
+    sequences: int
+    packing_efficiency: float
+    from_cache: bool
+    histogram: list[tuple[int, int]]
+    """(length up to, samples) per power-of-two bucket"""
+
+    def summary(self) -> str:
+        s = self.stats
+        text = (f"{s.rows} rows -> {s.samples} samples, {s.tokens} tokens ({s.trained_tokens} trained), "
+                f"{s.truncated} truncated, {s.dropped_too_long} dropped as too long, "
+                f"{s.dropped_no_loss} dropped (no trainable token)")
+        if s.bad_rows:
+            text += f", {s.bad_rows} bad rows skipped (first: {s.bad_row_examples[0]})"
+        text += f"; {self.sequences} sequences, packing efficiency {self.packing_efficiency:.1%}"
+        text += " (from cache)" if self.from_cache else ""
+        return text
+
+    def details(self) -> str:
+        formats = ", ".join(f"{path}: {fmt}" for path, fmt in self.stats.formats.items())
+        buckets = "  ".join(f"<={edge}: {count}" for edge, count in self.histogram)
+        return f"formats: {formats}\nsample lengths: {buckets}"
+
+
+def length_histogram(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Samples per length bucket (0-16], (16-32], (32-64] ... up to the longest."""
+    edges = [0, 16]
+    while edges[-1] < lengths.max():
+        edges.append(edges[-1] * 2)
+    counts, _ = np.histogram(lengths, bins=np.asarray(edges) + 0.5)
+    return list(zip(edges[1:], counts.tolist()))
+
+
+def build_sequences(cfg: DataConfig, tokenizer, seed: int = 0, say=print) -> tuple[SequenceDataset, DataReport]:
     """The training sequences for a data config, and what happened on the way."""
-    template = get_template(cfg.template, tokenizer)
-    conversations, rows = load_conversations(cfg)
-    stats = DataStats(rows=rows)
-    samples = []
-    for messages in conversations:
-        sample, truncated = encode(messages, tokenizer, template, cfg.max_length)
-        stats.truncated += truncated
-        if all(label == IGNORE for label in sample.labels):
-            stats.dropped_no_loss += 1
-            continue
-        samples.append(sample)
-        stats.tokens += len(sample.input_ids)
-        stats.trained_tokens += sum(label != IGNORE for label in sample.labels)
-    stats.samples = len(samples)
-    if not samples:
-        raise TunerError(f"no sample has a trainable token left after truncation to max_length={cfg.max_length}")
-    sequences = pack(samples, cfg.max_length) if cfg.pack else samples
-    stats.sequences = len(sequences)
-    if cfg.pack:
-        stats.packing_efficiency = stats.tokens / (len(sequences) * cfg.max_length)
-    return sequences, stats
+    store, from_cache = load_token_store(cfg, tokenizer, say)
+    order = sample_order(store.stats, [s.repeats for s in cfg.source_list()], seed)
+    lengths = store.lengths
+    if cfg.pack and cfg.pack_split:
+        flat = pack_split([int(lengths[i]) for i in order], cfg.max_length)
+        plan = [[(order[i], a, b) for i, a, b in seq] for seq in flat]
+    elif cfg.pack:
+        groups = pack_best_fit([int(lengths[i]) for i in order], cfg.max_length)
+        plan = [[(order[j], 0, int(lengths[order[j]])) for j in group] for group in groups]
+    else:
+        plan = []
+        for i in order:  # unpacked: a sample longer than max_length (pack_split) is cut in pieces
+            n = int(lengths[i])
+            plan += [[(i, a, min(a + cfg.max_length, n))] for a in range(0, n, cfg.max_length)]
+    tokens = sum(b - a for seq in plan for _, a, b in seq)
+    efficiency = tokens / (len(plan) * cfg.max_length) if cfg.pack else 1.0
+    report = DataReport(store.stats, len(plan), efficiency, from_cache, length_histogram(lengths))
+    return SequenceDataset(store, plan), report
 
 
 def collate(batch: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:

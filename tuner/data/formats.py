@@ -1,4 +1,5 @@
-"""Map functions: one dataset row -> {"messages": [...]} in the OpenAI conversation format.
+"""Map functions: one dataset row -> {"messages": [...]} (a conversation) or {"text": ...}
+(pretraining). Each docstring shows a row before and after.
 
 A map function raises `RowError(field, message)` for a row it cannot use; the loader
 adds the file and line.
@@ -6,9 +7,11 @@ adds the file and line.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Callable
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
@@ -16,19 +19,38 @@ ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
 
 class RowError(ValueError):
     def __init__(self, field: str, message: str):
-        super().__init__(f"field {field!r}: {message}")
+        super().__init__(f"field {field!r}: {message}" if field else message)
         self.field = field
 
 
+def _require(row: dict, *names: str) -> None:
+    for name in names:
+        if name not in row or row[name] is None:
+            raise RowError(name, f"missing (row has: {', '.join(row) or 'nothing'})")
+
+
+def _string(row: dict, name: str) -> str:
+    value = row.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(name, f"must be a string, got {type(value).__name__}")
+    return value
+
+
 def openai_map_fn(row: dict) -> dict:
-    """Rows already in the OpenAI format are checked and passed on.
+    """Rows already in the OpenAI format pass through, with their tools if any.
 
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    -> the same messages (a per-message "loss": false keeps an assistant turn out of the loss)
+    -> the same messages. "loss": false (or "false") on an assistant message keeps it out of
+    the loss; assistant "tool_calls", "tool" messages and a "tools" list are kept for templates.
     """
-    if "messages" not in row:
-        raise RowError("messages", f"missing (row has: {', '.join(row) or 'nothing'})")
-    return {"messages": row["messages"]}
+    _require(row, "messages")
+    out = {"messages": row["messages"]}
+    if row.get("tools"):
+        tools = row["tools"]
+        out["tools"] = json.loads(tools) if isinstance(tools, str) else tools
+    return out
 
 
 def alpaca_map_fn(row: dict) -> dict:
@@ -36,19 +58,140 @@ def alpaca_map_fn(row: dict) -> dict:
     -> [{"role": "system", "content": ALPACA_SYSTEM},
         {"role": "user", "content": "Add\\n1 and 2"}, {"role": "assistant", "content": "3"}]
     """
-    for name in ("instruction", "output"):
-        if name not in row:
-            raise RowError(name, f"missing (row has: {', '.join(row) or 'nothing'})")
-    extra = row.get("input") or ""
-    if not isinstance(extra, str):
-        raise RowError("input", f"must be a string, got {type(extra).__name__}")
-    prompt = f"{row['instruction']}\n{extra}" if extra else row["instruction"]
+    _require(row, "instruction", "output")
+    extra = _string(row, "input")
+    prompt = f"{_string(row, 'instruction')}\n{extra}" if extra else _string(row, "instruction")
     return {"messages": [{"role": "system", "content": ALPACA_SYSTEM},
                          {"role": "user", "content": prompt},
-                         {"role": "assistant", "content": row["output"]}]}
+                         {"role": "assistant", "content": _string(row, "output")}]}
 
 
-FORMATS: dict[str, Callable[[dict], dict]] = {"openai": openai_map_fn, "alpaca": alpaca_map_fn}
+def alpaca_zh_map_fn(row: dict) -> dict:
+    """{"instruction_zh": "加", "input_zh": "1 和 2", "output_zh": "3"}
+    -> [{"role": "user", "content": "加\\n1 和 2"}, {"role": "assistant", "content": "3"}]
+    """
+    _require(row, "instruction_zh", "output_zh")
+    extra = _string(row, "input_zh")
+    prompt = f"{_string(row, 'instruction_zh')}\n{extra}" if extra else _string(row, "instruction_zh")
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": _string(row, "output_zh")}]}
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def sharegpt_map_fn(row: dict) -> dict:
+    """{"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}
+    -> [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hey"}]
+    """
+    _require(row, "conversations")
+    turns = row["conversations"]
+    if not isinstance(turns, list):
+        raise RowError("conversations", f"must be a list, got {type(turns).__name__}")
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(f"conversations[{i}]", "must be an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise RowError(f"conversations[{i}].from",
+                           f"must be one of {', '.join(SHAREGPT_ROLES)}, got {turn['from']!r}")
+        messages.append({"role": role, "content": turn["value"]})
+    return {"messages": messages}
+
+
+OASST1_TURN = re.compile(r"### (Human|Assistant):")
+
+
+def oasst1_map_fn(row: dict) -> dict:
+    """{"text": "### Human: Hi### Assistant: Hello### Human: Bye### Assistant: Bye!"}
+    -> user "Hi", assistant "Hello", user "Bye", assistant "Bye!"
+    """
+    _require(row, "text")
+    parts = OASST1_TURN.split(_string(row, "text"))
+    if len(parts) < 3:
+        raise RowError("text", "has no '### Human:' / '### Assistant:' turns")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return {"messages": messages}
+
+
+def pretrain_map_fn(row: dict) -> dict:
+    """{"text": "Paris is the capital of France."} -> the same text: every token is trained,
+    and an EOS token closes each document."""
+    _require(row, "text")
+    text = _string(row, "text")
+    if not text.strip():
+        raise RowError("text", "is empty")
+    return {"text": text}
+
+
+MSAGENT_CALL = re.compile(r"<\|startofthink\|>\s*```JSON\s*(\{.*?\})\s*```\s*<\|endofthink\|>", re.S)
+
+
+def msagent_map_fn(row: dict) -> dict:
+    """MSAgent-Bench rows (ReAct-style agent data) -> OpenAI tool calls.
+
+    {"conversations": [{"from": "system", "value": "..."}, {"from": "user", "value": "Weather in Paris?"},
+      {"from": "assistant", "value": "I will check.<|startofthink|>```JSON\\n{\\"api_name\\": \\"weather\\",
+        \\"parameters\\": {\\"city\\": \\"Paris\\"}}\\n```<|endofthink|>"},
+      {"from": "function", "value": "18 degrees"}, {"from": "assistant", "value": "It is 18 degrees."}]}
+    -> user, assistant "I will check." with tool_calls [weather(city=Paris)], tool "18 degrees", assistant.
+    """
+    _require(row, "conversations")
+    roles = {"system": "system", "user": "user", "assistant": "assistant", "function": "tool", "observation": "tool"}
+    messages = []
+    for i, turn in enumerate(row["conversations"]):
+        role = roles.get(turn.get("from"))
+        if role is None:
+            raise RowError(f"conversations[{i}].from", f"must be one of {', '.join(roles)}, got {turn.get('from')!r}")
+        content = turn.get("value") or ""
+        message = {"role": role, "content": content}
+        if role == "assistant":
+            calls = []
+            for match in MSAGENT_CALL.finditer(content):
+                try:
+                    call = json.loads(match.group(1))
+                except json.JSONDecodeError as e:
+                    raise RowError(f"conversations[{i}].value", f"tool call is not valid JSON: {e.msg}") from None
+                calls.append({"type": "function", "function": {"name": call.get("api_name", call.get("name")),
+                                                               "arguments": call.get("parameters", {})}})
+            if calls:
+                message = {"role": role, "content": MSAGENT_CALL.sub("", content).strip(), "tool_calls": calls}
+        messages.append(message)
+    return {"messages": messages}
+
+
+FORMATS: dict[str, Callable[[dict], dict]] = {
+    "openai": openai_map_fn, "alpaca": alpaca_map_fn, "alpaca_zh": alpaca_zh_map_fn, "sharegpt": sharegpt_map_fn,
+    "oasst1": oasst1_map_fn, "pretrain": pretrain_map_fn, "msagent": msagent_map_fn,
+}
+
+FORMAT_COLUMNS = {
+    "openai": "messages [, tools]", "alpaca": "instruction, input, output", "alpaca_zh": "instruction_zh, input_zh, output_zh",
+    "sharegpt": "conversations (from/value: human, gpt, system) [, system]", "oasst1": "text with ### Human: / ### Assistant:",
+    "pretrain": "text", "msagent": "conversations with <|startofthink|> tool calls",
+}
+
+
+def detect_format(row: dict) -> str:
+    """Which format a row is in, from its columns (for data.format = 'auto')."""
+    if "messages" in row:
+        return "openai"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "instruction_zh" in row and "output_zh" in row:
+        return "alpaca_zh"
+    if "conversations" in row:
+        turns = row["conversations"] if isinstance(row["conversations"], list) else []
+        if any("<|startofthink|>" in str(t.get("value", "")) for t in turns if isinstance(t, dict)):
+            return "msagent"
+        return "sharegpt"
+    if "text" in row:
+        return "oasst1" if "### Human:" in str(row["text"]) else "pretrain"
+    raise RowError("", f"cannot tell the format from the columns {', '.join(row) or '(none)'}; "
+                   f"set data.format to one of {', '.join(FORMATS)}")
 
 
 def check_messages(messages) -> list[dict]:
@@ -64,21 +207,29 @@ def check_messages(messages) -> list[dict]:
         if role not in ROLES:
             raise RowError(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
         content = message.get("content")
+        calls = message.get("tool_calls")
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise RowError(f"{where}.content", f"must be a string, got {type(content).__name__}")
-        if role != "system" and not content.strip():
+        if role in ("user", "assistant") and not content.strip() and not calls:
             raise RowError(f"{where}.content", "is empty")
         if role == "system" and i != 0:
             raise RowError(f"{where}.role", "a system message may only come first")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)):
+            raise RowError(f"{where}.tool_calls", "must be a list, on an assistant message")
         loss = message.get("loss", True)
         if isinstance(loss, str):
             loss = loss.strip().lower() not in ("false", "0", "no")
-        checked.append({"role": role, "content": content, "loss": bool(loss)})
+        item = {"role": role, "content": content, "loss": bool(loss)}
+        if calls:
+            item["tool_calls"] = calls
+        checked.append(item)
     turns = [m["role"] for m in checked if m["role"] != "system"]
-    if turns[0] != "user":
-        raise RowError("messages", f"the first non-system message must be from the user, got {turns[0]!r}")
+    if not turns or turns[0] != "user":
+        raise RowError("messages", f"the first non-system message must be from the user, got {turns[0] if turns else None!r}")
     for i in range(1, len(turns)):
-        if turns[i] == turns[i - 1]:
+        if turns[i] == turns[i - 1] and turns[i] != "tool":
             raise RowError("messages", f"two {turns[i]!r} messages in a row")
     if "assistant" not in turns:
         raise RowError("messages", "has no assistant message to learn from")

@@ -94,8 +94,9 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         started = time.perf_counter()
-        self.sequences, stats = build_sequences(cfg.data, self.tokenizer)
-        self.info(f"Data: {stats.summary()} ({time.perf_counter() - started:.1f}s)")
+        self.sequences, report = build_sequences(cfg.data, self.tokenizer, cfg.train.seed, say=self.info)
+        self.info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
+        self.logger.info(report.details())
 
         model = load_model(cfg.model, self.device)
         if cfg.lora is not None:
@@ -186,7 +187,7 @@ class Trainer:
 
             elapsed = time.perf_counter() - started
             # Real tokens only: padding is not throughput.
-            real_tokens = sum(len(self.sequences[i].input_ids) for idx in micro_batches for i in idx)
+            real_tokens = sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)
             metrics = {"loss": loss_sum, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens": real_tokens, "tokens_per_s": real_tokens / elapsed, "step_time": elapsed}
             losses.append(loss_sum)

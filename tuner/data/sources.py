@@ -1,0 +1,154 @@
+"""Read rows from where the data lives, each with the place it came from.
+
+Local .json (an array of objects), .jsonl, .parquet, .csv and .txt files (one row
+{"text": line} per non-empty line), folders of them, and Hugging Face datasets by name.
+Rows are streamed: a corpus is never held in memory whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterator
+
+from tuner.errors import TunerError
+
+SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The files behind a data path: the file itself, or the supported files of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not files:
+            raise TunerError(f"data folder {path} holds no {', '.join(SUFFIXES)} files")
+        return files
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise TunerError(f"{path}: unsupported data file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+        return [path]
+    raise TunerError(f"data file not found: {path}")
+
+
+def is_hub_dataset(path: str) -> bool:
+    """'tatsu-lab/alpaca' is a hub name; './data', 'data.jsonl' and existing paths are local."""
+    return (not Path(path).exists() and path.count("/") == 1 and not path.startswith((".", "/", "~"))
+            and Path(path).suffix not in SUFFIXES)
+
+
+def iter_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, int, dict]]:
+    """Yield (place, line, row). A bad line raises TunerError naming file and line."""
+    if is_hub_dataset(str(path)):
+        yield from _hub_rows(str(path), split)
+        return
+    for file in data_files(path):
+        reader = {".jsonl": _jsonl_rows, ".json": _json_array_rows, ".parquet": _parquet_rows,
+                  ".csv": _csv_rows, ".txt": _text_rows}[file.suffix]
+        yield from reader(file)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise TunerError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Lines of a text file, streamed, with UTF-8 errors reported by line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TunerError(f"{path}:{number}: not valid UTF-8 ({e.reason} at column {e.start + 1})") from None
+
+
+def _jsonl_rows(path: Path):
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TunerError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise TunerError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        yield str(path), number, row
+
+
+def _json_array_rows(path: Path):
+    """A JSON array of objects; decoded element by element to know each one's line."""
+    text = _read_text(path)
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, 0)
+    if pos >= len(text) or text[pos] != "[":
+        raise TunerError(f"{path}:1: a .json data file must hold an array of objects (or use .jsonl)")
+    pos = _skip_space(text, pos + 1)
+    while pos < len(text) and text[pos] != "]":
+        line = text.count("\n", 0, pos) + 1
+        try:
+            row, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise TunerError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise TunerError(f"{path}:{line}: each element must be a JSON object, got {type(row).__name__}")
+        yield str(path), line, row
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            line = text.count("\n", 0, pos) + 1
+            raise TunerError(f"{path}:{line}: malformed JSON: expected ',' or ']'")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a broken file
+        raise TunerError(f"{path}: not a readable parquet file: {e}") from None
+    number = 0
+    for batch in table.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            number += 1
+            yield str(path), number, row  # "line" = row number in the file, from 1
+
+
+def _csv_rows(path: Path):
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                yield str(path), reader.line_num, dict(row)
+        except UnicodeDecodeError as e:
+            raise TunerError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({e.reason})") from None
+
+
+def _text_rows(path: Path):
+    for number, line in _lines(path):
+        if line.strip():
+            yield str(path), number, {"text": line.rstrip("\n")}
+
+
+def _hub_rows(name: str, split: str):
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - offline, missing and gated datasets raise many types
+        raise TunerError(f"could not load the dataset {name!r} (split {split!r}) from the Hugging Face hub: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                         hint="without network access, download it elsewhere and point data_path at the files") from None
+    for number, row in enumerate(dataset, start=1):
+        yield f"{name}[{split}]", number, row

@@ -1,0 +1,280 @@
+"""Tokenize every row once, on every core, into an on-disk store that later runs reuse.
+
+The store is three flat arrays (token ids, trained flags, sample offsets) that are
+memory-mapped, so a corpus is held neither twice nor whole in memory. Its folder name is
+a hash of everything the tokens depend on: the bytes of the data files, the tokenizer,
+the template, the map functions and the settings. Under torchrun every process asks for
+the same store; the first one builds it under a file lock and the others wait, saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from filelock import FileLock, Timeout
+
+from tuner.config import DataConfig, DatasetSource
+from tuner.data.encode import Encoded, encode_row
+from tuner.data.formats import FORMATS, RowError, detect_format
+from tuner.data.sources import data_files, is_hub_dataset, iter_rows
+from tuner.data.templates import get_template
+from tuner.errors import TunerError
+
+CACHE_VERSION = 1
+CHUNK_ROWS = 256
+MAX_REPORTED_BAD_ROWS = 5
+
+
+@dataclass
+class TokenStats:
+    rows: int = 0
+    samples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_loss: int = 0
+    bad_rows: int = 0
+    bad_row_examples: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
+    """source path -> the format used (auto-detected or configured)"""
+    source_samples: list[int] = field(default_factory=list)
+    """samples per source, in order"""
+
+
+class TokenStore:
+    """Memory-mapped samples: sample i is ids[offsets[i]:offsets[i+1]]."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.offsets = np.load(folder / "offsets.npy")
+        total = int(self.offsets[-1])
+        # np.memmap refuses empty files; an empty store cannot happen (checked when building)
+        self.ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r", shape=(total,))
+        self.trained = np.memmap(folder / "trained.bin", dtype=np.bool_, mode="r", shape=(total,))
+        self.stats = TokenStats(**json.loads((folder / "stats.json").read_text()))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.trained[a:b]
+
+
+# ---------------------------------------------------------------- the cache key
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+
+
+def _function_identity(fn: Callable | None) -> str:
+    if fn is None:
+        return ""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}"
+
+
+def cache_key(cfg: DataConfig, tokenizer) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"v{CACHE_VERSION}".encode())
+    for source in cfg.source_list():
+        h.update(json.dumps([source.path, source.format, source.split, _function_identity(source.map_fn)]).encode())
+        if is_hub_dataset(source.path):
+            continue  # a hub dataset is identified by its name and split
+        for file in data_files(source.path):
+            h.update(str(file.name).encode())
+            _hash_file(h, file)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(json.dumps([tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token]).encode())
+    template = get_template(cfg.template, tokenizer)
+    h.update(repr(template if cfg.template else "tokenizer").encode())
+    h.update(json.dumps([cfg.system, cfg.max_length, cfg.truncation, cfg.pack_split]).encode())
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    from tuner.model.embedded import cache_root
+    return Path(os.environ.get("TUNER_DATA_CACHE", cache_root() / "datasets"))
+
+
+# ---------------------------------------------------------------- tokenizing
+
+# Set in the parent before forking workers, so nothing large is pickled per chunk.
+_WORKER: dict = {}
+
+
+def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> list:
+    """[(place, line, row, format)] -> [Encoded | ('bad', place, line, message)]"""
+    tokenizer, template, cfg, map_fns = (_WORKER[k] for k in ("tokenizer", "template", "cfg", "map_fns"))
+    # pack_split: a long document continues in the next sequence, so it is not cut here
+    max_length = None if cfg.pack_split else cfg.max_length
+    out = []
+    for place, line, row, fmt in chunk:
+        try:
+            out.append(encode_row(map_fns[fmt](row), tokenizer, template, cfg.system, max_length))
+        except RowError as e:
+            out.append(("bad", place, line, str(e)))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # a user's map function tripping on a row
+            out.append(("bad", place, line, f"map function failed: {e!r}"))
+    return out
+
+
+def resolve_map_fns(cfg: DataConfig, stats: TokenStats) -> dict[str, Callable]:
+    """{source key: map function}, detecting 'auto' formats from each source's first row."""
+    map_fns = {}
+    for index, source in enumerate(cfg.source_list()):
+        if source.map_fn is not None:
+            map_fns[f"source{index}"] = source.map_fn
+            stats.formats[source.path] = f"map_fn {getattr(source.map_fn, '__name__', 'custom')}"
+            continue
+        fmt = source.format
+        if fmt == "auto":
+            first = next(iter_rows(source.path, source.split), None)
+            if first is None:
+                raise TunerError(f"no rows in {source.path}")
+            place, line, row = first
+            try:
+                fmt = detect_format(row)
+            except RowError as e:
+                raise TunerError(f"{place}:{line}: {e}") from None
+        map_fns[f"source{index}"] = FORMATS[fmt]
+        stats.formats[source.path] = fmt + (" (detected)" if source.format == "auto" else "")
+    return map_fns
+
+
+def _rows(cfg: DataConfig) -> Iterator[tuple[int, tuple[str, int, dict, str]]]:
+    """(source index, (place, line, row, source key)) for every row of every source."""
+    for index, source in enumerate(cfg.source_list()):
+        for place, line, row in iter_rows(source.path, source.split):
+            yield index, (place, line, row, f"source{index}")
+
+
+def _chunks(rows, size):
+    rows = iter(rows)
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[int], None] | None = None) -> None:
+    """Tokenize every source into `folder` (ids.bin, trained.bin, offsets.npy, stats.json)."""
+    template = get_template(cfg.template, tokenizer)
+    stats = TokenStats()
+    _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, map_fns=resolve_map_fns(cfg, stats))
+    offsets, total = [0], 0
+    source_of_chunk: list[list[int]] = []
+    per_source = [0] * len(cfg.source_list())
+
+    def chunk_stream():
+        for chunk in _chunks(_rows(cfg), CHUNK_ROWS):
+            source_of_chunk.append([i for i, _ in chunk])
+            yield [item for _, item in chunk]
+
+    processes = cfg.num_proc or os.cpu_count() or 1
+    pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None
+    results = pool.imap(_encode_chunk, chunk_stream()) if pool else map(_encode_chunk, chunk_stream())
+    try:
+        with open(folder / "ids.bin", "wb") as ids_file, open(folder / "trained.bin", "wb") as trained_file:
+            for chunk_index, encoded_chunk in enumerate(results):
+                sources = source_of_chunk[chunk_index]
+                for source, item in zip(sources, encoded_chunk):
+                    stats.rows += 1
+                    if isinstance(item, tuple):
+                        _, place, line, message = item
+                        if not cfg.skip_bad_rows:
+                            raise TunerError(f"{place}:{line}: {message}",
+                                             hint="fix the row, or set data.skip_bad_rows=True to skip and count "
+                                                  "such rows")
+                        stats.bad_rows += 1
+                        if len(stats.bad_row_examples) < MAX_REPORTED_BAD_ROWS:
+                            stats.bad_row_examples.append(f"{place}:{line}: {message}")
+                        continue
+                    if not _keep(item, cfg, stats):
+                        continue
+                    ids_file.write(np.asarray(item.ids, dtype=np.int32).tobytes())
+                    trained_file.write(np.asarray(item.trained, dtype=np.bool_).tobytes())
+                    total += len(item.ids)
+                    offsets.append(total)
+                    per_source[source] += 1
+                if progress:
+                    progress(stats.rows)
+    finally:
+        if pool:
+            pool.terminate()
+        _WORKER.clear()
+    stats.samples = len(offsets) - 1
+    stats.source_samples = per_source
+    if stats.samples == 0:
+        raise TunerError("no usable sample in the data: " + (
+            f"{stats.bad_rows} bad rows, " if stats.bad_rows else "") +
+            f"{stats.dropped_no_loss} without a trainable token, {stats.dropped_too_long} too long")
+    np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    (folder / "stats.json").write_text(json.dumps(asdict(stats)))
+
+
+def _keep(item: Encoded, cfg: DataConfig, stats: TokenStats) -> bool:
+    if item.truncated and cfg.truncation == "drop":
+        stats.dropped_too_long += 1
+        return False
+    if not any(item.trained[1:]):  # the first token is never a target
+        stats.dropped_no_loss += 1
+        return False
+    stats.truncated += item.truncated
+    stats.tokens += len(item.ids)
+    stats.trained_tokens += sum(item.trained[1:])
+    return True
+
+
+def load_token_store(cfg: DataConfig, tokenizer, say: Callable[[str], None] = print) -> tuple[TokenStore, bool]:
+    """The store for this data config, built now or read from the cache. Returns (store, from_cache)."""
+    if not cfg.cache:
+        folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"tuner-tokens-{os.getpid()}-{time.time_ns()}"
+        folder.mkdir(parents=True)
+        tokenize_rows(cfg, tokenizer, folder)
+        return TokenStore(folder), False
+    key = cache_key(cfg, tokenizer)
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    folder, progress_file = root / key, root / f"{key}.progress"
+    if (folder / "stats.json").exists():
+        return TokenStore(folder), True
+    lock = FileLock(str(root / f"{key}.lock"))
+    while True:
+        try:
+            lock.acquire(timeout=15)
+            break
+        except Timeout:  # another process (another rank on this machine) is tokenizing
+            done = progress_file.read_text().strip() if progress_file.exists() else "0"
+            say(f"waiting for another process to tokenize the data ({done} rows so far); cache {folder}")
+    try:
+        if (folder / "stats.json").exists():
+            return TokenStore(folder), True
+        tmp = root / f"{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tokenize_rows(cfg, tokenizer, tmp, progress=lambda n: progress_file.write_text(str(n)))
+        os.replace(tmp, folder)
+    finally:
+        progress_file.unlink(missing_ok=True)
+        lock.release()
+    return TokenStore(folder), False
