@@ -1,4 +1,4 @@
-"""The `tuner` command: list-cfg, copy-cfg, train, convert, chat, make-identity-data.
+"""The `tuner` command: list-cfg, copy-cfg, train, convert, chat, and the data tools.
 
 Every subcommand exits 0 on success, 1 on an error the user can fix (one clear line,
 no traceback), 2 on bad command-line usage, 130 on Ctrl-C.
@@ -77,6 +77,34 @@ def cmd_make_identity_data(args) -> int:
     return 0
 
 
+def cmd_list_dataset_format(args) -> int:
+    from tuner.data.inspection import list_formats
+
+    print(list_formats())
+    return 0
+
+
+def cmd_check_custom_dataset(args) -> int:
+    from tuner.config import load_config
+    from tuner.data.inspection import check_custom_dataset
+    from tuner.model.load import load_tokenizer
+
+    cfg = load_config(args.config, args.cfg_options)
+    report, bad = check_custom_dataset(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), args.samples)
+    print(report)
+    return 1 if bad else 0
+
+
+def cmd_log_dataset(args) -> int:
+    from tuner.config import load_config
+    from tuner.data.inspection import log_dataset
+    from tuner.model.load import load_tokenizer
+
+    cfg = load_config(args.config, args.cfg_options)
+    print(log_dataset(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), args.show, args.num))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuner", description="Fine-tune LLMs from a config file.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,6 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-streamer", action="store_true", help="print each answer at once")
     p.add_argument("--stop-words", nargs="+", default=[])
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("list-dataset-format", help="list the dataset formats and the columns they read")
+    p.set_defaults(func=cmd_list_dataset_format)
+
+    p = sub.add_parser("check-custom-dataset", help="validate every row and show each stage for a few")
+    p.add_argument("config")
+    p.add_argument("--samples", type=int, default=2, help="rows to show stage by stage")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_check_custom_dataset)
+
+    p = sub.add_parser("log-dataset", help="print training sequences as the model sees them")
+    p.add_argument("config")
+    p.add_argument("--show", default="all", choices=["text", "masked_text", "input_ids", "labels", "all"])
+    p.add_argument("--num", type=int, default=1, help="how many sequences")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_log_dataset)
 
     p = sub.add_parser("make-identity-data", help="write personal-assistant (identity) training data")
     p.add_argument("--name", required=True, help="the assistant's new name")

@@ -34,6 +34,7 @@ from tuner.errors import TunerError
 CACHE_VERSION = 1
 CHUNK_ROWS = 256
 MAX_REPORTED_BAD_ROWS = 5
+WAIT_SECONDS = 15  # between "waiting for another process" messages
 
 
 @dataclass
@@ -140,34 +141,43 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> list:
     return out
 
 
+def _places(source: DatasetSource) -> list[str]:
+    """The files (or the hub dataset) behind one source, as `iter_rows` names them."""
+    if is_hub_dataset(source.path):
+        return [source.path]
+    return [str(f) for f in data_files(source.path)]
+
+
 def resolve_map_fns(cfg: DataConfig, stats: TokenStats) -> dict[str, Callable]:
-    """{source key: map function}, detecting 'auto' formats from each source's first row."""
+    """{"index|file": map function}; an 'auto' format is detected from each file's first row."""
     map_fns = {}
     for index, source in enumerate(cfg.source_list()):
-        if source.map_fn is not None:
-            map_fns[f"source{index}"] = source.map_fn
-            stats.formats[source.path] = f"map_fn {getattr(source.map_fn, '__name__', 'custom')}"
-            continue
-        fmt = source.format
-        if fmt == "auto":
-            first = next(iter_rows(source.path, source.split), None)
-            if first is None:
-                raise TunerError(f"no rows in {source.path}")
-            place, line, row = first
-            try:
-                fmt = detect_format(row)
-            except RowError as e:
-                raise TunerError(f"{place}:{line}: {e}") from None
-        map_fns[f"source{index}"] = FORMATS[fmt]
-        stats.formats[source.path] = fmt + (" (detected)" if source.format == "auto" else "")
+        for place in _places(source):
+            if source.map_fn is not None:
+                fn, label = source.map_fn, f"map_fn {getattr(source.map_fn, '__name__', 'custom')}"
+            elif source.format != "auto":
+                fn, label = FORMATS[source.format], source.format
+            else:
+                first = next(iter_rows(place, source.split), None)
+                if first is None:
+                    continue  # an empty file has no rows to map
+                where, line, row = first
+                try:
+                    fmt = detect_format(row)
+                except RowError as e:
+                    raise TunerError(f"{where}:{line}: {e}") from None
+                fn, label = FORMATS[fmt], f"{fmt} (detected)"
+            map_fns[f"{index}|{place}"] = fn
+            stats.formats[place] = label
     return map_fns
 
 
-def _rows(cfg: DataConfig) -> Iterator[tuple[int, tuple[str, int, dict, str]]]:
-    """(source index, (place, line, row, source key)) for every row of every source."""
+def rows_of(cfg: DataConfig) -> Iterator[tuple[int, tuple[str, int, dict, str]]]:
+    """(source index, (place, line, row, map function key)) for every row of every source."""
     for index, source in enumerate(cfg.source_list()):
-        for place, line, row in iter_rows(source.path, source.split):
-            yield index, (place, line, row, f"source{index}")
+        for place in _places(source):
+            for where, line, row in iter_rows(place, source.split):
+                yield index, (where, line, row, f"{index}|{place}")
 
 
 def _chunks(rows, size):
@@ -186,7 +196,7 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
     per_source = [0] * len(cfg.source_list())
 
     def chunk_stream():
-        for chunk in _chunks(_rows(cfg), CHUNK_ROWS):
+        for chunk in _chunks(rows_of(cfg), CHUNK_ROWS):
             source_of_chunk.append([i for i, _ in chunk])
             yield [item for _, item in chunk]
 
@@ -261,7 +271,7 @@ def load_token_store(cfg: DataConfig, tokenizer, say: Callable[[str], None] = pr
     lock = FileLock(str(root / f"{key}.lock"))
     while True:
         try:
-            lock.acquire(timeout=15)
+            lock.acquire(timeout=WAIT_SECONDS)
             break
         except Timeout:  # another process (another rank on this machine) is tokenizing
             done = progress_file.read_text().strip() if progress_file.exists() else "0"

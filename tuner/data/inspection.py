@@ -1,0 +1,95 @@
+"""See what the data engine makes of your data before spending hours training on it.
+
+    tuner list-dataset-format
+    tuner check-custom-dataset CFG        every row validated; each stage shown for a few rows
+    tuner log-dataset CFG --show all      the packed training sequences as the model sees them
+"""
+
+from __future__ import annotations
+
+import json
+
+from tuner.config import Config
+from tuner.data.dataset import build_sequences
+from tuner.data.encode import IGNORE, encode_row
+from tuner.data.formats import FORMAT_COLUMNS, FORMATS, RowError
+from tuner.data.templates import get_template
+from tuner.data.tokenized import TokenStats, resolve_map_fns, rows_of
+from tuner.errors import TunerError
+
+SHOW = ("text", "masked_text", "input_ids", "labels")
+
+
+def list_formats() -> str:
+    width = max(map(len, FORMATS))
+    lines = [f"{name:<{width}}  {FORMAT_COLUMNS[name]}" for name in FORMATS]
+    return "\n".join(lines + [f"{'auto':<{width}}  detected from the columns of the first row of each dataset"])
+
+
+def masked_text(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """The text with every run of untrained tokens replaced by a marker."""
+    out, run = [], []
+    for token, label in zip(ids, labels):
+        if label == IGNORE:
+            run.append(token)
+            continue
+        if run:
+            out.append(f"[{len(run)} masked]")
+            run = []
+        out.append(tokenizer.decode([token]))
+    if run:
+        out.append(f"[{len(run)} masked]")
+    return "".join(out)
+
+
+def check_custom_dataset(cfg: Config, tokenizer, samples: int = 2, max_errors: int = 20) -> tuple[str, int]:
+    """Validate every row; show each stage for the first `samples` rows. Returns (report, bad rows)."""
+    data = cfg.data
+    template = get_template(data.template, tokenizer)
+    map_fns = resolve_map_fns(data, TokenStats())
+    lines, errors, rows, shown = [], [], 0, 0
+    for _, (place, line, row, key) in rows_of(data):
+        rows += 1
+        try:
+            mapped = map_fns[key](row)
+            encoded = encode_row(mapped, tokenizer, template, data.system, data.max_length, keep_stages=True)
+        except RowError as e:
+            errors.append(f"{place}:{line}: {e}")
+            continue
+        if shown < samples:
+            shown += 1
+            labels = [t if ok else IGNORE for t, ok in zip(encoded.ids, encoded.trained)]
+            lines += [f"=== {place}:{line} ===",
+                      f"--- raw row\n{json.dumps(row, ensure_ascii=False)[:2000]}",
+                      f"--- messages\n{json.dumps(encoded.stages.get('messages', mapped), ensure_ascii=False)[:2000]}",
+                      f"--- rendered text\n{encoded.stages['text']}",
+                      f"--- input_ids ({len(encoded.ids)}{', truncated' if encoded.truncated else ''})\n{encoded.ids}",
+                      f"--- labels ({sum(encoded.trained)} trained)\n{labels}",
+                      f"--- trained text\n{masked_text(tokenizer, encoded.ids, labels)}", ""]
+    if errors:
+        lines.append(f"{len(errors)} of {rows} rows are bad:")
+        lines += errors[:max_errors]
+        if len(errors) > max_errors:
+            lines.append(f"... and {len(errors) - max_errors} more")
+        return "\n".join(lines), len(errors)
+    sequences, report = build_sequences(data, tokenizer, cfg.train.seed, say=lambda _: None)
+    first = sequences.plan[0]
+    lines += [f"--- packed: sequence 0 holds {len(first)} piece(s) of lengths {[b - a for _, a, b in first]}",
+              f"All {rows} rows are valid. {report.summary()}", report.details()]
+    return "\n".join(lines), 0
+
+
+def log_dataset(cfg: Config, tokenizer, show: str = "all", num: int = 1) -> str:
+    """The first `num` training sequences, as text, masked text, ids and/or labels."""
+    if show not in (*SHOW, "all"):
+        raise TunerError(f"--show must be one of {', '.join(SHOW)}, all; got {show!r}")
+    sequences, report = build_sequences(cfg.data, tokenizer, cfg.train.seed, say=lambda _: None)
+    lines = [report.summary()]
+    for k in range(min(num, len(sequences))):
+        sample = sequences[k]
+        views = {"text": tokenizer.decode(sample.input_ids),
+                 "masked_text": masked_text(tokenizer, sample.input_ids, sample.labels),
+                 "input_ids": str(sample.input_ids), "labels": str(sample.labels)}
+        for name in SHOW if show == "all" else (show,):
+            lines.append(f"=== sequence {k}: {name} ===\n{views[name]}")
+    return "\n".join(lines)
