@@ -39,9 +39,9 @@ class Sample:
 def encode(messages: list[dict], tokenizer, template, max_length: int) -> tuple[Sample, bool]:
     """One conversation as a Sample (labels keep only trained tokens), and whether it was truncated."""
     encoded = encode_conversation(messages, tokenizer, template, max_length)
-    labels = [t if trained else IGNORE for t, trained in zip(encoded.ids, encoded.trained)]
+    labels = np.where(encoded.trained, encoded.ids, IGNORE).tolist()
     labels[0] = IGNORE  # nothing predicts a sample's first token
-    return Sample(encoded.ids, labels), encoded.truncated
+    return Sample(encoded.ids.tolist(), labels), encoded.truncated
 
 
 # ---------------------------------------------------------------- which samples, how often

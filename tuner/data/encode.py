@@ -1,75 +1,98 @@
-"""One mapped row -> token ids and which of them are trained.
+"""Mapped rows -> token ids and which of them are trained.
 
     conversation  [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
     ids           <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nYo<|im_end|>\\n   (as ids)
     trained       False ...                                             True True True True
     text          {"text": "Paris is in France."} -> its ids + EOS, all trained
+
+Rows are rendered one by one and tokenized in batches (one call into the Rust tokenizer
+per batch); the trained flags come from the character spans the template marked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tuner.data.formats import RowError, check_messages
+from tuner.data.templates import Rendered
 
 IGNORE = -100
 
 
 @dataclass
 class Encoded:
-    ids: list[int]
-    trained: list[bool]
+    ids: np.ndarray  # int32
+    trained: np.ndarray  # bool
     truncated: bool = False
     stages: dict = field(default_factory=dict)
     """Intermediate forms (messages, rendered text), kept only when asked for inspection"""
 
 
-def encode_conversation(messages: list[dict], tokenizer, template, max_length: int | None,
-                        tools: list | None = None, keep_stages: bool = False) -> Encoded:
-    """Render with the template and tokenize; only the template's trainable spans are trained."""
-    rendered = template.render(messages, tools=tools)
-    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    trained = [False] * len(ids)
-    span = 0
-    for i, (start, _end) in enumerate(offsets):
-        while span < len(rendered.spans) and start >= rendered.spans[span][1]:
-            span += 1
-        if span < len(rendered.spans) and rendered.spans[span][0] <= start:
-            trained[i] = True
-    out = _truncate(ids, trained, max_length)
-    if keep_stages:
-        out.stages = {"messages": messages, "text": rendered.text}
-    return out
+@dataclass
+class Prepared:
+    """A row rendered to text, before tokenizing. `spans` None means every token is trained (pretraining)."""
+    text: str
+    spans: list[tuple[int, int]] | None
+    messages: list[dict] | None = None
 
 
-def encode_text(text: str, tokenizer, max_length: int | None, keep_stages: bool = False) -> Encoded:
-    """Pretraining: every token of the document and a closing EOS are trained."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    out = _truncate(ids, [True] * len(ids), max_length)
-    if keep_stages:
-        out.stages = {"text": text}
-    return out
-
-
-def _truncate(ids: list[int], trained: list[bool], max_length: int | None) -> Encoded:
-    if max_length is not None and len(ids) > max_length:
-        return Encoded(ids[:max_length], trained[:max_length], truncated=True)
-    return Encoded(ids, trained)
-
-
-def encode_row(mapped: dict, tokenizer, template, system: str | None, max_length: int | None,
-               keep_stages: bool = False) -> Encoded:
-    """A mapped row ({"messages": ...} or {"text": ...}) -> Encoded; bad content raises RowError."""
+def prepare(mapped: dict, template, system: str | None) -> Prepared:
+    """A mapped row ({"messages": ...} or {"text": ...}) rendered to text; bad content raises RowError."""
     if not isinstance(mapped, dict) or ("messages" not in mapped and "text" not in mapped):
         raise RowError("(map_fn)", "the map function must return {'messages': [...]} or {'text': '...'}")
     if "text" in mapped and "messages" not in mapped:
         if not isinstance(mapped["text"], str) or not mapped["text"].strip():
             raise RowError("text", "must be a non-empty string")
-        return encode_text(mapped["text"], tokenizer, max_length, keep_stages)
+        return Prepared(mapped["text"], None)
     messages = check_messages(mapped["messages"])
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system, "loss": False})
-    return encode_conversation(messages, tokenizer, template, max_length, mapped.get("tools"), keep_stages)
+    rendered: Rendered = template.render(messages, tools=mapped.get("tools"))
+    return Prepared(rendered.text, rendered.spans, messages)
+
+
+def tokenize(batch: list[Prepared], tokenizer, max_length: int | None, keep_stages: bool = False) -> list[Encoded]:
+    """Tokenize rendered rows in one call; a token is trained when it starts inside a span."""
+    if not batch:
+        return []
+    texts = [p.text for p in batch]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # straight to the Rust tokenizer: the Python wrapping costs as much as tokenizing
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        all_ids, all_offsets = [e.ids for e in encodings], [e.offsets for e in encodings]
+    else:
+        encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        all_ids, all_offsets = encodings["input_ids"], encodings["offset_mapping"]
+    out = []
+    for k, prepared in enumerate(batch):
+        ids = all_ids[k]
+        if prepared.spans is None:  # pretraining: all of it, and an EOS to close the document
+            if tokenizer.eos_token_id is not None:
+                ids = ids + [tokenizer.eos_token_id]
+            trained = np.ones(len(ids), dtype=bool)
+        else:
+            starts = np.fromiter((a for a, _ in all_offsets[k]), dtype=np.int64, count=len(ids))
+            trained = np.zeros(len(ids), dtype=bool)
+            for a, b in prepared.spans:
+                trained |= (starts >= a) & (starts < b)
+        truncated = max_length is not None and len(ids) > max_length
+        if truncated:
+            ids, trained = ids[:max_length], trained[:max_length]
+        encoded = Encoded(np.asarray(ids, dtype=np.int32), trained, truncated)
+        if keep_stages:
+            encoded.stages = {"messages": prepared.messages, "text": prepared.text}
+        out.append(encoded)
+    return out
+
+
+def encode_row(mapped: dict, tokenizer, template, system: str | None, max_length: int | None,
+               keep_stages: bool = False) -> Encoded:
+    return tokenize([prepare(mapped, template, system)], tokenizer, max_length, keep_stages)[0]
+
+
+def encode_conversation(messages: list[dict], tokenizer, template, max_length: int | None,
+                        tools: list | None = None) -> Encoded:
+    rendered = template.render(messages, tools=tools)
+    return tokenize([Prepared(rendered.text, rendered.spans, messages)], tokenizer, max_length)[0]

@@ -58,14 +58,15 @@ def check_custom_dataset(cfg: Config, tokenizer, samples: int = 2, max_errors: i
             continue
         if shown < samples:
             shown += 1
-            labels = [t if ok else IGNORE for t, ok in zip(encoded.ids, encoded.trained)]
+            ids = encoded.ids.tolist()
+            labels = [t if ok else IGNORE for t, ok in zip(ids, encoded.trained.tolist())]
             lines += [f"=== {place}:{line} ===",
                       f"--- raw row\n{json.dumps(row, ensure_ascii=False)[:2000]}",
                       f"--- messages\n{json.dumps(encoded.stages.get('messages', mapped), ensure_ascii=False)[:2000]}",
                       f"--- rendered text\n{encoded.stages['text']}",
-                      f"--- input_ids ({len(encoded.ids)}{', truncated' if encoded.truncated else ''})\n{encoded.ids}",
+                      f"--- input_ids ({len(ids)}{', truncated' if encoded.truncated else ''})\n{ids}",
                       f"--- labels ({sum(encoded.trained)} trained)\n{labels}",
-                      f"--- trained text\n{masked_text(tokenizer, encoded.ids, labels)}", ""]
+                      f"--- trained text\n{masked_text(tokenizer, ids, labels)}", ""]
     if errors:
         lines.append(f"{len(errors)} of {rows} rows are bad:")
         lines += errors[:max_errors]

@@ -129,12 +129,16 @@ class ChatTemplate:
             if message["role"] != "assistant" or not message.get("loss", True):
                 continue
             before = self._apply(messages[:i], add_generation_prompt=True, tools=tools)
-            through = self._apply(messages[: i + 1], add_generation_prompt=False, tools=tools)
+            last = i == len(messages) - 1  # then rendering through this turn is the whole text
+            through = text if last else self._apply(messages[: i + 1], add_generation_prompt=False, tools=tools)
             if not (text.startswith(before) and through.startswith(before)):
                 raise TunerError("the tokenizer's chat template is not prefix-stable (it rewrites earlier turns), "
                                  "so assistant tokens cannot be located",
                                  hint="set prompt_template to a named template")
-            end = self._token_boundary(text, len(os.path.commonprefix([through, text])))
+            if text.startswith(through):
+                end = len(through)
+            else:  # the template closes a conversation differently from how the next turn opens
+                end = self._token_boundary(text, len(os.path.commonprefix([through, text])))
             out.spans.append((len(before), end))
         return out
 

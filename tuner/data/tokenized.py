@@ -25,7 +25,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from tuner.config import DataConfig, DatasetSource
-from tuner.data.encode import Encoded, encode_row
+from tuner.data.encode import Encoded, prepare, tokenize
 from tuner.data.formats import FORMATS, RowError, detect_format
 from tuner.data.sources import data_files, is_hub_dataset, iter_rows
 from tuner.data.templates import get_template
@@ -126,19 +126,21 @@ _WORKER: dict = {}
 
 
 def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> list:
-    """[(place, line, row, format)] -> [Encoded | ('bad', place, line, message)]"""
+    """[(place, line, row, map key)] -> [Encoded | ('bad', place, line, message)], in order."""
     tokenizer, template, cfg, map_fns = (_WORKER[k] for k in ("tokenizer", "template", "cfg", "map_fns"))
     # pack_split: a long document continues in the next sequence, so it is not cut here
     max_length = None if cfg.pack_split else cfg.max_length
-    out = []
-    for place, line, row, fmt in chunk:
+    out, good = [], []
+    for place, line, row, key in chunk:
         try:
-            out.append(encode_row(map_fns[fmt](row), tokenizer, template, cfg.system, max_length))
+            good.append(prepare(map_fns[key](row), template, cfg.system))
+            out.append(None)
         except RowError as e:
             out.append(("bad", place, line, str(e)))
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # a user's map function tripping on a row
             out.append(("bad", place, line, f"map function failed: {e!r}"))
-    return out
+    encoded = iter(tokenize(good, tokenizer, max_length))
+    return [item if item is not None else next(encoded) for item in out]
 
 
 def _places(source: DatasetSource) -> list[str]:
@@ -221,8 +223,8 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
                         continue
                     if not _keep(item, cfg, stats):
                         continue
-                    ids_file.write(np.asarray(item.ids, dtype=np.int32).tobytes())
-                    trained_file.write(np.asarray(item.trained, dtype=np.bool_).tobytes())
+                    ids_file.write(item.ids.tobytes())
+                    trained_file.write(item.trained.tobytes())
                     total += len(item.ids)
                     offsets.append(total)
                     per_source[source] += 1
@@ -246,12 +248,13 @@ def _keep(item: Encoded, cfg: DataConfig, stats: TokenStats) -> bool:
     if item.truncated and cfg.truncation == "drop":
         stats.dropped_too_long += 1
         return False
-    if not any(item.trained[1:]):  # the first token is never a target
+    trained = int(item.trained[1:].sum())  # the first token is never a target
+    if not trained:
         stats.dropped_no_loss += 1
         return False
     stats.truncated += item.truncated
     stats.tokens += len(item.ids)
-    stats.trained_tokens += sum(item.trained[1:])
+    stats.trained_tokens += trained
     return True
 
 

@@ -1,0 +1,119 @@
+"""Data preparation speed: tuner vs TRL's SFTTrainer on the same rows and tokenizer.
+
+    pip install -c constraints.txt trl==1.16.0   # only for this benchmark
+    python tools/bench_data.py [--rows 100000] [--max-length 2048] [--num-proc 2]
+
+Generates alpaca-style rows (instruction / input / output of varied lengths), then times,
+side by side in one run:
+  tuner cold    rows -> messages -> chat template -> ids + assistant mask -> packed plan
+  tuner cached  the same again (read from the tokenized cache)
+  TRL cold      SFTTrainer's dataset preparation (prompt/completion rows, completion-only
+                loss, packing) from a JSON file with an empty datasets cache
+  TRL cached    the same again (datasets' own cache of the map results)
+and prints rows/s and the packing efficiency. Both use the embedded SmolLM2 tokenizer and
+its chat template, and the same number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("the model learns from data that people write about cities rivers code music history science food "
+         "travel health language numbers stories questions answers").split()
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    sentence = lambda k: " ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + "."  # noqa: E731
+    return [{"instruction": sentence(rng.randint(4, 30)), "input": sentence(rng.randint(0, 40)) if i % 3 else "",
+             "output": " ".join(sentence(rng.randint(5, 25)) for _ in range(rng.randint(1, 12)))} for i in range(n)]
+
+
+def time_tuner(path: Path, tokenizer, max_length: int, num_proc: int) -> tuple[float, float, float]:
+    from tuner.config import DataConfig
+    from tuner.data.dataset import build_sequences
+
+    data = DataConfig(path=str(path), format="alpaca", max_length=max_length, num_proc=num_proc)
+    started = time.perf_counter()
+    _, report = build_sequences(data, tokenizer, say=lambda _: None)
+    cold = time.perf_counter() - started
+    assert not report.from_cache
+    started = time.perf_counter()
+    _, again = build_sequences(data, tokenizer, say=lambda _: None)
+    cached = time.perf_counter() - started
+    assert again.from_cache
+    return cold, cached, report.packing_efficiency
+
+
+def time_trl(rows: list[dict], tokenizer, max_length: int, num_proc: int, workdir: Path) -> tuple[float, float]:
+    import datasets
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from tuner.data.formats import ALPACA_SYSTEM
+
+    path = workdir / "trl_rows.jsonl"
+    with open(path, "w") as f:
+        for r in rows:  # the same conversations, in TRL's prompt/completion format
+            user = f"{r['instruction']}\n{r['input']}" if r["input"] else r["instruction"]
+            f.write(json.dumps({"prompt": [{"role": "system", "content": ALPACA_SYSTEM},
+                                           {"role": "user", "content": user}],
+                                "completion": [{"role": "assistant", "content": r["output"]}]}) + "\n")
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    args = SFTConfig(output_dir=str(workdir / "trl_out"), max_length=max_length, packing=True,
+                     completion_only_loss=True, dataset_num_proc=num_proc, report_to=[], use_cpu=True)
+    times = []
+    for _ in range(2):
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(workdir / "hf"))
+        started = time.perf_counter()
+        SFTTrainer(model=tiny, args=args, train_dataset=dataset, processing_class=tokenizer)
+        times.append(time.perf_counter() - started)
+    torch.manual_seed(0)
+    return times[0], times[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+
+    from tuner.model.embedded import embedded_model_dir
+    from tuner.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(str(embedded_model_dir()))
+    rows = make_rows(args.rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        os.environ["TUNER_DATA_CACHE"] = str(workdir / "tuner_cache")
+        path = workdir / "alpaca.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cold, cached, efficiency = time_tuner(path, tokenizer, args.max_length, args.num_proc)
+        try:
+            trl_cold, trl_cached = time_trl(rows, tokenizer, args.max_length, args.num_proc, workdir)
+        except ImportError:
+            print("TRL is not installed: pip install -c constraints.txt trl==1.16.0", file=sys.stderr)
+            trl_cold = trl_cached = float("nan")
+    n = args.rows
+    print(f"{n} alpaca-style rows, max_length {args.max_length}, {args.num_proc} processes, SmolLM2 tokenizer")
+    print(f"{'':14}{'seconds':>10}{'rows/s':>12}")
+    for name, seconds in (("tuner cold", cold), ("tuner cached", cached), ("TRL cold", trl_cold),
+                          ("TRL cached", trl_cached)):
+        print(f"{name:14}{seconds:10.2f}{n / seconds:12.0f}")
+    print(f"cold: tuner is {trl_cold / cold:.2f}x TRL; cached: {trl_cached / cached:.2f}x")
+    print(f"tuner packing efficiency (real tokens / slots): {efficiency:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
