@@ -91,6 +91,9 @@ def test_errors_are_clear_with_real_exit_codes(tmp_path, tiny_model_dir, data_fi
     _fails_cleanly(tuner("train", cfg, "--cfg-options", "data.template=nope", check=False),
                    "unknown prompt template 'nope'")
     _fails_cleanly(tuner("train", cfg, "--cfg-options", "optim.lr=abc", check=False), "could not convert")
+    skipped = tuner("train", write_config(tmp_path, tiny_model_dir, bad_data), "--work-dir", tmp_path / "w3",
+                    "--skip-bad-rows")
+    assert "1 bad rows skipped (first: " in skipped.stderr and "bad.jsonl:2: malformed JSON" in skipped.stderr
     broken = tmp_path / "broken.py"
     broken.write_text("from tuner.config import *\nmodel = ModelConfig(path=1)\n")
     _fails_cleanly(tuner("train", broken, check=False), "broken.py:2: ModelConfig.path must be str")

@@ -38,7 +38,7 @@ def cmd_train(args) -> int:
     from tuner.config import load_config
     from tuner.engine.loop import Trainer
 
-    cfg = load_config(args.config, args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
     started = time.perf_counter()
     trainer = Trainer(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed)
     trainer.train()
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="default: ./work_dirs/<config name>")
     p.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the work dir's last one")
     p.add_argument("--seed", type=int)
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count rows that fail validation")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. optim.lr=1e-4 data.max_length=512")
     p.set_defaults(func=cmd_train)

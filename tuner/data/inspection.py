@@ -13,6 +13,7 @@ from tuner.config import Config
 from tuner.data.dataset import build_sequences
 from tuner.data.encode import IGNORE, encode_row
 from tuner.data.formats import FORMAT_COLUMNS, FORMATS, RowError
+from tuner.data.sources import BAD_ROW
 from tuner.data.templates import get_template
 from tuner.data.tokenized import TokenStats, resolve_map_fns, rows_of
 from tuner.errors import TunerError
@@ -50,11 +51,17 @@ def check_custom_dataset(cfg: Config, tokenizer, samples: int = 2, max_errors: i
     lines, errors, rows, shown = [], [], 0, 0
     for _, (place, line, row, key) in rows_of(data):
         rows += 1
+        if BAD_ROW in row:
+            errors.append(f"{place}:{line}: {row[BAD_ROW]}")
+            continue
         try:
             mapped = map_fns[key](row)
             encoded = encode_row(mapped, tokenizer, template, data.system, data.max_length, keep_stages=True)
         except RowError as e:
             errors.append(f"{place}:{line}: {e}")
+            continue
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # a user's map function tripping on a row
+            errors.append(f"{place}:{line}: map function failed: {e!r}")
             continue
         if shown < samples:
             shown += 1

@@ -15,6 +15,7 @@ from typing import Iterator
 from tuner.errors import TunerError
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
+BAD_ROW = "__tuner_bad_row__"  # a row that could not be read: {BAD_ROW: message}, skippable like any bad row
 
 
 def data_files(path: str | Path) -> list[Path]:
@@ -74,9 +75,9 @@ def _jsonl_rows(path: Path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TunerError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})") from None
+            row = {BAD_ROW: f"malformed JSON: {e.msg} (column {e.colno})"}
         if not isinstance(row, dict):
-            raise TunerError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            row = {BAD_ROW: f"each line must be a JSON object, got {type(row).__name__}"}
         yield str(path), number, row
 
 

@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from tuner.config import DataConfig, DatasetSource
 from tuner.data.encode import Encoded, prepare, tokenize
 from tuner.data.formats import FORMATS, RowError, detect_format
-from tuner.data.sources import data_files, is_hub_dataset, iter_rows
+from tuner.data.sources import BAD_ROW, data_files, is_hub_dataset, iter_rows
 from tuner.data.templates import get_template
 from tuner.errors import TunerError
 
@@ -132,6 +132,9 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> list:
     max_length = None if cfg.pack_split else cfg.max_length
     out, good = [], []
     for place, line, row, key in chunk:
+        if BAD_ROW in row:
+            out.append(("bad", place, line, row[BAD_ROW]))
+            continue
         try:
             good.append(prepare(map_fns[key](row), template, cfg.system))
             out.append(None)
@@ -160,9 +163,9 @@ def resolve_map_fns(cfg: DataConfig, stats: TokenStats) -> dict[str, Callable]:
             elif source.format != "auto":
                 fn, label = FORMATS[source.format], source.format
             else:
-                first = next(iter_rows(place, source.split), None)
+                first = next((r for r in iter_rows(place, source.split) if BAD_ROW not in r[2]), None)
                 if first is None:
-                    continue  # an empty file has no rows to map
+                    continue  # no readable row to map: the bad ones are reported when tokenizing
                 where, line, row = first
                 try:
                     fmt = detect_format(row)

@@ -96,7 +96,8 @@ class Trainer:
         started = time.perf_counter()
         self.sequences, report = build_sequences(cfg.data, self.tokenizer, cfg.train.seed, say=self.info)
         self.info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
-        self.logger.info(report.details())
+        for line in report.details().splitlines():
+            self.info(f"Data: {line}")
 
         model = load_model(cfg.model, self.device)
         if cfg.lora is not None:
