@@ -99,6 +99,8 @@ class ModelConfig:
     """Dtype the base weights are loaded in; trainable weights are kept in float32"""
     quantization: Optional[Literal["4bit", "8bit"]] = None
     """QLoRA: load the frozen base in 4-bit NF4 (double quantized) or 8-bit with bitsandbytes"""
+    freeze: Optional[list[str]] = None
+    """Regular expressions of parameter names that stay frozen in full fine-tuning, e.g. ['embed_tokens']"""
     attn_implementation: str = "sdpa"
     """transformers attention backend: 'sdpa', 'eager', or 'flash_attention_2' on a GPU"""
     trust_remote_code: bool = False
@@ -191,8 +193,10 @@ class DataConfig:
 
 @section
 class OptimConfig:
+    name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    """AdamW from torch (fused on GPU), or bitsandbytes' 8-bit / paged AdamW (pip install 'tuner[qlora]')"""
     lr: float = 2e-4
-    """Peak learning rate of AdamW"""
+    """Peak learning rate"""
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     max_norm: Optional[float] = 1.0
@@ -217,6 +221,10 @@ class TrainConfig:
     """Compute dtype for autocast; 'auto' = bf16 where the CPU/GPU supports it, else fp32"""
     log_interval: int = 1
     """Steps between lines in the log"""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more time"""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss: stop with a message naming the step, or skip that step's update"""
 
     def validate(self):
         for name in ("batch_size", "accumulative_counts", "max_epochs", "log_interval"):

@@ -15,3 +15,11 @@ class TunerError(Exception):
     def __str__(self) -> str:
         text = super().__str__()
         return f"{text}\n  hint: {self.hint}" if self.hint else text
+
+
+class Interrupted(TunerError):
+    """Training stopped by a signal after saving a checkpoint; exit code 128 + signal number."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

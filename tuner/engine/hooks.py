@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tuner.chat.generate import GenerationSettings, Generator
-from tuner.engine.checkpoint import save_checkpoint
+from tuner.engine.checkpoint import LAST, save_checkpoint
+from tuner.errors import TunerError
 
 console = Console(stderr=True)
 
@@ -73,8 +74,21 @@ class CheckpointHook(Hook):
 
     def after_iter(self, trainer, step, metrics):
         if step % self.save_steps == 0 or step == trainer.total_steps:
-            path = save_checkpoint(trainer.work_dir, step, trainer.state_dict(step), self.keep)
-            trainer.logger.info(f"Saved checkpoint {path}")
+            save_checkpoint_or_explain(trainer, step, self.keep)
+
+
+def save_checkpoint_or_explain(trainer, step: int, keep: int | None = None):
+    """Save iter_N.pth; a failed save (disk full, say) stops training with the last good checkpoint named."""
+    keep = trainer.cfg.checkpoint.save_total_limit if keep is None else keep
+    try:
+        path = save_checkpoint(trainer.work_dir, step, trainer.state_dict(step), keep)
+    except OSError as e:
+        last = trainer.work_dir / LAST
+        previous = last.read_text().strip() if last.exists() else "none"
+        raise TunerError(f"could not write the checkpoint of step {step} in {trainer.work_dir}: "
+                         f"{e.strerror or e}; the last good checkpoint ({previous}) is intact") from None
+    trainer.logger.info(f"Saved checkpoint {path}")
+    return path
 
 
 class EvaluateChatHook(Hook):

@@ -6,10 +6,13 @@ loss, backward, clip, step, schedule, hooks. Everything else is setup.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,25 +24,34 @@ from tuner.config import Config
 from tuner.data.dataset import IGNORE, build_sequences, collate
 from tuner.engine import checkpoint as ckpt
 from tuner.engine.device import autocast, default_device, resolve_compute_dtype
-from tuner.engine.hooks import CheckpointHook, EvaluateChatHook, FunctionHook, LoggerHook, console, file_logger
-from tuner.errors import TunerError
+from tuner.engine.optim import build_optimizer, lr_lambda
+from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, LoggerHook, console, file_logger,
+                                save_checkpoint_or_explain)
+from tuner.errors import Interrupted, TunerError
 from tuner.model.adapt import (apply_lora, count_parameters, load_trainable_state_dict, prepare_full,
                                trainable_state_dict)
 from tuner.model.load import load_model, load_tokenizer
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
-    """Linear warmup from ~0, then cosine (or linear) decay to 0, or constant."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT / SIGTERM during training set a flag that the loop checks after each step;
+    a second Ctrl-C stops at once."""
+    stop: dict = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signal_number, frame):
+        stop["signal"] = signal_number
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C is immediate
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class StepSchedule:
@@ -100,10 +112,15 @@ class Trainer:
             self.info(f"Data: {line}")
 
         model = load_model(cfg.model, self.device)
+        if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) without hooks
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora is not None:
             model = apply_lora(model, cfg.lora, quantized=cfg.model.quantization is not None)
         else:
-            model = prepare_full(model)
+            model = prepare_full(model, cfg.model.freeze)
         self.model = model.to(self.device) if cfg.model.quantization is None else model
         self.model.train()
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -114,8 +131,7 @@ class Trainer:
                   f"device {self.device}")
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay, fused=self.device.type == "cuda")
+        self.optimizer = build_optimizer(params, cfg.optim, self.device)
         t = cfg.train
         self.schedule = StepSchedule(len(self.sequences), t.batch_size, t.accumulative_counts, t.seed, cfg.data.shuffle)
         self.total_steps = self.schedule.steps_per_epoch * t.max_epochs
@@ -165,6 +181,10 @@ class Trainer:
     def train(self) -> list[float]:
         """Run to `total_steps`; returns the loss of each step run."""
         self.setup()
+        with stop_on_signals() as stop:
+            return self._train(stop)
+
+    def _train(self, stop: dict) -> list[float]:
         losses = []
         for hook in self.hooks:
             hook.before_train(self)
@@ -181,6 +201,10 @@ class Trainer:
                 loss = self.loss_sum(batch) / max(n_tokens, 1)
                 loss.backward()
                 loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                self._bad_loss(step + 1, loss_sum)  # raises, or skips this update
+                losses.append(loss_sum)
+                continue
             grad_norm = self.clip_gradients()
             self.optimizer.step()
             self.scheduler.step()
@@ -194,9 +218,33 @@ class Trainer:
             losses.append(loss_sum)
             for hook in self.hooks:
                 hook.after_iter(self, step + 1, metrics)
+            if stop and step + 1 < self.total_steps:
+                self._stop(step + 1, stop["signal"])
         for hook in self.hooks:
             hook.after_train(self)
         return losses
+
+    def _bad_loss(self, step: int, loss: float) -> None:
+        if self.cfg.train.nan_policy == "stop":
+            raise TunerError(f"the loss is {loss} at step {step}; training stopped",
+                             hint="lower optim.lr or check the data (tuner log-dataset CFG); "
+                                  "resume from the last good checkpoint with --resume auto, or set "
+                                  "train.nan_policy=skip to skip such steps")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule stays aligned with the data
+        self.info(f"step {step}: the loss is {loss}; this update was skipped (train.nan_policy=skip)")
+
+    def _stop(self, step: int, signal_number: int) -> None:
+        """A signal arrived: keep the work done so far, then exit saying how to go on."""
+        path = self.work_dir / f"iter_{step}.pth"
+        if not path.exists():
+            path = save_checkpoint_or_explain(self, step)
+        for hook in self.hooks:
+            hook.after_train(self)
+        name = signal.Signals(signal_number).name
+        raise Interrupted(f"stopped by {name} after step {step} of {self.total_steps}; checkpoint {path}\n"
+                          f"  resume with: tuner train {self.cfg.path} --work-dir {self.work_dir} --resume auto",
+                          signal_number)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy of the trained tokens (output n predicts token n+1).

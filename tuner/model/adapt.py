@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from tuner.config import LoraConfig
+from tuner.errors import TunerError
 
 
 def apply_lora(model, cfg: LoraConfig, quantized: bool = False):
@@ -25,11 +28,15 @@ def apply_lora(model, cfg: LoraConfig, quantized: bool = False):
     return model
 
 
-def prepare_full(model):
-    """Full fine-tuning keeps float32 master weights: pure bf16 barely learns at small lr."""
+def prepare_full(model, freeze: list[str] | None = None):
+    """Full fine-tuning keeps float32 master weights: pure bf16 barely learns at small lr.
+    Parameters whose names match a `freeze` pattern (a regular expression) stay frozen."""
     model.float()
-    for param in model.parameters():
-        param.requires_grad_(True)
+    patterns = [re.compile(p) for p in freeze or []]
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(p.search(name) for p in patterns))
+    if patterns and not any(p.requires_grad for p in model.parameters()):
+        raise TunerError(f"model.freeze={freeze} freezes every parameter: nothing would train")
     return model
 
 

@@ -1,0 +1,98 @@
+"""Engine behaviour: stopping safely on signals and bad losses, freezing, checkpointing activations."""
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+from tuner.config import load_config
+from tuner.engine.loop import Trainer
+from tuner.errors import TunerError
+
+from conftest import write_config
+from test_cli import tuner
+
+
+def make(tmp_path, tiny_model_dir, data_file, work="work", options=(), **settings):
+    return Trainer(load_config(write_config(tmp_path, tiny_model_dir, data_file, **settings), list(options)),
+                   work_dir=tmp_path / work)
+
+
+def scalars(work):
+    return [json.loads(line) for d in sorted(p for p in work.iterdir() if p.is_dir())
+            for line in (d / "vis_data" / "scalars.json").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same_run(tmp_path, tiny_model_dir, data_file):
+    stop_after_2 = ("\nimport os, signal\n\ndef stop(trainer, step, metrics):\n    if step == 2:\n"
+                    "        os.kill(os.getpid(), signal.SIGTERM)\n\ncustom_hooks = [stop]\n")
+    cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=2, save_steps=100, dropout=0.1, extra=stop_after_2)
+    work = tmp_path / "work"
+    stopped = tuner("train", cfg, "--work-dir", work, check=False)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "stopped by SIGTERM after step 2" in stopped.stderr and "--resume auto" in stopped.stderr
+    assert (work / "iter_2.pth").exists() and (work / "last_checkpoint").read_text().endswith("iter_2.pth")
+
+    resumed_cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=2, save_steps=100, dropout=0.1)
+    tuner("train", resumed_cfg, "--work-dir", work, "--resume", "auto")
+    straight = tmp_path / "straight"
+    tuner("train", resumed_cfg, "--work-dir", straight)
+    assert [s["loss"] for s in scalars(work)] == [s["loss"] for s in scalars(straight)]
+
+
+def test_nan_loss_stops_naming_the_step_or_is_skipped(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1)
+    real = Trainer.loss_sum
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch):
+        calls["n"] += 1
+        loss = real(self, batch)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(Trainer, "loss_sum", sometimes_nan)
+    with pytest.raises(TunerError, match="the loss is nan at step 2; training stopped"):
+        trainer.train()
+    calls["n"] = 0
+    skipping = make(tmp_path, tiny_model_dir, data_file, work="skip", epochs=1, options=["train.nan_policy=skip"])
+    losses = skipping.train()
+    assert math.isnan(losses[1]) and all(math.isfinite(x) for x in losses[:1] + losses[2:])
+    assert all(torch.isfinite(p).all() for p in skipping.model.parameters())
+
+
+def test_freeze_patterns_keep_weights(tmp_path, tiny_model_dir, data_file):
+    trainer = make(tmp_path, tiny_model_dir, data_file, lora=False, epochs=1,
+                   options=["model.freeze=embed_tokens,layers\\.0\\."])
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        frozen = "embed_tokens" in name or "layers.0." in name
+        assert torch.equal(param, before[name]) == frozen, name
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, data_file):
+    plain = make(tmp_path, tiny_model_dir, data_file, work="plain", epochs=1).train()
+    checkpointed = make(tmp_path, tiny_model_dir, data_file, work="gc", epochs=1,
+                        options=["train.gradient_checkpointing=true"]).train()
+    assert checkpointed == pytest.approx(plain, rel=1e-5)
+
+
+def test_disk_full_while_saving_names_the_intact_checkpoint(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1, save_steps=1)
+    real_save, calls = torch.save, {"n": 0}
+
+    def full_on_second(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_second)
+    with pytest.raises(TunerError, match=r"could not write the checkpoint of step 2 .*No space left on device; "
+                                         r"the last good checkpoint \(.*iter_1.pth\) is intact"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "work").glob("iter_*")) == ["iter_1.pth"]
