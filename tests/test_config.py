@@ -40,7 +40,7 @@ def test_cfg_options_convert_types():
 
 
 def test_cfg_options_unknown_key_lists_valid_names():
-    with pytest.raises(TunerError, match=r"no field 'lrate'.*valid fields: lr, weight_decay"):
+    with pytest.raises(TunerError, match=r"no field 'lrate'.*valid fields: name, lr, weight_decay"):
         load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["optim.lrate=1"])
     with pytest.raises(TunerError, match="unknown section 'optimizer'.*valid sections: model, lora"):
         load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["optimizer.lr=1"])

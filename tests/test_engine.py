@@ -96,3 +96,49 @@ def test_disk_full_while_saving_names_the_intact_checkpoint(tmp_path, tiny_model
                                          r"the last good checkpoint \(.*iter_1.pth\) is intact"):
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "work").glob("iter_*")) == ["iter_1.pth"]
+
+
+def test_torchrun_command_and_slurm_environment(monkeypatch):
+    from tuner.engine import dist
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    command = dist.torchrun_command(["cfg.py", "--work-dir", "w"])
+    assert command[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+    assert command[-5:] == ["tuner.cli", "train", "cfg.py", "--work-dir", "w"]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already launched: train here
+    assert dist.torchrun_command(["cfg.py"]) is None
+    env = dist.slurm_environment({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                                  "SLURM_NODELIST": "gpu[03-04],cpu1", "SLURM_NTASKS_PER_NODE": "8(x2)"})
+    assert env == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
+                   "MASTER_ADDR": "gpu03", "MASTER_PORT": "29500"}
+    with pytest.raises(TunerError, match="run under srun"):
+        dist.slurm_environment({})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_two_processes_ddp_match_one_process_at_the_same_global_batch(tmp_path, tiny_model_dir, data_file, lora,
+                                                                      monkeypatch):
+    """torchrun, 2 CPU processes on gloo, batch 1 x accumulation 2 each, against one process
+    with batch 2 x accumulation 2: the same sequences per step, so the same losses."""
+    single_cfg = write_config(tmp_path, tiny_model_dir, data_file, lora=lora, epochs=2, batch_size=2, accum=2,
+                              save_steps=3)
+    tuner("train", single_cfg, "--work-dir", tmp_path / "one")
+    ddp_cfg = write_config(tmp_path, tiny_model_dir, data_file, lora=lora, epochs=2, batch_size=1, accum=2,
+                           save_steps=3)
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("PORT", str(29500 + (1 if lora else 2)))
+    run = tuner("train", ddp_cfg, "--work-dir", tmp_path / "two")
+    assert "2 processes (DDP)" in run.stderr
+    one, two = scalars(tmp_path / "one"), scalars(tmp_path / "two")
+    assert len(one) == len(two) >= 4
+    # Same data per step; only the order of float additions differs (the all-reduce).
+    assert [s["loss"] for s in two] == pytest.approx([s["loss"] for s in one], rel=1e-4)
+    assert [s["tokens"] for s in two] == [s["tokens"] for s in one]
+    # a DDP checkpoint resumes (in one process) and converts like any other
+    from tuner.convert.hf import pth_to_hf
+    from tuner.engine.checkpoint import checkpoints_in
+
+    cfg = load_config(ddp_cfg)
+    assert pth_to_hf(cfg, checkpoints_in(tmp_path / "two")[-1], tmp_path / "hf").exists()

@@ -36,13 +36,22 @@ def cmd_copy_cfg(args) -> int:
 
 def cmd_train(args) -> int:
     from tuner.config import load_config
-    from tuner.engine.loop import Trainer
+    from tuner.engine import dist
 
     cfg = load_config(args.config, args.cfg_options + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
+    if args.launcher == "slurm":
+        os.environ.update(dist.slurm_environment(dict(os.environ)))
+    else:
+        command = dist.torchrun_command(sys.argv[sys.argv.index("train") + 1:])
+        if command:  # NPROC_PER_NODE > 1: torchrun starts the processes, each runs this command again
+            return dist.launch(command)
+    from tuner.engine.loop import Trainer
+
     started = time.perf_counter()
     trainer = Trainer(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed)
     trainer.train()
     trainer.info(f"Training finished in {time.perf_counter() - started:.1f}s; checkpoints in {trainer.work_dir}")
+    trainer.dist.finish(0)
     return 0
 
 
@@ -124,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the work dir's last one")
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count rows that fail validation")
+    p.add_argument("--launcher", choices=["torchrun", "slurm"], default="torchrun",
+                   help="slurm: take ranks from srun's environment (NPROC_PER_NODE starts torchrun otherwise)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. optim.lr=1e-4 data.max_length=512")
     p.set_defaults(func=cmd_train)
@@ -198,10 +209,21 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TunerError as e:
         print(f"tuner {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _exit_now_if_distributed(e.exit_code)
     except KeyboardInterrupt:
         print(f"tuner {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now_if_distributed(code: int) -> int:
+    """In a process group, exit at once: the other ranks may be waiting for this one."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _quiet_libraries() -> None:

@@ -80,14 +80,19 @@ class CheckpointHook(Hook):
 def save_checkpoint_or_explain(trainer, step: int, keep: int | None = None):
     """Save iter_N.pth; a failed save (disk full, say) stops training with the last good checkpoint named."""
     keep = trainer.cfg.checkpoint.save_total_limit if keep is None else keep
+    state = trainer.state_dict(step)  # every process: gathers RNG states
+    if not trainer.dist.is_main:
+        trainer.dist.barrier()
+        return None
     try:
-        path = save_checkpoint(trainer.work_dir, step, trainer.state_dict(step), keep)
+        path = save_checkpoint(trainer.work_dir, step, state, keep)
     except OSError as e:
         last = trainer.work_dir / LAST
         previous = last.read_text().strip() if last.exists() else "none"
         raise TunerError(f"could not write the checkpoint of step {step} in {trainer.work_dir}: "
                          f"{e.strerror or e}; the last good checkpoint ({previous}) is intact") from None
     trainer.logger.info(f"Saved checkpoint {path}")
+    trainer.dist.barrier()
     return path
 
 
@@ -102,7 +107,7 @@ class EvaluateChatHook(Hook):
         if not self.inputs:
             return
         started = time.perf_counter()
-        generator = Generator(trainer.model, trainer.tokenizer, trainer.cfg.data.template,
+        generator = Generator(trainer.raw_model, trainer.tokenizer, trainer.cfg.data.template,
                               compute_dtype=trainer.compute_dtype)
         blocks = []
         for question in self.inputs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 import random
 import shutil
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from tuner.config import Config
 from tuner.data.dataset import IGNORE, build_sequences, collate
 from tuner.engine import checkpoint as ckpt
 from tuner.engine.device import autocast, default_device, resolve_compute_dtype
+from tuner.engine.dist import Distributed
 from tuner.engine.optim import build_optimizer, lr_lambda
 from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, LoggerHook, console, file_logger,
                                 save_checkpoint_or_explain)
@@ -61,10 +64,13 @@ class StepSchedule:
     would have used, without replaying any.
     """
 
-    def __init__(self, n_sequences: int, batch_size: int, accumulative_counts: int, seed: int, shuffle: bool):
+    def __init__(self, n_sequences: int, batch_size: int, accumulative_counts: int, seed: int, shuffle: bool,
+                 world_size: int = 1):
         self.n, self.batch_size, self.accum, self.seed, self.shuffle = (
             n_sequences, batch_size, accumulative_counts, seed, shuffle)
-        self.steps_per_epoch = math.ceil(n_sequences / (batch_size * accumulative_counts))
+        self.world_size = world_size
+        self.per_step = batch_size * accumulative_counts * world_size  # sequences per optimizer step, all ranks
+        self.steps_per_epoch = math.ceil(n_sequences / self.per_step)
 
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -72,11 +78,14 @@ class StepSchedule:
         generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
         return torch.randperm(self.n, generator=generator).tolist()
 
-    def micro_batches(self, step: int) -> list[list[int]]:
+    def micro_batches(self, step: int, rank: int = 0) -> list[list[int]]:
+        """This rank's micro-batches of a step. Every rank gets the same number of them (an empty
+        one carries no loss), so processes stay in step; together they hold the step's sequences."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        per_step = self.batch_size * self.accum
-        chosen = self.order(epoch)[index * per_step:(index + 1) * per_step]
-        return [chosen[i:i + self.batch_size] for i in range(0, len(chosen), self.batch_size)]
+        chosen = self.order(epoch)[index * self.per_step:(index + 1) * self.per_step]
+        count = math.ceil(math.ceil(len(chosen) / self.world_size) / self.batch_size)
+        mine = chosen[rank::self.world_size]
+        return [mine[i * self.batch_size:(i + 1) * self.batch_size] for i in range(count)]
 
 
 class Trainer:
@@ -87,21 +96,26 @@ class Trainer:
             cfg.train.seed = seed
         self.work_dir = Path(work_dir or Path("work_dirs") / cfg.name)
         self.resume = resume
-        self.device = default_device()
+        self.dist = Distributed()
+        self.device = self.dist.device() if self.dist.enabled else default_device()
         self.compute_dtype = resolve_compute_dtype(cfg.train.dtype, self.device)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         self.run_dir = self.work_dir / stamp
-        (self.run_dir / "vis_data").mkdir(parents=True, exist_ok=True)
-        self.logger = file_logger(self.run_dir / f"{stamp}.log")
-        config_copy = self.work_dir / f"{cfg.name}.py"
-        if cfg.path.resolve() != config_copy.resolve():
-            shutil.copyfile(cfg.path, config_copy)
-        (self.work_dir / "resolved_config.py").write_text(cfg.resolved_text(), encoding="utf-8")
+        if self.dist.is_main:  # one process writes the logs and the work dir
+            (self.run_dir / "vis_data").mkdir(parents=True, exist_ok=True)
+            self.logger = file_logger(self.run_dir / f"{stamp}.log")
+            config_copy = self.work_dir / f"{cfg.name}.py"
+            if cfg.path.resolve() != config_copy.resolve():
+                shutil.copyfile(cfg.path, config_copy)
+            (self.work_dir / "resolved_config.py").write_text(cfg.resolved_text(), encoding="utf-8")
+        else:
+            self.logger = logging.getLogger("tuner.quiet")
+            self.logger.addHandler(logging.NullHandler())
+            self.logger.propagate = False
         self._seed_everything(cfg.train.seed)
 
         self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
@@ -121,19 +135,22 @@ class Trainer:
             model = apply_lora(model, cfg.lora, quantized=cfg.model.quantization is not None)
         else:
             model = prepare_full(model, cfg.model.freeze)
-        self.model = model.to(self.device) if cfg.model.quantization is None else model
-        self.model.train()
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.raw_model = model.to(self.device) if cfg.model.quantization is None else model
+        self.raw_model.train()
+        # The loop calls self.model (wrapped for several processes); everything else uses raw_model.
+        self.model = DistributedDataParallel(self.raw_model) if self.dist.enabled else self.raw_model
+        base = self.raw_model.get_base_model() if hasattr(self.raw_model, "get_base_model") else self.raw_model
         self.model_takes_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
-        trainable, total = count_parameters(self.model)
+        trainable, total = count_parameters(self.raw_model)
         self.info(f"Model: {cfg.model.path} ({cfg.method}), {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / total:.2f}%), compute dtype {str(self.compute_dtype).replace('torch.', '')}, "
-                  f"device {self.device}")
+                  f"device {self.device}" + (f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""))
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg.optim, self.device)
         t = cfg.train
-        self.schedule = StepSchedule(len(self.sequences), t.batch_size, t.accumulative_counts, t.seed, cfg.data.shuffle)
+        self.schedule = StepSchedule(len(self.sequences), t.batch_size, t.accumulative_counts, t.seed, cfg.data.shuffle,
+                                     self.dist.world_size)
         self.total_steps = self.schedule.steps_per_epoch * t.max_epochs
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
@@ -143,24 +160,29 @@ class Trainer:
         if self.resume:
             self._resume()
 
-        self.hooks = [LoggerHook(t.log_interval),
-                      CheckpointHook(cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit),
-                      EvaluateChatHook(cfg.evaluate.inputs, cfg.evaluate.freq, cfg.evaluate.system,
-                                       cfg.evaluate.max_new_tokens)]
-        self.hooks += [h if hasattr(h, "after_iter") else FunctionHook(h) for h in cfg.custom_hooks]
+        # Every process takes part in saving (RNG states are gathered); the rest is the main process's.
+        self.hooks = [CheckpointHook(cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit)]
+        if self.dist.is_main:
+            self.hooks = [LoggerHook(t.log_interval), *self.hooks,
+                          EvaluateChatHook(cfg.evaluate.inputs, cfg.evaluate.freq, cfg.evaluate.system,
+                                           cfg.evaluate.max_new_tokens)]
+            self.hooks += [h if hasattr(h, "after_iter") else FunctionHook(h) for h in cfg.custom_hooks]
 
     def info(self, message: str) -> None:
-        self.logger.info(message)
-        console.print(f"[tuner] {message}", markup=False, highlight=False, soft_wrap=True)
+        if self.dist.is_main:
+            self.logger.info(message)
+            console.print(f"[tuner] {message}", markup=False, highlight=False, soft_wrap=True)
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
         torch.manual_seed(seed)
 
     def state_dict(self, step: int) -> dict:
+        """What a checkpoint holds. Called on every process: each one's RNG state is gathered."""
+        rng = self.dist.gather(ckpt.rng_state())
         return {"step": step, "method": self.cfg.method, "config": self.cfg.name,
-                "model": trainable_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state()}
+                "model": trainable_state_dict(self.raw_model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng, "world_size": self.dist.world_size}
 
     def _resume(self) -> None:
         path = ckpt.find_resume(self.resume, self.work_dir)
@@ -170,10 +192,15 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         if state.get("method") != self.cfg.method:
             raise TunerError(f"{path} is a {state.get('method')} checkpoint but the config trains {self.cfg.method}")
-        load_trainable_state_dict(self.model, state["model"])
+        load_trainable_state_dict(self.raw_model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rng) != self.dist.world_size:
+            self.info(f"the checkpoint was written by {len(rng)} processes and this run has "
+                      f"{self.dist.world_size}: the data order is kept, random states (dropout) start anew")
+        else:
+            ckpt.set_rng_state(rng[self.dist.rank])
         self.start_step = state["step"]
         self.info(f"Resumed from {path} at step {self.start_step}")
 
@@ -190,17 +217,23 @@ class Trainer:
             hook.before_train(self)
         for step in range(self.start_step, self.total_steps):
             started = time.perf_counter()
-            micro_batches = self.schedule.micro_batches(step)
-            batches = [collate([self.sequences[i] for i in idx], self.tokenizer.pad_token_id) for idx in micro_batches]
-            # Token-weighted loss: every trained token of the whole step counts the same,
-            # however the tokens fall into micro-batches.
-            n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+            micro_batches = self.schedule.micro_batches(step, self.dist.rank)
+            # An empty micro-batch (the last step's remainder on some ranks) runs sequence 0 with weight 0.
+            weights = [1.0 if idx else 0.0 for idx in micro_batches]
+            batches = [collate([self.sequences[i] for i in idx or [0]], self.tokenizer.pad_token_id)
+                       for idx in micro_batches]
+            # Token-weighted loss: every trained token of the whole step (all micro-batches, all
+            # processes) counts the same. DDP averages gradients over processes, hence * world_size.
+            local_tokens = sum(w * int((b["labels"][:, 1:] != IGNORE).sum()) for w, b in zip(weights, batches))
+            n_tokens = max(self.dist.sum(local_tokens), 1)
             loss_sum = 0.0
-            for batch in batches:
+            for j, (weight, batch) in enumerate(zip(weights, batches)):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                loss = self.loss_sum(batch) / max(n_tokens, 1)
-                loss.backward()
-                loss_sum += loss.item()
+                with self._no_sync(last=j == len(batches) - 1):
+                    loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
+                    loss.backward()
+                loss_sum += loss.item() / self.dist.world_size
+            loss_sum = self.dist.sum(loss_sum)
             if not math.isfinite(loss_sum):
                 self._bad_loss(step + 1, loss_sum)  # raises, or skips this update
                 losses.append(loss_sum)
@@ -212,14 +245,15 @@ class Trainer:
 
             elapsed = time.perf_counter() - started
             # Real tokens only: padding is not throughput.
-            real_tokens = sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)
+            real_tokens = int(self.dist.sum(sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)))
             metrics = {"loss": loss_sum, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens": real_tokens, "tokens_per_s": real_tokens / elapsed, "step_time": elapsed}
             losses.append(loss_sum)
             for hook in self.hooks:
                 hook.after_iter(self, step + 1, metrics)
-            if stop and step + 1 < self.total_steps:
-                self._stop(step + 1, stop["signal"])
+            # Decided together, so that every process stops after the same step.
+            if self.dist.sum(1.0 if stop else 0.0) and step + 1 < self.total_steps:
+                self._stop(step + 1, stop.get("signal", signal.SIGTERM))
         for hook in self.hooks:
             hook.after_train(self)
         return losses
@@ -238,7 +272,7 @@ class Trainer:
         """A signal arrived: keep the work done so far, then exit saying how to go on."""
         path = self.work_dir / f"iter_{step}.pth"
         if not path.exists():
-            path = save_checkpoint_or_explain(self, step)
+            save_checkpoint_or_explain(self, step)
         for hook in self.hooks:
             hook.after_train(self)
         name = signal.Signals(signal_number).name
@@ -264,8 +298,14 @@ class Trainer:
             logits = logits[:, :-1]
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
+    def _no_sync(self, last: bool):
+        """Gradients are exchanged between processes once per step, on the last micro-batch."""
+        if self.dist.enabled and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
     def clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.max_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
         return float(norm)
