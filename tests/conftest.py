@@ -71,7 +71,8 @@ def data_file(tmp_path) -> Path:
     return path
 
 
-def write_config(folder: Path, model_path, data_path, *, lora: bool = True, extra: str = "", **settings) -> Path:
+def write_config(folder: Path, model_path, data_path, *, lora: bool = True, extra: str = "", name: str = "tiny_config",
+                 **settings) -> Path:
     """A config file in the built-in configs' shape, for a tiny model."""
     values = dict(max_length=128, pack=True, batch_size=2, accum=1, epochs=2, lr=1e-3, save_steps=100,
                   dtype="fp32", dropout=0.0, inputs=[])
@@ -89,6 +90,6 @@ def write_config(folder: Path, model_path, data_path, *, lora: bool = True, extr
         checkpoint = CheckpointConfig(save_steps={values['save_steps']}, save_total_limit=-1)
         evaluate = EvaluateConfig(inputs={values['inputs']!r}, freq=100, max_new_tokens=8)
         """) + extra
-    path = folder / "tiny_config.py"
+    path = folder / f"{name}.py"
     path.write_text(text)
     return path

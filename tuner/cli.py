@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
     from tuner.engine.loop import Trainer
 
     started = time.perf_counter()
-    trainer = Trainer(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed)
+    trainer = Trainer(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed, fsdp=args.fsdp)
     trainer.train()
     trainer.info(f"Training finished in {time.perf_counter() - started:.1f}s; checkpoints in {trainer.work_dir}")
     trainer.dist.finish(0)
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the work dir's last one")
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count rows that fail validation")
+    p.add_argument("--fsdp", action="store_true", help="with several processes: shard the model (FSDP2) "
+                                                        "instead of replicating it (DDP)")
     p.add_argument("--launcher", choices=["torchrun", "slurm"], default="torchrun",
                    help="slurm: take ranks from srun's environment (NPROC_PER_NODE starts torchrun otherwise)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",

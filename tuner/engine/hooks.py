@@ -115,6 +115,8 @@ class EvaluateChatHook(Hook):
             messages.append({"role": "user", "content": question})
             answer = generator.reply(messages, self.settings)
             blocks.append(f"### Q: {question}\n### A: {answer.strip()}\n")
+        if not trainer.dist.is_main:
+            return
         text = f"Evaluate-chat at iter {step}\n\n" + "\n".join(blocks)
         (trainer.work_dir / f"eval_outputs_iter_{step}.txt").write_text(text, encoding="utf-8")
         trainer.logger.info(text.rstrip() + f"\n(evaluate-chat took {time.perf_counter() - started:.1f}s)")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from tuner.config import Config
 from tuner.data.dataset import IGNORE, build_sequences, collate
@@ -31,8 +30,8 @@ from tuner.engine.optim import build_optimizer, lr_lambda
 from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, LoggerHook, console, file_logger,
                                 save_checkpoint_or_explain)
 from tuner.errors import Interrupted, TunerError
-from tuner.model.adapt import (apply_lora, count_parameters, load_trainable_state_dict, prepare_full,
-                               trainable_state_dict)
+from tuner.engine import strategy as strategies
+from tuner.model.adapt import apply_lora, count_parameters, prepare_full
 from tuner.model.load import load_model, load_tokenizer
 
 
@@ -90,13 +89,14 @@ class StepSchedule:
 
 class Trainer:
     def __init__(self, cfg: Config, work_dir: str | Path | None = None, resume: str | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, fsdp: bool = False):
         self.cfg = cfg
         if seed is not None:
             cfg.train.seed = seed
         self.work_dir = Path(work_dir or Path("work_dirs") / cfg.name)
         self.resume = resume
         self.dist = Distributed()
+        self.strategy = ("fsdp" if fsdp else "ddp") if self.dist.enabled else "single"
         self.device = self.dist.device() if self.dist.enabled else default_device()
         self.compute_dtype = resolve_compute_dtype(cfg.train.dtype, self.device)
 
@@ -138,13 +138,13 @@ class Trainer:
         self.raw_model = model.to(self.device) if cfg.model.quantization is None else model
         self.raw_model.train()
         # The loop calls self.model (wrapped for several processes); everything else uses raw_model.
-        self.model = DistributedDataParallel(self.raw_model) if self.dist.enabled else self.raw_model
+        self.model = strategies.wrap(self.raw_model, self.strategy)
         base = self.raw_model.get_base_model() if hasattr(self.raw_model, "get_base_model") else self.raw_model
         self.model_takes_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         trainable, total = count_parameters(self.raw_model)
         self.info(f"Model: {cfg.model.path} ({cfg.method}), {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / total:.2f}%), compute dtype {str(self.compute_dtype).replace('torch.', '')}, "
-                  f"device {self.device}" + (f", {self.dist.world_size} processes (DDP)" if self.dist.enabled else ""))
+                  f"device {self.device}" + (f", {self.dist.world_size} processes ({self.strategy.upper()})" if self.dist.enabled else ""))
 
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg.optim, self.device)
@@ -161,12 +161,15 @@ class Trainer:
             self._resume()
 
         # Every process takes part in saving (RNG states are gathered); the rest is the main process's.
+        # Generating from a sharded model needs every process, so under FSDP all of them evaluate.
+        evaluate = EvaluateChatHook(cfg.evaluate.inputs, cfg.evaluate.freq, cfg.evaluate.system,
+                                    cfg.evaluate.max_new_tokens)
         self.hooks = [CheckpointHook(cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit)]
         if self.dist.is_main:
-            self.hooks = [LoggerHook(t.log_interval), *self.hooks,
-                          EvaluateChatHook(cfg.evaluate.inputs, cfg.evaluate.freq, cfg.evaluate.system,
-                                           cfg.evaluate.max_new_tokens)]
+            self.hooks = [LoggerHook(t.log_interval), *self.hooks, evaluate]
             self.hooks += [h if hasattr(h, "after_iter") else FunctionHook(h) for h in cfg.custom_hooks]
+        elif self.strategy == "fsdp":
+            self.hooks.append(evaluate)
 
     def info(self, message: str) -> None:
         if self.dist.is_main:
@@ -181,7 +184,8 @@ class Trainer:
         """What a checkpoint holds. Called on every process: each one's RNG state is gathered."""
         rng = self.dist.gather(ckpt.rng_state())
         return {"step": step, "method": self.cfg.method, "config": self.cfg.name,
-                "model": trainable_state_dict(self.raw_model), "optimizer": self.optimizer.state_dict(),
+                "model": strategies.model_state(self.raw_model),
+                "optimizer": strategies.optimizer_state(self.raw_model, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "rng": rng, "world_size": self.dist.world_size}
 
     def _resume(self) -> None:
@@ -192,8 +196,8 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         if state.get("method") != self.cfg.method:
             raise TunerError(f"{path} is a {state.get('method')} checkpoint but the config trains {self.cfg.method}")
-        load_trainable_state_dict(self.raw_model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        strategies.load_model_state(self.raw_model, state["model"])
+        strategies.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rng) != self.dist.world_size:
@@ -229,7 +233,7 @@ class Trainer:
             loss_sum = 0.0
             for j, (weight, batch) in enumerate(zip(weights, batches)):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with self._no_sync(last=j == len(batches) - 1):
+                with strategies.no_sync(self.model, self.strategy, last=j == len(batches) - 1):
                     loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
                     loss.backward()
                 loss_sum += loss.item() / self.dist.world_size
@@ -298,14 +302,8 @@ class Trainer:
             logits = logits[:, :-1]
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
-    def _no_sync(self, last: bool):
-        """Gradients are exchanged between processes once per step, on the last micro-batch."""
-        if self.dist.enabled and not last:
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
     def clip_gradients(self) -> float:
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.max_norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        return float(norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded DTensor

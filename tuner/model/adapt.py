@@ -40,25 +40,6 @@ def prepare_full(model, freeze: list[str] | None = None):
     return model
 
 
-def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """Only what training changes: the adapter weights for LoRA, everything for full."""
-    if hasattr(model, "peft_config"):
-        from peft import get_peft_model_state_dict
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-        result = set_peft_model_state_dict(model, state)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
-    else:
-        model.load_state_dict(state)
-
-
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,107 @@
+"""How the model is spread over processes, and how its state is saved and restored
+whatever the spread: one process, DDP (replicas) or FSDP2 (`fully_shard`, sharded).
+
+Checkpoints always hold full (unsharded) tensors, so a checkpoint written by 2 FSDP
+processes resumes in 1 process and converts with `tuner convert pth_to_hf` like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from tuner.errors import TunerError
+
+STRATEGIES = ("single", "ddp", "fsdp")
+
+
+def wrap(raw_model, strategy: str):
+    """The module the loop calls: the model itself, a DDP replica, or the model sharded in place.
+    State dicts and generation keep using `raw_model`."""
+    if strategy == "single":
+        return raw_model
+    if strategy == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(raw_model)
+    from torch.distributed.fsdp import fully_shard
+
+    block_names = set(getattr(_base(raw_model), "_no_split_modules", None) or [])
+    blocks = [m for m in raw_model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise TunerError(f"FSDP: cannot find the transformer blocks of {type(_base(raw_model)).__name__}")
+    for block in blocks:  # one all-gather per block: only one block's full weights exist at a time
+        fully_shard(block)
+    # The root group goes on the transformers model itself, not on a PEFT wrapper: PEFT calls
+    # the inner model's forward() directly, which would skip FSDP's hooks. LoRA layers live
+    # inside the inner model, so calling it trains the adapters all the same.
+    inner = _base(raw_model)
+    fully_shard(inner)
+    return inner
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def no_sync(model, strategy: str, last: bool):
+    """Gradients are exchanged between processes once per step, on the last micro-batch."""
+    if last or strategy == "single":
+        yield
+    elif strategy == "ddp":
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def _saved_key_map(raw_model) -> dict[str, str]:
+    """{parameter name in the model: key in the checkpoint} - PEFT's adapter key names for LoRA."""
+    names = [n for n, p in raw_model.named_parameters() if p.requires_grad]
+    if not hasattr(raw_model, "peft_config"):
+        return {n: n for n in names}
+    from peft import get_peft_model_state_dict
+
+    mapping = {}
+    for name in names:
+        converted = get_peft_model_state_dict(raw_model, state_dict={name: torch.empty(0)})
+        if converted:
+            mapping[name] = next(iter(converted))
+    return mapping
+
+
+def model_state(raw_model) -> dict[str, torch.Tensor]:
+    """Full tensors of what training changes (adapters for LoRA, all weights for full), on CPU.
+    Collective under FSDP: every process calls it; the tensors are only filled on rank 0."""
+    lora = hasattr(raw_model, "peft_config")
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+    state = get_model_state_dict(raw_model, options=options)
+    if not lora:
+        return {k: v.detach().clone() for k, v in state.items()}
+    mapping = _saved_key_map(raw_model)
+    return {mapping[k]: v.detach().clone() for k, v in state.items() if k in mapping}
+
+
+def load_model_state(raw_model, saved: dict[str, torch.Tensor]) -> None:
+    mapping = {v: k for k, v in _saved_key_map(raw_model).items()}
+    unknown = [k for k in saved if k not in mapping and hasattr(raw_model, "peft_config")]
+    if unknown:
+        raise TunerError(f"the checkpoint holds weights this model lacks: {unknown[:3]}")
+    state = {mapping.get(k, k): v for k, v in saved.items()}
+    set_model_state_dict(raw_model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_state(raw_model, optimizer) -> dict:
+    return get_optimizer_state_dict(raw_model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(raw_model, optimizer, state: dict) -> None:
+    set_optimizer_state_dict(raw_model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))
