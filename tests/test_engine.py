@@ -169,3 +169,33 @@ def test_two_process_resume_after_sigterm_is_exact(tmp_path, tiny_model_dir, dat
     tuner("train", cfg, "--work-dir", work, "--resume", "auto")
     tuner("train", cfg, "--work-dir", tmp_path / "straight")
     assert [s["loss"] for s in scalars(work)] == [s["loss"] for s in scalars(tmp_path / "straight")]
+
+
+def test_memory_estimate_mfu_and_tensorboard(tmp_path, tiny_model_dir, data_file):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1, options=["train.report_to=tensorboard"])
+    trainer.train()
+    log = next((tmp_path / "work").glob("*/*.log")).read_text()
+    assert "memory estimate" in log and "GiB available" in log and "mfu:" in log
+    steps = scalars(tmp_path / "work")
+    assert all(0 < s["mfu"] < 1 for s in steps)
+    events = EventAccumulator(str(next((tmp_path / "work").glob("*/tensorboard")))).Reload()
+    assert len(events.Scalars("train/loss")) == len(steps)
+
+
+def test_flops_per_token_counts_lora_as_two_passes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuner.config import LoraConfig
+    from tuner.engine.budget import flops_per_token
+    from tuner.model.adapt import apply_lora
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    full = flops_per_token(model, 256, lora=False)
+    n = sum(p.numel() for p in model.parameters()) - 1000 * 64  # all but the embedding lookup
+    assert full == pytest.approx(3 * (2 * n + 2 * 2 * 2 * 256 * 64))
+    lora = flops_per_token(apply_lora(model, LoraConfig(r=8)), 256, lora=True)
+    assert lora == pytest.approx(full * 2 / 3)

@@ -38,7 +38,9 @@ def cmd_train(args) -> int:
     from tuner.config import load_config
     from tuner.engine import dist
 
-    cfg = load_config(args.config, args.cfg_options + (["data.skip_bad_rows=true"] if args.skip_bad_rows else []))
+    options = args.cfg_options + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
+    options += [f"train.report_to={','.join(args.report_to)}"] if args.report_to else []
+    cfg = load_config(args.config, options)
     if args.launcher == "slurm":
         os.environ.update(dist.slurm_environment(dict(os.environ)))
     else:
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the work dir's last one")
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count rows that fail validation")
+    p.add_argument("--report-to", nargs="+", choices=["tensorboard", "wandb"], default=[],
+                   help="also send scalars there (pip install tensorboard / wandb)")
     p.add_argument("--fsdp", action="store_true", help="with several processes: shard the model (FSDP2) "
                                                         "instead of replicating it (DDP)")
     p.add_argument("--launcher", choices=["torchrun", "slurm"], default="torchrun",

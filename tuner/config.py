@@ -223,10 +223,15 @@ class TrainConfig:
     """Steps between lines in the log"""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more time"""
+    report_to: list[str] = field(default_factory=list)
+    """Also send scalars to 'tensorboard' and/or 'wandb' (optional extras)"""
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop with a message naming the step, or skip that step's update"""
 
     def validate(self):
+        unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
+        if unknown:
+            raise TunerError(f"TrainConfig.report_to: unknown {unknown}; valid: tensorboard, wandb")
         for name in ("batch_size", "accumulative_counts", "max_epochs", "log_interval"):
             if getattr(self, name) < 1:
                 raise TunerError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")

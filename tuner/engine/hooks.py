@@ -57,6 +57,7 @@ class LoggerHook(Hook):
         if step % self.interval == 0 or step == trainer.total_steps:
             line = (f"Iter(train) [{step}/{trainer.total_steps}]  lr: {metrics['lr']:.4e}  loss: {metrics['loss']:.4f}  "
                     f"grad_norm: {metrics['grad_norm']:.4f}  tokens/s: {metrics['tokens_per_s']:.1f}  "
+                    f"mfu: {metrics['mfu']:.1%}  "
                     f"time: {metrics['step_time']:.3f}s")
             trainer.logger.info(line)
             if not console.is_terminal:  # the bar is not drawn into pipes and files: print the line
@@ -128,6 +129,41 @@ class EvaluateChatHook(Hook):
     def after_iter(self, trainer, step, metrics):
         if step % self.freq == 0 or step == trainer.total_steps:
             self._run(trainer, step)
+
+
+class ReportHook(Hook):
+    """Scalars to TensorBoard and/or Weights & Biases, for those who watch runs there."""
+
+    def __init__(self, targets: list[str]):
+        self.targets = targets
+
+    def before_train(self, trainer):
+        self.writers = []
+        if "tensorboard" in self.targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TunerError("--report-to tensorboard needs the tensorboard package",
+                                 hint="pip install tensorboard") from None
+            writer = SummaryWriter(str(trainer.run_dir / "tensorboard"))
+            self.writers.append(lambda step, m: [writer.add_scalar(f"train/{k}", v, step) for k, v in m.items()])
+            self.close_tensorboard = writer.close
+        if "wandb" in self.targets:
+            try:
+                import wandb
+            except ImportError:
+                raise TunerError("--report-to wandb needs the wandb package", hint="pip install wandb") from None
+            run = wandb.init(project="tuner", name=trainer.cfg.name, dir=str(trainer.run_dir),
+                             config={"config": trainer.cfg.resolved_text()})
+            self.writers.append(lambda step, m: run.log({f"train/{k}": v for k, v in m.items()}, step=step))
+
+    def after_iter(self, trainer, step, metrics):
+        for write in self.writers:
+            write(step, metrics)
+
+    def after_train(self, trainer):
+        if hasattr(self, "close_tensorboard"):
+            self.close_tensorboard()
 
 
 def file_logger(path) -> logging.Logger:

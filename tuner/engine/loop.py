@@ -27,8 +27,9 @@ from tuner.engine import checkpoint as ckpt
 from tuner.engine.device import autocast, default_device, resolve_compute_dtype
 from tuner.engine.dist import Distributed
 from tuner.engine.optim import build_optimizer, lr_lambda
-from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, LoggerHook, console, file_logger,
-                                save_checkpoint_or_explain)
+from tuner.engine.budget import available_memory, estimate_memory, flops_per_token, matmul_peak_flops
+from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, LoggerHook, ReportHook, console,
+                                file_logger, save_checkpoint_or_explain)
 from tuner.errors import Interrupted, TunerError
 from tuner.engine import strategy as strategies
 from tuner.model.adapt import apply_lora, count_parameters, prepare_full
@@ -146,6 +147,7 @@ class Trainer:
                   f"({100 * trainable / total:.2f}%), compute dtype {str(self.compute_dtype).replace('torch.', '')}, "
                   f"device {self.device}" + (f", {self.dist.world_size} processes ({self.strategy.upper()})" if self.dist.enabled else ""))
 
+        self._budget()
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg.optim, self.device)
         t = cfg.train
@@ -167,9 +169,27 @@ class Trainer:
         self.hooks = [CheckpointHook(cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit)]
         if self.dist.is_main:
             self.hooks = [LoggerHook(t.log_interval), *self.hooks, evaluate]
+            if t.report_to:
+                self.hooks.append(ReportHook(t.report_to))
             self.hooks += [h if hasattr(h, "after_iter") else FunctionHook(h) for h in cfg.custom_hooks]
         elif self.strategy == "fsdp":
             self.hooks.append(evaluate)
+
+    def _budget(self) -> None:
+        """Memory estimate before training (a warning when it will not fit), and the FLOPs
+        per token and machine peak that tokens/s are turned into MFU with."""
+        cfg, t = self.cfg, self.cfg.train
+        tokens = t.batch_size * cfg.data.max_length
+        eight_bit = cfg.optim.name.endswith("8bit")
+        estimate = estimate_memory(self.raw_model, tokens, t.gradient_checkpointing,
+                                   self.compute_dtype.itemsize, 2 if eight_bit else 8)
+        available = available_memory(self.device)
+        self.info(f"Model: {estimate.describe()}; {available / 2**30:.1f} GiB available on {self.device}")
+        if estimate.total > available:
+            self.info(f"WARNING: the estimate exceeds the available memory: lower train.batch_size or "
+                      f"data.max_length, or set train.gradient_checkpointing=True")
+        self.flops_per_token = flops_per_token(self.raw_model, cfg.data.max_length, cfg.lora is not None)
+        self.peak_flops = matmul_peak_flops(self.device, self.compute_dtype) if self.dist.is_main else 0.0
 
     def info(self, message: str) -> None:
         if self.dist.is_main:
@@ -250,8 +270,10 @@ class Trainer:
             elapsed = time.perf_counter() - started
             # Real tokens only: padding is not throughput.
             real_tokens = int(self.dist.sum(sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)))
+            tokens_per_s = real_tokens / elapsed
+            mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size or 1)
             metrics = {"loss": loss_sum, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "tokens": real_tokens, "tokens_per_s": real_tokens / elapsed, "step_time": elapsed}
+                       "tokens": real_tokens, "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": elapsed}
             losses.append(loss_sum)
             for hook in self.hooks:
                 hook.after_iter(self, step + 1, metrics)

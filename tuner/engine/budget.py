@@ -1,0 +1,91 @@
+"""What a run will cost before it starts (memory) and how well it uses the machine (MFU)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tuner.model.embedded import cache_root
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        return (f"memory estimate {gib(self.total)} GiB: weights {gib(self.weights)}, grads {gib(self.grads)}, "
+                f"optimizer {gib(self.optimizer)}, activations {gib(self.activations)}")
+
+
+def estimate_memory(model, tokens_per_micro_batch: int, checkpointing: bool, compute_bytes: int,
+                    optimizer_bytes_per_param: int = 8) -> MemoryEstimate:
+    """Weights as loaded; float32 grads and AdamW moments for trainable parameters; activations
+    ~ 34 * hidden * tokens bytes per layer in the compute dtype (about 2 * hidden * tokens with
+    checkpointing), plus the logits of the trained positions."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = getattr(model, "config", None) or model.get_base_model().config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = (2 if checkpointing else 34) * hidden * tokens_per_micro_batch * compute_bytes / 2
+    logits = tokens_per_micro_batch * config.vocab_size * 4 * 2  # float32 logits and their gradient
+    return MemoryEstimate(weights, 4 * trainable, optimizer_bytes_per_param * trainable,
+                          layers * per_layer + logits)
+
+
+def available_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    import psutil
+    return float(psutil.virtual_memory().available)
+
+
+def flops_per_token(model, seq_len: int, lora: bool) -> float:
+    """Training FLOPs per token, 2 per multiply-add. Full: forward + both backward matmuls
+    = 6 N. LoRA: forward + the input-gradient backward of the frozen weights = 4 N (the
+    adapters are negligible). Attention scores add 2 * 2 * layers * seq * hidden per pass."""
+    config = getattr(model, "config", None) or model.get_base_model().config
+    # Every matmul weight, the output head included (tied or not); not the embedding lookup,
+    # not the adapters. in*out also counts packed 4-bit weights right.
+    n = sum(m.in_features * m.out_features for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+    passes = 2 if lora else 3
+    attention = 2 * 2 * config.num_hidden_layers * seq_len * config.hidden_size
+    return passes * (2 * n + attention)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The measured matmul peak of this machine in FLOP/s, cached after the first measurement."""
+    key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}:{dtype}"
+    path = cache_root() / "peak_flops.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if key in cached:
+        return cached[key]
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - started) / 4)
+    peak = 2 * n**3 / best
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**cached, key: peak}))
+    return peak
