@@ -21,7 +21,7 @@ def make(tmp_path, tiny_model_dir, data_file, work="work", options=(), **setting
 
 
 def scalars(work):
-    return [json.loads(line) for d in sorted(p for p in work.iterdir() if p.is_dir())
+    return [json.loads(line) for d in sorted(p for p in work.iterdir() if (p / "vis_data").is_dir())
             for line in (d / "vis_data" / "scalars.json").read_text().splitlines()]
 
 
@@ -199,3 +199,29 @@ def test_flops_per_token_counts_lora_as_two_passes():
     assert full == pytest.approx(3 * (2 * n + 2 * 2 * 2 * 256 * 64))
     lora = flops_per_token(apply_lora(model, LoraConfig(r=8)), 256, lora=True)
     assert lora == pytest.approx(full * 2 / 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,lora", [("deepspeed_zero2", True), ("deepspeed_zero3_offload", False)])
+def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, data_file, preset, lora,
+                                                             monkeypatch):
+    pytest.importorskip("deepspeed")
+    settings = dict(lora=lora, epochs=2, save_steps=3, inputs=["Hi"])
+    tuner("train", write_config(tmp_path, tiny_model_dir, data_file, batch_size=2, accum=2, name="single", **settings),
+          "--work-dir", tmp_path / "one")
+    ds_cfg = write_config(tmp_path, tiny_model_dir, data_file, batch_size=1, accum=2, name="zero", **settings)
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("PORT", str(29520 + len(preset) + lora))
+    tuner("train", ds_cfg, "--work-dir", tmp_path / "two", "--deepspeed", preset)
+    one, two = scalars(tmp_path / "one"), scalars(tmp_path / "two")
+    assert [s["loss"] for s in two] == pytest.approx([s["loss"] for s in one], rel=1e-4)
+    assert (tmp_path / "two" / "iter_3_deepspeed").is_dir()
+    # resume from the DeepSpeed checkpoint, in 2 processes: the same losses as without stopping
+    tuner("train", ds_cfg, "--work-dir", tmp_path / "two", "--deepspeed", preset, "--resume",
+          str(tmp_path / "two" / "iter_3.pth"))
+    resumed = scalars(tmp_path / "two")[len(two):]
+    assert [s["loss"] for s in resumed] == pytest.approx([s["loss"] for s in one[3:]], rel=1e-4)
+    from tuner.convert.hf import pth_to_hf
+    from tuner.engine.checkpoint import checkpoints_in
+
+    assert pth_to_hf(load_config(ds_cfg), checkpoints_in(tmp_path / "two")[-1], tmp_path / "hf").exists()

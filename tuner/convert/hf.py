@@ -84,8 +84,11 @@ def _write_full_model(cfg: Config, weights: dict, out: Path, max_shard_size: str
     config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):  # no second copy of the weights: the checkpoint's tensors are used as they are
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    model.load_state_dict(weights, assign=True)
-    model.tie_weights()
+    model.load_state_dict(weights, assign=True, strict=False)
+    model.tie_weights()  # a tied output head is saved once, under the embedding's name
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise TunerError(f"the checkpoint lacks weights of the model: {missing[:3]}")
     model.save_pretrained(out, max_shard_size=max_shard_size)
     load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
 

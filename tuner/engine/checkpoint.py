@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ def save_checkpoint(work_dir: Path, step: int, state: dict, keep: int) -> Path:
     if keep > 0:  # the newest `keep` stay; the one just written is always among them
         for old in checkpoints_in(work_dir)[:-keep]:
             old.unlink(missing_ok=True)
+            shutil.rmtree(old.with_name(old.stem + "_deepspeed"), ignore_errors=True)
     return path
 
 

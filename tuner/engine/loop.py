@@ -32,6 +32,7 @@ from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, 
                                 file_logger, save_checkpoint_or_explain)
 from tuner.errors import Interrupted, TunerError
 from tuner.engine import strategy as strategies
+from tuner.engine import zero
 from tuner.model.adapt import apply_lora, count_parameters, prepare_full
 from tuner.model.load import load_model, load_tokenizer
 
@@ -90,7 +91,7 @@ class StepSchedule:
 
 class Trainer:
     def __init__(self, cfg: Config, work_dir: str | Path | None = None, resume: str | None = None,
-                 seed: int | None = None, fsdp: bool = False):
+                 seed: int | None = None, fsdp: bool = False, deepspeed: str | None = None):
         self.cfg = cfg
         if seed is not None:
             cfg.train.seed = seed
@@ -98,6 +99,9 @@ class Trainer:
         self.resume = resume
         self.dist = Distributed()
         self.strategy = ("fsdp" if fsdp else "ddp") if self.dist.enabled else "single"
+        self.deepspeed = deepspeed
+        if deepspeed:
+            self.strategy = "deepspeed"
         self.device = self.dist.device() if self.dist.enabled else default_device()
         self.compute_dtype = resolve_compute_dtype(cfg.train.dtype, self.device)
 
@@ -139,7 +143,8 @@ class Trainer:
         self.raw_model = model.to(self.device) if cfg.model.quantization is None else model
         self.raw_model.train()
         # The loop calls self.model (wrapped for several processes); everything else uses raw_model.
-        self.model = strategies.wrap(self.raw_model, self.strategy)
+        if self.strategy != "deepspeed":  # DeepSpeed wraps the model with its optimizer, below
+            self.model = strategies.wrap(self.raw_model, self.strategy)
         base = self.raw_model.get_base_model() if hasattr(self.raw_model, "get_base_model") else self.raw_model
         self.model_takes_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         trainable, total = count_parameters(self.raw_model)
@@ -150,6 +155,9 @@ class Trainer:
         self._budget()
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg.optim, self.device)
+        if self.strategy == "deepspeed":
+            self.model = zero.initialize(self.raw_model, self.optimizer,
+                                         zero.ds_config(self.deepspeed, cfg, self.compute_dtype, self.info))
         t = cfg.train
         self.schedule = StepSchedule(len(self.sequences), t.batch_size, t.accumulative_counts, t.seed, cfg.data.shuffle,
                                      self.dist.world_size)
@@ -163,7 +171,8 @@ class Trainer:
             self._resume()
 
         # Every process takes part in saving (RNG states are gathered); the rest is the main process's.
-        # Generating from a sharded model needs every process, so under FSDP all of them evaluate.
+        # Generating from a sharded model needs every process, so under FSDP / ZeRO-3 all of them evaluate.
+        sharded = self.strategy == "fsdp" or (self.strategy == "deepspeed" and zero.is_stage3(self.model))
         evaluate = EvaluateChatHook(cfg.evaluate.inputs, cfg.evaluate.freq, cfg.evaluate.system,
                                     cfg.evaluate.max_new_tokens)
         self.hooks = [CheckpointHook(cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit)]
@@ -172,7 +181,7 @@ class Trainer:
             if t.report_to:
                 self.hooks.append(ReportHook(t.report_to))
             self.hooks += [h if hasattr(h, "after_iter") else FunctionHook(h) for h in cfg.custom_hooks]
-        elif self.strategy == "fsdp":
+        elif sharded:
             self.hooks.append(evaluate)
 
     def _budget(self) -> None:
@@ -203,9 +212,15 @@ class Trainer:
     def state_dict(self, step: int) -> dict:
         """What a checkpoint holds. Called on every process: each one's RNG state is gathered."""
         rng = self.dist.gather(ckpt.rng_state())
-        return {"step": step, "method": self.cfg.method, "config": self.cfg.name,
-                "model": strategies.model_state(self.raw_model),
-                "optimizer": strategies.optimizer_state(self.raw_model, self.optimizer),
+        if self.strategy == "deepspeed":  # ZeRO-partitioned optimizer states: DeepSpeed saves them
+            self.model.save_checkpoint(str(self.work_dir / f"iter_{step}_deepspeed"), tag="state")
+            weights = zero.full_parameters(self.raw_model, trainable_only=self.cfg.lora is not None)
+            model, optimizer = strategies.model_state_from(self.raw_model, weights), None
+        else:
+            model = strategies.model_state(self.raw_model)
+            optimizer = strategies.optimizer_state(self.raw_model, self.optimizer)
+        return {"step": step, "method": self.cfg.method, "config": self.cfg.name, "model": model,
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "rng": rng, "world_size": self.dist.world_size}
 
     def _resume(self) -> None:
@@ -216,8 +231,17 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         if state.get("method") != self.cfg.method:
             raise TunerError(f"{path} is a {state.get('method')} checkpoint but the config trains {self.cfg.method}")
-        strategies.load_model_state(self.raw_model, state["model"])
-        strategies.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        if self.strategy == "deepspeed":
+            folder = path.with_name(path.stem + "_deepspeed")
+            if not folder.is_dir():
+                raise TunerError(f"{folder} is missing: a DeepSpeed run resumes from a DeepSpeed checkpoint")
+            self.model.load_checkpoint(str(folder), tag="state", load_module_strict=False,
+                                       load_lr_scheduler_states=False)
+        elif state["optimizer"] is None:
+            raise TunerError(f"{path} was written by DeepSpeed: resume it with --deepspeed")
+        else:
+            strategies.load_model_state(self.raw_model, state["model"])
+            strategies.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rng) != self.dist.world_size:
@@ -253,19 +277,30 @@ class Trainer:
             loss_sum = 0.0
             for j, (weight, batch) in enumerate(zip(weights, batches)):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with strategies.no_sync(self.model, self.strategy, last=j == len(batches) - 1):
+                if self.strategy == "deepspeed":  # DeepSpeed syncs, clips and steps at the last micro-batch
+                    # A step may hold fewer micro-batches than gradient_accumulation_steps (the end of an
+                    # epoch): say where the step ends instead of letting DeepSpeed count.
+                    self.model.set_gradient_accumulation_boundary(j == len(batches) - 1)
                     loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
-                    loss.backward()
+                    self.model.backward(loss, scale_wrt_gas=False)
+                    self.model.step()
+                else:
+                    with strategies.no_sync(self.model, self.strategy, last=j == len(batches) - 1):
+                        loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
+                        loss.backward()
                 loss_sum += loss.item() / self.dist.world_size
             loss_sum = self.dist.sum(loss_sum)
             if not math.isfinite(loss_sum):
                 self._bad_loss(step + 1, loss_sum)  # raises, or skips this update
                 losses.append(loss_sum)
                 continue
-            grad_norm = self.clip_gradients()
-            self.optimizer.step()
+            if self.strategy == "deepspeed":
+                grad_norm = float(self.model.get_global_grad_norm() or 0.0)
+            else:
+                grad_norm = self.clip_gradients()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
 
             elapsed = time.perf_counter() - started
             # Real tokens only: padding is not throughput.

@@ -76,6 +76,14 @@ def _saved_key_map(raw_model) -> dict[str, str]:
     return mapping
 
 
+def model_state_from(raw_model, parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint keys for full tensors already gathered by name (DeepSpeed ZeRO)."""
+    if not hasattr(raw_model, "peft_config"):
+        return parameters
+    mapping = _saved_key_map(raw_model)
+    return {mapping[k]: v for k, v in parameters.items() if k in mapping}
+
+
 def model_state(raw_model) -> dict[str, torch.Tensor]:
     """Full tensors of what training changes (adapters for LoRA, all weights for full), on CPU.
     Collective under FSDP: every process calls it; the tensors are only filled on rank 0."""

@@ -1,0 +1,89 @@
+"""DeepSpeed ZeRO: presets filled from the tuner config, the engine, and full-tensor weights.
+
+    NPROC_PER_NODE=8 tuner train CFG --deepspeed deepspeed_zero2
+    tuner train CFG --deepspeed my_ds_config.json      # micro batch, accumulation, clipping, dtype from CFG
+
+The optimizer states are ZeRO-partitioned, so they are saved with DeepSpeed's own
+checkpointing into iter_N_deepspeed/ beside iter_N.pth (which holds full weights, the
+schedule, RNG states and the step, and converts like any other checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tuner.config import Config
+from tuner.errors import TunerError
+
+PRESETS = {
+    "zero1": {"stage": 1},
+    "zero2": {"stage": 2},
+    "zero2_offload": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+    "zero3": {"stage": 3},
+    "zero3_offload": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}},
+}
+
+
+def ds_config(name_or_path: str, cfg: Config, compute_dtype: torch.dtype, say) -> dict:
+    """A preset name (deepspeed_zero2 or zero2 ...) or a JSON file, with every batch, clipping
+    and dtype value taken from the tuner config, so the two can never disagree."""
+    name = name_or_path.removeprefix("deepspeed_")
+    if name in PRESETS:
+        config = {"zero_optimization": dict(PRESETS[name])}
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise TunerError(f"--deepspeed {name_or_path!r}: not a preset ({', '.join('deepspeed_' + p for p in PRESETS)})"
+                             " nor a JSON file")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise TunerError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    ours = {"train_micro_batch_size_per_gpu": cfg.train.batch_size,
+            "gradient_accumulation_steps": cfg.train.accumulative_counts,
+            "gradient_clipping": cfg.optim.max_norm or 0.0}
+    for key, value in ours.items():
+        if config.get(key, "auto") not in ("auto", value):
+            say(f"DeepSpeed: {key}={config[key]} in the JSON replaced by {value} from the config")
+        config[key] = value
+    config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    config.pop("optimizer", None)  # tuner's optimizer (and schedule) are used
+    config.pop("scheduler", None)
+    # tuner keeps float32 master weights and computes in autocast; DeepSpeed's bf16 mode would
+    # store the weights in bf16, which barely learns at small learning rates.
+    config["bf16"] = {"enabled": False}
+    config["fp16"] = {"enabled": False}
+    config["zero_force_ds_cpu_optimizer"] = False  # offload works with torch's AdamW too
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def initialize(raw_model, optimizer, config: dict):
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise TunerError("--deepspeed needs DeepSpeed", hint="pip install 'tuner[deepspeed]'") from None
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    engine, _, _, _ = deepspeed.initialize(model=raw_model, optimizer=optimizer, config=config,
+                                           model_parameters=[p for p in raw_model.parameters() if p.requires_grad])
+    return engine
+
+
+def full_parameters(raw_model, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """Full tensors on CPU, gathered from their ZeRO-3 partitions (a no-op for stages 1 and 2).
+    Collective: every process calls it."""
+    import deepspeed
+
+    params = [(n, p) for n, p in raw_model.named_parameters() if p.requires_grad or not trainable_only]
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+        return {n: p.detach().to("cpu", copy=True) for n, p in params}
+
+
+def is_stage3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
