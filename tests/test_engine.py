@@ -225,3 +225,13 @@ def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, tiny_mode
     from tuner.engine.checkpoint import checkpoints_in
 
     assert pth_to_hf(load_config(ds_cfg), checkpoints_in(tmp_path / "two")[-1], tmp_path / "hf").exists()
+
+
+def test_wandb_reporting_offline(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1, options=["train.report_to=wandb"])
+    trainer.train()
+    runs = list((tmp_path / "work").glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"train/loss" in runs[0].read_bytes() and b"train/mfu" in runs[0].read_bytes()

@@ -5,8 +5,8 @@
 Part 1, the embedded SmolLM2-135M-Instruct: LoRA, QLoRA and full fine-tuning, each a real
 `tuner train` process on the same packed data; prints tokens/s (real tokens, the median
 of the steps after the first), MFU and the peak RSS of the process.
-Part 2, a small model (4 layers, hidden 256): one process vs 2 processes with DDP and
-FSDP2 on gloo, same global batch; prints the median step time.
+Part 2, a small model (4 layers, hidden 256): one process vs 2 processes with DDP, FSDP2,
+DeepSpeed ZeRO-2 and ZeRO-3 on gloo, same global batch; prints the median step time.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--strategies-only", action="store_true", help="skip part 1")
     args = parser.parse_args()
     tuner = [sys.executable, "-m", "tuner", "train"]
     lora_cfg = "LoraConfig(r=16, alpha=32, dropout=0.0)"
@@ -88,7 +89,9 @@ def main() -> int:
         write_data(data)
         print(f"Embedded SmolLM2-135M-Instruct, {args.batch} x {args.seq} tokens per step, {args.steps} steps")
         print(f"{'method':8}{'tokens/s':>10}{'MFU':>8}{'peak RSS GiB':>14}")
-        for method, quantization, lora in (("lora", None, lora_cfg), ("qlora", "4bit", lora_cfg), ("full", None, None)):
+        methods = () if args.strategies_only else (("lora", None, lora_cfg), ("qlora", "4bit", lora_cfg),
+                                                   ("full", None, None))
+        for method, quantization, lora in methods:
             cfg = tmp / f"{method}.py"
             cfg.write_text(CONFIG.format(model="smollm2-135m-instruct", quantization=quantization, lora=lora,
                                          data=str(data), seq=args.seq, batch=args.batch, steps=args.steps))
@@ -113,8 +116,10 @@ def main() -> int:
         tokenizer.save_pretrained(small)
         print(f"\nSmall model (4 layers, hidden 256), LoRA, global batch 4 x {args.seq} tokens, "
               f"{args.steps + 2} steps, median step time")
-        runs = (("1 process", 4, {}, []), ("2 x DDP", 2, {"NPROC_PER_NODE": "2"}, []),
-                ("2 x FSDP2", 2, {"NPROC_PER_NODE": "2"}, ["--fsdp"]))
+        two = {"NPROC_PER_NODE": "2"}
+        runs = (("1 process", 4, {}, []), ("2 x DDP", 2, two, []), ("2 x FSDP2", 2, two, ["--fsdp"]),
+                ("2 x ZeRO-2", 2, two, ["--deepspeed", "deepspeed_zero2"]),
+                ("2 x ZeRO-3", 2, two, ["--deepspeed", "deepspeed_zero3"]))
         for name, batch, env, flags in runs:
             cfg = tmp / f"small_{batch}.py"
             cfg.write_text(CONFIG.format(model=str(small), quantization=None, lora=lora_cfg, data=str(data),

@@ -156,6 +156,7 @@ class ReportHook(Hook):
             run = wandb.init(project="tuner", name=trainer.cfg.name, dir=str(trainer.run_dir),
                              config={"config": trainer.cfg.resolved_text()})
             self.writers.append(lambda step, m: run.log({f"train/{k}": v for k, v in m.items()}, step=step))
+            self.finish_wandb = run.finish
 
     def after_iter(self, trainer, step, metrics):
         for write in self.writers:
@@ -164,6 +165,8 @@ class ReportHook(Hook):
     def after_train(self, trainer):
         if hasattr(self, "close_tensorboard"):
             self.close_tensorboard()
+        if hasattr(self, "finish_wandb"):
+            self.finish_wandb()
 
 
 def file_logger(path) -> logging.Logger:
