@@ -202,29 +202,35 @@ def test_flops_per_token_counts_lora_as_two_passes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,lora", [("deepspeed_zero2", True), ("deepspeed_zero3_offload", False)])
-def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, data_file, preset, lora,
+@pytest.mark.parametrize("lora,presets", [
+    (True, ["deepspeed_zero2", "deepspeed_zero1", "deepspeed_zero3"]),
+    (False, ["deepspeed_zero3_offload", "deepspeed_zero2_offload"])], ids=["lora", "full"])
+def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, data_file, lora, presets,
                                                              monkeypatch):
+    """Every ZeRO preset on 2 gloo processes gives the losses of one process at the same global
+    batch; the first preset also resumes exactly from its own checkpoint and converts."""
     pytest.importorskip("deepspeed")
     settings = dict(lora=lora, epochs=2, save_steps=3, inputs=["Hi"])
     tuner("train", write_config(tmp_path, tiny_model_dir, data_file, batch_size=2, accum=2, name="single", **settings),
           "--work-dir", tmp_path / "one")
+    one = [s["loss"] for s in scalars(tmp_path / "one")]
     ds_cfg = write_config(tmp_path, tiny_model_dir, data_file, batch_size=1, accum=2, name="zero", **settings)
     monkeypatch.setenv("NPROC_PER_NODE", "2")
-    monkeypatch.setenv("PORT", str(29520 + len(preset) + lora))
-    tuner("train", ds_cfg, "--work-dir", tmp_path / "two", "--deepspeed", preset)
-    one, two = scalars(tmp_path / "one"), scalars(tmp_path / "two")
-    assert [s["loss"] for s in two] == pytest.approx([s["loss"] for s in one], rel=1e-4)
-    assert (tmp_path / "two" / "iter_3_deepspeed").is_dir()
-    # resume from the DeepSpeed checkpoint, in 2 processes: the same losses as without stopping
-    tuner("train", ds_cfg, "--work-dir", tmp_path / "two", "--deepspeed", preset, "--resume",
-          str(tmp_path / "two" / "iter_3.pth"))
-    resumed = scalars(tmp_path / "two")[len(two):]
-    assert [s["loss"] for s in resumed] == pytest.approx([s["loss"] for s in one[3:]], rel=1e-4)
+    for k, preset in enumerate(presets):
+        monkeypatch.setenv("PORT", str(29530 + 10 * lora + k))
+        work = tmp_path / preset
+        tuner("train", ds_cfg, "--work-dir", work, "--deepspeed", preset)
+        two = [s["loss"] for s in scalars(work)]
+        assert two == pytest.approx(one, rel=1e-4), preset
+    first = tmp_path / presets[0]
+    assert (first / "iter_3_deepspeed").is_dir()
+    tuner("train", ds_cfg, "--work-dir", first, "--deepspeed", presets[0], "--resume", str(first / "iter_3.pth"))
+    resumed = [s["loss"] for s in scalars(first)][len(one):]
+    assert resumed == pytest.approx(one[3:], rel=1e-4)
     from tuner.convert.hf import pth_to_hf
     from tuner.engine.checkpoint import checkpoints_in
 
-    assert pth_to_hf(load_config(ds_cfg), checkpoints_in(tmp_path / "two")[-1], tmp_path / "hf").exists()
+    assert pth_to_hf(load_config(ds_cfg), checkpoints_in(first)[-1], tmp_path / "hf").exists()
 
 
 def test_wandb_reporting_offline(tmp_path, tiny_model_dir, data_file, monkeypatch):

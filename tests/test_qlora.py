@@ -66,3 +66,14 @@ def test_qlora_training_lowers_the_loss_and_saves_an_adapter(tmp_path, tiny_mode
     assert sum(losses[-2:]) / 2 < 0.8 * losses[0], losses
     adapter = pth_to_hf(cfg, checkpoints_in(tmp_path / "work")[-1], tmp_path / "adapter")
     assert (adapter / "adapter_model.safetensors").exists()
+
+
+def test_8bit_base_trains_lora(tmp_path, tiny_model_dir, data_file):
+    import bitsandbytes as bnb
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, data_file, epochs=3, lr=1e-2),
+                      ["model.quantization=8bit"])
+    trainer = Trainer(cfg, work_dir=tmp_path / "work")
+    losses = trainer.train()
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in trainer.raw_model.modules())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

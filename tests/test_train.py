@@ -166,3 +166,19 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth", "last_checkpoint"]
     assert (tmp_path / "last_checkpoint").read_text().endswith("iter_1.pth")
     assert ckpt.load_checkpoint(tmp_path / "iter_1.pth") == {"step": 1}
+
+
+@pytest.mark.parametrize("option", ["lora.use_dora=true", "lora.use_rslora=true",
+                                    "lora.target_modules=q_proj,v_proj"])
+def test_lora_variants_train_and_convert(tmp_path, tiny_model_dir, data_file, option):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tmp_path, tiny_model_dir, data_file, epochs=1, lr=1e-2, options=[option])
+    losses = trainer.train()
+    assert losses[-1] < losses[0]
+    ids = torch.tensor([trainer.sequences[0].input_ids[:30]])
+    trained = _logits(trainer.model.eval(), ids)
+    adapter = pth_to_hf(trainer.cfg, checkpoints_in(tmp_path / "work")[-1], tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    assert (_logits(loaded, ids) - trained).abs().max() < 1e-4

@@ -217,7 +217,7 @@ class Trainer:
             weights = zero.full_parameters(self.raw_model, trainable_only=self.cfg.lora is not None)
             model, optimizer = strategies.model_state_from(self.raw_model, weights), None
         else:
-            model = strategies.model_state(self.raw_model)
+            model = strategies.model_state(self.raw_model, sharded=self.strategy == "fsdp")
             optimizer = strategies.optimizer_state(self.raw_model, self.optimizer)
         return {"step": step, "method": self.cfg.method, "config": self.cfg.name, "model": model,
                 "optimizer": optimizer,
@@ -240,7 +240,7 @@ class Trainer:
         elif state["optimizer"] is None:
             raise TunerError(f"{path} was written by DeepSpeed: resume it with --deepspeed")
         else:
-            strategies.load_model_state(self.raw_model, state["model"])
+            strategies.load_model_state(self.raw_model, state["model"], sharded=self.strategy == "fsdp")
             strategies.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]

@@ -84,25 +84,35 @@ def model_state_from(raw_model, parameters: dict[str, torch.Tensor]) -> dict[str
     return {mapping[k]: v for k, v in parameters.items() if k in mapping}
 
 
-def model_state(raw_model) -> dict[str, torch.Tensor]:
+def model_state(raw_model, sharded: bool) -> dict[str, torch.Tensor]:
     """Full tensors of what training changes (adapters for LoRA, all weights for full), on CPU.
     Collective under FSDP: every process calls it; the tensors are only filled on rank 0."""
     lora = hasattr(raw_model, "peft_config")
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
-    state = get_model_state_dict(raw_model, options=options)
+    if sharded:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+        state = get_model_state_dict(raw_model, options=options)
+    elif lora:  # read the parameters directly: quantized layers carry state-dict extras DCP cannot name
+        state = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
+    else:
+        state = raw_model.state_dict()
     if not lora:
         return {k: v.detach().clone() for k, v in state.items()}
     mapping = _saved_key_map(raw_model)
     return {mapping[k]: v.detach().clone() for k, v in state.items() if k in mapping}
 
 
-def load_model_state(raw_model, saved: dict[str, torch.Tensor]) -> None:
+def load_model_state(raw_model, saved: dict[str, torch.Tensor], sharded: bool) -> None:
     mapping = {v: k for k, v in _saved_key_map(raw_model).items()}
     unknown = [k for k in saved if k not in mapping and hasattr(raw_model, "peft_config")]
     if unknown:
         raise TunerError(f"the checkpoint holds weights this model lacks: {unknown[:3]}")
     state = {mapping.get(k, k): v for k, v in saved.items()}
-    set_model_state_dict(raw_model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    if sharded:
+        set_model_state_dict(raw_model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        result = raw_model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise TunerError(f"the checkpoint holds weights this model lacks: {result.unexpected_keys[:3]}")
 
 
 def optimizer_state(raw_model, optimizer) -> dict:
