@@ -7,6 +7,7 @@ no traceback), 2 on bad command-line usage, 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -240,6 +241,14 @@ def _quiet_libraries() -> None:
     """transformers' per-load progress bars and advice drown tuner's own output."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes and DeepSpeed announce optional kernels and accelerator probing on import.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:
+        pass
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
