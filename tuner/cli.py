@@ -1,4 +1,4 @@
-"""The `tuner` command: list-cfg, copy-cfg, train, convert, chat, and the data tools.
+"""The `tuner` command: list-cfg, copy-cfg, train, convert, chat, serve, web, and the data tools.
 
 Every subcommand exits 0 on success, 1 on an error the user can fix (one clear line,
 no traceback), 2 on bad command-line usage, 130 on Ctrl-C.
@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 
+from tuner.chat.prompts import SYSTEM_TEMPLATES
 from tuner.errors import TunerError
 
 
@@ -81,6 +82,12 @@ def cmd_chat(args) -> int:
     return run_chat(args)
 
 
+def cmd_serve(args) -> int:
+    from tuner.serve.run import run_server
+
+    return run_server(args, page=args.command == "web")
+
+
 def cmd_make_identity_data(args) -> int:
     from tuner.data.identity import write_identity_data
 
@@ -116,6 +123,18 @@ def cmd_log_dataset(args) -> int:
     cfg = load_config(args.config, args.cfg_options)
     print(log_dataset(cfg, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code), args.show, args.num))
     return 0
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """How chat, serve and web load a model and render prompts."""
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply")
+    p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
+    p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="quantize the weights with bitsandbytes (NF4 / LLM.int8)")
+    p.add_argument("--offload-folder", help="let accelerate place weights that do not fit on disk here")
+    p.add_argument("--stop-words", nargs="+", default=[], help="extra stop words (the template's are always on)")
+    p.add_argument("--context-length", type=int,
+                   help="tokens of prompt + reply (default: the model's max_position_embeddings)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,10 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with a model in the terminal")
     p.add_argument("model", help="HF folder, hub id, or smollm2-135m-instruct")
-    p.add_argument("--adapter", help="a LoRA adapter folder to apply")
-    p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
+    add_model_arguments(p)
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--system-template", help="a named system prompt: " + ", ".join(SYSTEM_TEMPLATES))
+    p.add_argument("--bot-name", default="BOT", help="fills {bot_name} in a system template")
+    p.add_argument("--with-plugins", nargs="+", default=[], choices=["calculate", "solve", "search"],
+                   help="tools the model may call (search needs SERPER_API_KEY)")
+    p.add_argument("--tool-format", choices=["json", "react"], default="json",
+                   help="json: <tool_call> blocks, as tuner trains tool data; react: Action / Action Input text")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40)
@@ -180,8 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-streamer", action="store_true", help="print each answer at once")
-    p.add_argument("--stop-words", nargs="+", default=[])
     p.set_defaults(func=cmd_chat)
+
+    for name, help_text, port in (("serve", "an OpenAI-compatible API server", 8000),
+                                  ("web", "a chat page in the browser", 7860)):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("model", help="HF folder, hub id, or smollm2-135m-instruct")
+        add_model_arguments(p)
+        p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+        p.add_argument("--max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
+        p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together")
+        if name == "serve":
+            p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNER_API_KEY)")
+        p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("list-dataset-format", help="list the dataset formats and the columns they read")
     p.set_defaults(func=cmd_list_dataset_format)

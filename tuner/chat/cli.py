@@ -9,30 +9,13 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-from tuner.chat.generate import GenerationSettings, Generator
-from tuner.engine.device import default_device, resolve_compute_dtype
-from tuner.errors import TunerError
-from tuner.model.load import load_tokenizer, resolve_model_path
+from tuner.chat.generate import GenerationSettings, Generator, PromptTooLong
+from tuner.chat.model import load_chat_model
+from tuner.chat.prompts import system_prompt
+from tuner.chat.session import ChatSession
+from tuner.chat.tools import Toolbox
 
 PROMPT = "\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>> "
-
-
-def load_chat_model(model_path: str, adapter: str | None, torch_dtype: str = "auto"):
-    from transformers import AutoModelForCausalLM
-
-    device = default_device()
-    dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[torch_dtype]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_path), dtype=dtype).to(device)
-    except OSError as e:
-        raise TunerError(f"could not load model {model_path!r}: {str(e).splitlines()[0]}") from None
-    if adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    return model, device
 
 
 def read_message(stream) -> str | None:
@@ -49,17 +32,22 @@ def read_message(stream) -> str | None:
             lines.append(line)
 
 
+def settings_from_args(args) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
 def run_chat(args) -> int:
-    tokenizer = load_tokenizer(args.adapter if args.adapter and _has_tokenizer(args.adapter) else args.model)
-    model, device = load_chat_model(args.model, args.adapter, args.torch_dtype)
-    compute = torch.float32 if args.torch_dtype == "fp32" else resolve_compute_dtype("auto", device)
-    generator = Generator(model, tokenizer, args.prompt_template, args.stop_words, compute_dtype=compute)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                  seed=args.seed)
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    base_history = list(history)
     out = sys.stdout
+    system = system_prompt(args.system, args.system_template, args.bot_name)
+    toolbox = Toolbox(args.with_plugins) if args.with_plugins else None
+    model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype, args.bits,
+                                                args.offload_folder, warn=lambda line: print(line, file=sys.stderr))
+    generator = Generator(model, tokenizer, args.prompt_template, args.stop_words, compute_dtype=compute,
+                          context_length=args.context_length)
+    session = ChatSession(generator, system, toolbox, args.tool_format)
+    settings = settings_from_args(args)
+    stream = None if args.no_streamer else (lambda piece: (out.write(piece), out.flush()))
     while True:
         out.write(PROMPT)
         out.flush()
@@ -68,21 +56,17 @@ def run_chat(args) -> int:
             out.write("\n")
             return 0
         if text.strip() == "RESET":
-            history = list(base_history)
+            session.reset()
             out.write("Log: History responses have been removed!\n")
             continue
-        history.append({"role": "user", "content": text})
         out.write("\n")
+        try:
+            answer = session.send(text, settings, on_text=stream,
+                                  on_event=lambda line: (out.write(f"\n{line}\n"), out.flush()))
+        except PromptTooLong as e:
+            out.write(f"Log: message not sent: {e}\n")
+            continue
         if args.no_streamer:
-            answer = generator.reply(history, settings)
             out.write(answer)
-        else:
-            answer = generator.reply(history, settings, on_text=lambda piece: (out.write(piece), out.flush()))
         out.write("\n")
         out.flush()
-        history.append({"role": "assistant", "content": answer})
-
-
-def _has_tokenizer(folder: str) -> bool:
-    from pathlib import Path
-    return (Path(folder) / "tokenizer_config.json").exists()

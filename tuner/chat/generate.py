@@ -1,12 +1,19 @@
-"""One generation core for chat, the evaluate-chat hook and later the server.
+"""One generation core for the chat CLI, the web page, the server and the evaluate-chat hook.
 
-It renders the conversation with the same template code as training, generates with
-transformers' `generate`, streams text pieces to a callback, and stops at the
-template's stop words.
+Prompts are rendered with the same template code as training. A reply the model wrote
+earlier is kept as the token ids it generated and spliced back into later prompts, so the
+model sees exactly its own tokens, never a re-tokenized decode of them:
+
+    [system][user 1][<ids of reply 1>][user 2]<generation prompt>
+     ^ rendered text, tokenized    ^ spliced ids       ^ rendered text, tokenized
+
+Several prompts can be generated in one batch (left-padded); every row has its own
+streaming callback, stop words, token limit and cancel flag.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,6 +21,11 @@ import torch
 
 from tuner.data.templates import get_template
 from tuner.engine.device import autocast
+from tuner.errors import TunerError
+
+# Private-use characters mark where a stored reply's ids go; no tokenizer merges across them.
+_SLOT = "\ue000{}\ue001"
+_SLOT_PATTERN = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass
@@ -25,39 +37,31 @@ class GenerationSettings:
     top_p: float = 0.75
     repetition_penalty: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """extra stop strings for this request, on top of the template's"""
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one `generate` call (max_new_tokens is per row)."""
+        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
 
 
-class _CallbackStreamer:
-    """Receives token ids from `generate` and passes on only new, complete text."""
+@dataclass
+class Reply:
+    text: str
+    """what the model wrote, cut before the first stop word"""
+    ids: list[int]
+    """the generated token ids of `text` (the stop word excluded)"""
+    finish_reason: str
+    """'stop' (a stop word or EOS), 'length' (max_new_tokens), or 'cancelled'"""
+    prompt_tokens: int
+    completion_tokens: int
 
-    def __init__(self, tokenizer, prompt_length: int, on_text: Callable[[str], None], stop_words: tuple[str, ...]):
-        self.tokenizer, self.on_text, self.stop_words = tokenizer, on_text, stop_words
-        self.prompt_length, self.ids, self.sent = prompt_length, [], 0
-        self.skipped_prompt = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.skipped_prompt:  # generate first hands over the prompt itself
-            self.skipped_prompt = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self.visible_text()
-        # Hold back a piece that may be the start of a stop word or half of a multi-byte character.
-        safe = len(text) - max((len(w) for w in self.stop_words), default=0)
-        if text.endswith("\ufffd"):
-            safe = min(safe, len(text) - 1)
-        if safe > self.sent:
-            self.on_text(text[self.sent:safe])
-            self.sent = safe
-
-    def end(self) -> None:
-        text = self.visible_text()
-        if len(text) > self.sent:
-            self.on_text(text[self.sent:])
-            self.sent = len(text)
-
-    def visible_text(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        return cut_at_stop_words(text, self.stop_words)
+class PromptTooLong(TunerError):
+    def __init__(self, tokens: int, budget: int):
+        super().__init__(f"the prompt is {tokens} tokens, but only {budget} fit (context length minus "
+                         "max_new_tokens)", hint="shorten the message or lower max_new_tokens")
+        self.tokens, self.budget = tokens, budget
 
 
 def cut_at_stop_words(text: str, stop_words) -> str:
@@ -65,9 +69,91 @@ def cut_at_stop_words(text: str, stop_words) -> str:
     return text if cut < 0 else text[:cut]
 
 
+def partial_suffix(text: str, words) -> int:
+    """Length of the longest end of `text` that a stop word starts with ('...<|im' -> 4)."""
+    for size in range(min(len(text), max((len(w) for w in words), default=1) - 1), 0, -1):
+        tail = text[-size:]
+        if any(w.startswith(tail) for w in words):
+            return size
+    return 0
+
+
+class _Row:
+    """One prompt of a batch: collects its generated ids and streams new, complete text."""
+
+    def __init__(self, tokenizer, stop_words: tuple[str, ...], stop_ids: set[int], max_new_tokens: int,
+                 on_text: Callable[[str], None] | None, cancelled: Callable[[], bool] | None):
+        self.tokenizer, self.stop_words, self.stop_ids = tokenizer, stop_words, stop_ids
+        self.max_new_tokens, self.on_text, self.cancelled = max_new_tokens, on_text, cancelled
+        self.ids: list[int] = []
+        self.sent = 0
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> None:
+        if self.finish_reason:
+            return  # the batch goes on for other rows; this one is done
+        self.ids.append(token)
+        raw = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        text = cut_at_stop_words(raw, self.stop_words)
+        if token in self.stop_ids or len(text) < len(raw):
+            self.finish_reason = "stop"
+        elif self.cancelled is not None and self.cancelled():
+            self.finish_reason = "cancelled"
+        elif len(self.ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        # Hold back what may be the start of a stop word or half of a multi-byte character.
+        safe = len(text) if self.finish_reason else len(text) - partial_suffix(text, self.stop_words)
+        if not self.finish_reason and text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        if self.on_text is not None and safe > self.sent:
+            self.on_text(text[self.sent:safe])
+            self.sent = safe
+
+    def _has_stop_word(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return any(w in text for w in self.stop_words)
+
+    def reply(self, prompt_tokens: int) -> Reply:
+        text = cut_at_stop_words(self.tokenizer.decode(self.ids, skip_special_tokens=False), self.stop_words)
+        if self.on_text is not None and len(text) > self.sent:
+            self.on_text(text[self.sent:])
+        ids = list(self.ids)
+        # Drop the tokens of the stop word: the template writes its own end-of-turn after the reply.
+        while ids and (ids[-1] in self.stop_ids or self._has_stop_word(ids)):
+            ids.pop()
+        return Reply(text, ids, self.finish_reason or "length", prompt_tokens, len(self.ids))
+
+
+class _Streamer:
+    """What `generate` calls with each step's tokens (shape: batch)."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows, self.prompt_seen = rows, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first hands over the prompts themselves
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.reshape(-1).tolist()):
+            row.add(token)
+
+    def end(self) -> None:
+        pass
+
+
+class _RowsDone:
+    """A stopping criterion, one bool per row: stop words, token limits and cancellations."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([row.finish_reason is not None for row in self.rows], device=input_ids.device)
+
+
 class Generator:
     def __init__(self, model, tokenizer, template_name: str | None = None, stop_words: list[str] | None = None,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, context_length: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.template = get_template(template_name, tokenizer)
         words = list(self.template.stop_words) + list(stop_words or [])
@@ -75,42 +161,93 @@ class Generator:
             words.append(tokenizer.eos_token)
         self.stop_words = tuple(dict.fromkeys(w for w in words if w))
         self.compute_dtype = compute_dtype
-        # Stop words that are one token stop generation by id; others by string matching.
-        self.stop_ids = []
-        self.stop_strings = []
-        for word in self.stop_words:
-            ids = tokenizer.encode(word, add_special_tokens=False)
-            (self.stop_ids.append(ids[0]) if len(ids) == 1 else self.stop_strings.append(word))
+        config = getattr(model, "config", None)
+        self.context_length = context_length or getattr(config, "max_position_embeddings", None) or 2048
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.template.render(messages, add_generation_prompt=True).text
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _stop_ids(self, words) -> set[int]:
+        """Stop words that are one token stop by id as well as by text."""
+        ids = set()
+        for word in words:
+            encoded = self.tokenizer.encode(word, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prompt_ids(self, messages: list[dict], tools: list | None = None, generation_prompt: bool = True) -> list[int]:
+        """Render and tokenize; assistant messages with "ids" contribute those ids unchanged."""
+        stored, rendered_messages = {}, []
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant" and message.get("ids") is not None:
+                stored[i] = message["ids"]
+                message = {"role": "assistant", "content": _SLOT.format(i)}  # its ids hold any tool calls too
+            rendered_messages.append(message)
+        text = self.template.render(rendered_messages, add_generation_prompt=generation_prompt, tools=tools).text
+        ids, position = [], 0
+        for slot in _SLOT_PATTERN.finditer(text):
+            ids += self._encode(text[position:slot.start()]) + list(stored[int(slot.group(1))])
+            position = slot.end()
+        return ids + self._encode(text[position:])
+
+    def fit(self, messages: list[dict], max_new_tokens: int, tools: list | None = None):
+        """(messages kept, their prompt ids, rounds dropped): the oldest rounds (a user message and
+        what followed it) go first, the system prompt and the last round always stay."""
+        budget = self.context_length - max_new_tokens
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"] or [head]
+        for dropped, start in enumerate(starts):
+            kept = messages[:head] + messages[start:]
+            ids = self.prompt_ids(kept, tools)
+            if len(ids) <= budget:
+                return kept, ids, dropped
+        raise PromptTooLong(len(ids), budget)
 
     @torch.no_grad()
-    def reply(self, messages: list[dict], settings: GenerationSettings | None = None,
-              on_text: Callable[[str], None] | None = None) -> str:
-        settings = settings or GenerationSettings()
-        ids = self.prompt_ids(messages)
+    def generate(self, prompts: list[list[int]], settings: GenerationSettings,
+                 on_text: list[Callable[[str], None] | None] | None = None,
+                 cancelled: list[Callable[[], bool] | None] | None = None,
+                 max_new_tokens: list[int] | None = None, stop: list[tuple[str, ...]] | None = None) -> list[Reply]:
+        """Generate for a batch of prompts that share sampling settings; limits and extra stop
+        strings may differ per row (by default they come from `settings`)."""
+        count = len(prompts)
+        limits = max_new_tokens or [settings.max_new_tokens] * count
+        rows = []
+        for i in range(count):
+            words = tuple(dict.fromkeys((*self.stop_words, *(stop[i] if stop else settings.stop))))
+            rows.append(_Row(self.tokenizer, words, self._stop_ids(words), limits[i],
+                             (on_text or [None] * count)[i], (cancelled or [None] * count)[i]))
+        # Only stop ids every row shares may end a row inside `generate`; the rest end in _RowsDone.
+        shared_stop_ids = set.intersection(*(row.stop_ids for row in rows))
         device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
-        streamer = _CallbackStreamer(self.tokenizer, len(ids), on_text or (lambda _: None), self.stop_words)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         sample = settings.temperature > 0
-        kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=sample, use_cache=True,
-                      eos_token_id=self.stop_ids or None, pad_token_id=self.tokenizer.pad_token_id,
-                      repetition_penalty=settings.repetition_penalty, streamer=streamer)
+        kwargs = dict(max_new_tokens=max(limits), do_sample=sample, use_cache=True, pad_token_id=pad,
+                      eos_token_id=sorted(shared_stop_ids) or None, repetition_penalty=settings.repetition_penalty,
+                      streamer=_Streamer(rows), stopping_criteria=[_RowsDone(rows)])
         if sample:
             kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         else:  # silence the warnings about sampling settings from generation_config.json
             kwargs.update(temperature=None, top_k=None, top_p=None)
-        if self.stop_strings:
-            kwargs.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         was_training = self.model.training
         self.model.eval()
         try:
             with autocast(device, self.compute_dtype):
-                self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+                self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self.model.train(was_training)
-        return streamer.visible_text()
+        return [row.reply(len(prompt)) for row, prompt in zip(rows, prompts)]
+
+    def reply(self, messages: list[dict], settings: GenerationSettings | None = None,
+              on_text: Callable[[str], None] | None = None, tools: list | None = None) -> str:
+        """One answer to a conversation (the oldest rounds dropped if it does not fit)."""
+        settings = settings or GenerationSettings()
+        _, ids, _ = self.fit(messages, settings.max_new_tokens, tools)
+        return self.generate([ids], settings, [on_text])[0].text
+

@@ -61,12 +61,11 @@ def identity_samples(name: str, author: str, count: int, seed: int = 0) -> list[
 
 def replay_samples(model_path: str, questions: list[str], repeats: int, max_new_tokens: int = 96) -> list[dict]:
     """General questions answered (greedily) by the base model itself."""
-    from tuner.chat.cli import load_chat_model
+    from tuner.chat.model import load_chat_model
     from tuner.chat.generate import GenerationSettings, Generator
-    from tuner.model.load import load_tokenizer
 
-    model, _ = load_chat_model(model_path, None, "fp32")
-    generator = Generator(model, load_tokenizer(model_path))
+    model, tokenizer, _ = load_chat_model(model_path, None, "fp32")
+    generator = Generator(model, tokenizer)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
     samples = []
     for question in questions:

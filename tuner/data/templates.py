@@ -119,6 +119,12 @@ class ChatTemplate:
                     message[key] = m[key]
             clean.append(message)
         kwargs = {"tools": tools} if tools else {}
+        if tools and not self.knows_tools:  # the template would drop them: list them in the system prompt
+            kwargs = {}
+            if clean and clean[0]["role"] == "system":
+                clean[0] = {**clean[0], "content": with_tools(clean[0]["content"], tools)}
+            else:
+                clean.insert(0, {"role": "system", "content": with_tools("", tools)})
         return self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   **kwargs)
 

@@ -1,0 +1,76 @@
+"""Load a model for generation: dtype, optional 4/8-bit quantization, adapter, offloading."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from tuner.engine.device import default_device, resolve_compute_dtype
+from tuner.errors import TunerError
+from tuner.model.load import _from_pretrained, load_tokenizer, resolve_model_path
+
+TORCH_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: str = "auto",
+                    bits: int | None = None, offload_folder: str | None = None, max_memory: dict | None = None,
+                    warn=print):
+    """(model, tokenizer, compute dtype) ready for `Generator`; warns when weights live off the device."""
+    from transformers import AutoModelForCausalLM
+
+    device = default_device()
+    path = resolve_model_path(model_path)
+    kwargs: dict = {"dtype": TORCH_DTYPES[torch_dtype]}
+    if bits:
+        kwargs["quantization_config"] = _quantization(bits, torch_dtype)
+    if offload_folder or max_memory:
+        kwargs.update(device_map="auto", offload_folder=offload_folder, max_memory=max_memory)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, **kwargs)
+    if not bits and "device_map" not in kwargs:
+        model.to(device)
+    if adapter:
+        from peft import PeftModel
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise TunerError(f"{adapter} holds no adapter_config.json: not a LoRA adapter folder",
+                             hint="convert a training checkpoint first: tuner convert pth_to_hf CONFIG iter_N.pth DIR")
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    for line in offload_warnings(getattr(model, "hf_device_map", None) or {}, device):
+        warn(f"Warning: {line}")
+    tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
+    tokenizer = load_tokenizer(tokenizer_source)
+    if torch_dtype == "fp32":
+        compute = torch.float32
+    elif torch_dtype in ("bf16", "fp16"):
+        compute = TORCH_DTYPES[torch_dtype]
+    else:
+        compute = resolve_compute_dtype("auto", device)
+    return model, tokenizer, compute
+
+
+def _quantization(bits: int, torch_dtype: str):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunerError(f"--bits {bits} needs bitsandbytes", hint="pip install 'tuner[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.float32 if torch_dtype == "fp32" else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def offload_warnings(device_map: dict, device: torch.device) -> list[str]:
+    """{'model.layers.0': 0, 'model.layers.9': 'cpu', 'lm_head': 'disk'} -> what runs slowly, and why."""
+    where = Counter(str(v) for v in device_map.values())
+    lines = []
+    if where.get("disk"):
+        lines.append(f"{where['disk']} of {len(device_map)} modules are offloaded to disk: every token reads "
+                     "them back, so generation is much slower")
+    if device.type != "cpu" and where.get("cpu"):
+        lines.append(f"{where['cpu']} of {len(device_map)} modules are offloaded to the CPU (not enough GPU "
+                     "memory): generation is slower")
+    return lines

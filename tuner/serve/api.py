@@ -1,0 +1,337 @@
+"""The OpenAI-compatible HTTP API (`tuner serve`) and the chat page (`tuner web`).
+
+    GET  /v1/models
+    POST /v1/chat/completions   (stream or not; tools)
+    POST /v1/completions        (raw text, no template)
+    GET  /                      the chat page (tuner web only)
+
+Every error has an OpenAI-shaped body, {"error": {"message", "type", "param", "code"}},
+and the right status; the server keeps serving after it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+
+from tuner.chat.generate import GenerationSettings, Generator, partial_suffix
+from tuner.chat.tools import parse_tool_calls
+from tuner.serve.engine import BatchEngine, Job
+
+TOOL_CALL_START = "<tool_call>"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    valid = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not valid or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{name}' must be {kind} from {low} to {high}, got {value!r}", param=name)
+    return value
+
+
+def _text_content(content, index: int) -> str:
+    """OpenAI content: a string, or a list of parts of which text parts are read."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+                raise ApiError(400, f"messages[{index}].content: parts must be objects of type 'text'",
+                               param=f"messages[{index}].content")
+            if part["type"] == "image_url":
+                raise ApiError(400, "this model takes text only; image_url parts are not supported",
+                               param=f"messages[{index}].content")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+    raise ApiError(400, f"messages[{index}].content must be a string or a list of parts",
+                   param=f"messages[{index}].content")
+
+
+def parse_messages(raw) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}].role must be one of system, user, assistant, tool",
+                           param=f"messages[{i}].role")
+        message = {"role": "system" if m["role"] == "developer" else m["role"],
+                   "content": _text_content(m.get("content"), i)}
+        if m.get("tool_calls"):
+            message["tool_calls"] = m["tool_calls"]
+        for key in ("name", "tool_call_id"):
+            if m.get(key):
+                message[key] = m[key]
+        messages.append(message)
+    return messages
+
+
+class Api:
+    """What the HTTP handler calls: validation, prompts and response bodies, no sockets."""
+
+    def __init__(self, generator: Generator, model_name: str, api_key: str | None = None,
+                 max_new_tokens: int = 512, max_batch_size: int = 16):
+        self.generator, self.model_name, self.api_key = generator, model_name, api_key
+        self.max_new_tokens = max_new_tokens
+        self.engine = BatchEngine(generator, max_batch_size)
+        self.created = int(time.time())
+
+    def check_key(self, header: str | None) -> None:
+        if self.api_key and header != f"Bearer {self.api_key}":
+            raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "tuner"}]}
+
+    def _settings(self, body: dict) -> GenerationSettings:
+        if body.get("model") != self.model_name:
+            raise ApiError(404, f"The model {body.get('model')!r} does not exist; this server has "
+                                f"{self.model_name!r}", code="model_not_found", param="model")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_new = _number({"max_tokens": limit}, "max_tokens", self.max_new_tokens, 1, self.generator.context_length,
+                          integer=True)
+        stop = body.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+            raise ApiError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+        return GenerationSettings(max_new_tokens=max_new, temperature=_number(body, "temperature", 1.0, 0, 2),
+                                  top_p=_number(body, "top_p", 1.0, 0, 1), top_k=0,
+                                  repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10),
+                                  seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True),
+                                  stop=tuple(stop))
+
+    def _job(self, prompt: list[int], settings: GenerationSettings) -> Job:
+        room = self.generator.context_length - settings.max_new_tokens
+        if len(prompt) > room:
+            raise ApiError(400, f"This model's maximum context length is {self.generator.context_length} tokens. "
+                                f"However, you requested {len(prompt) + settings.max_new_tokens} tokens "
+                                f"({len(prompt)} in the prompt, {settings.max_new_tokens} for the completion).",
+                           code="context_length_exceeded", param="messages")
+        return self.engine.submit(Job(prompt, settings))
+
+    def chat_job(self, body: dict) -> tuple[Job, list | None]:
+        settings = self._settings(body)
+        messages = parse_messages(body.get("messages"))
+        tools = body.get("tools") if body.get("tool_choice") != "none" else None
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise ApiError(400, "'tools' must be a list of tool objects", param="tools")
+        return self._job(self.generator.prompt_ids(messages, tools or None), settings), tools
+
+    def completion_job(self, body: dict) -> Job:
+        settings = self._settings(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+        return self._job(self.generator.tokenizer(prompt)["input_ids"], settings)
+
+    def usage(self, reply) -> dict:
+        return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+def _chunk(kind: str, request_id: str, model: str, choice: dict) -> dict:
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "tuner"
+    api: Api
+    page: bool
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass  # one line per request would drown the console
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, error: ApiError) -> None:
+        self._send_json(error.status, error.body())
+
+    @staticmethod
+    def _parse_body(raw: bytes) -> dict:
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the JSON body must be an object")
+        return body
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _event(self, data) -> None:
+        text = "data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
+        payload = text.encode()
+        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        self.wfile.flush()
+
+    def _end_stream(self) -> None:
+        self._event("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    # -- routes ----------------------------------------------------------------------------
+    def do_GET(self):  # noqa: N802 - the base class's name
+        try:
+            if self.path in ("/", "/index.html") and self.page:
+                data = resources.files("tuner.serve").joinpath("page.html").read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif self.path == "/health":
+                self._send_json(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                self.api.check_key(self.headers.get("Authorization"))
+                self._send_json(200, self.api.models())
+            else:
+                raise ApiError(404, f"no route GET {self.path}", code="not_found")
+        except ApiError as e:
+            self._send_error(e)
+
+    def do_POST(self):  # noqa: N802
+        routes = {"/v1/chat/completions": self._chat, "/v1/completions": self._completion}
+        # Read the body first: bytes left unread would spoil the next request on this connection.
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            if self.path not in routes:
+                raise ApiError(404, f"no route POST {self.path}", code="not_found")
+            self.api.check_key(self.headers.get("Authorization"))
+            routes[self.path](self._parse_body(raw))
+        except ApiError as e:
+            self._send_error(e)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away; its job was cancelled
+        except Exception as e:  # noqa: BLE001 - a bug must not take the server down
+            self._send_error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+
+    def _chat(self, body: dict) -> None:
+        job, tools = self.api.chat_job(body)
+        request_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.api.model_name
+        if not body.get("stream"):
+            reply = job.wait()
+            content, calls = parse_tool_calls(reply.text) if tools else (reply.text, [])
+            message = {"role": "assistant", "content": content or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = calls
+            finish = "tool_calls" if calls else reply.finish_reason
+            self._send_json(200, {**_chunk("chat.completion", request_id, model, {
+                "index": 0, "message": message, "finish_reason": finish, "logprobs": None}),
+                "usage": self.api.usage(reply)})
+            return
+        self._start_stream()
+        emit = lambda choice: self._event(_chunk("chat.completion.chunk", request_id, model, choice))  # noqa: E731
+        try:
+            emit({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            pieces, text, streamed = job.texts_then_reply(), "", 0
+            while True:
+                try:
+                    text += next(pieces)
+                except StopIteration as stop:
+                    reply = stop.value
+                    break
+                # With tools, hold back a (possibly half-written) tool call; it is sent whole at the end.
+                visible = text[:text.find(TOOL_CALL_START)] if tools and TOOL_CALL_START in text else (
+                    text[:len(text) - partial_suffix(text, [TOOL_CALL_START])] if tools else text)
+                if len(visible) > streamed:
+                    emit({"index": 0, "delta": {"content": visible[streamed:]}, "finish_reason": None})
+                    streamed = len(visible)
+            finish = reply.finish_reason
+            content, calls = parse_tool_calls(reply.text) if tools else (reply.text, [])
+            if calls:
+                emit({"index": 0, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},
+                      "finish_reason": None})
+                finish = "tool_calls"
+            elif len(content) > streamed:
+                emit({"index": 0, "delta": {"content": content[streamed:]}, "finish_reason": None})
+            final = _chunk("chat.completion.chunk", request_id, model,
+                           {"index": 0, "delta": {}, "finish_reason": finish})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                final["usage"] = self.api.usage(reply)
+            self._event(final)
+            self._end_stream()
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancelled.set()
+            raise
+
+    def _completion(self, body: dict) -> None:
+        job = self.api.completion_job(body)
+        request_id, model = f"cmpl-{uuid.uuid4().hex}", self.api.model_name
+        if not body.get("stream"):
+            reply = job.wait()
+            self._send_json(200, {**_chunk("text_completion", request_id, model, {
+                "index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}),
+                "usage": self.api.usage(reply)})
+            return
+        self._start_stream()
+        try:
+            pieces = job.texts_then_reply()
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration as stop:
+                    reply = stop.value
+                    break
+                self._event(_chunk("text_completion", request_id, model,
+                                   {"index": 0, "text": piece, "finish_reason": None, "logprobs": None}))
+            self._event(_chunk("text_completion", request_id, model,
+                               {"index": 0, "text": "", "finish_reason": reply.finish_reason, "logprobs": None}))
+            self._end_stream()
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancelled.set()
+            raise
+
+
+def make_server(api: Api, host: str, port: int, page: bool) -> ThreadingHTTPServer:
+    handler = type("TunerHandler", (Handler,), {"api": api, "page": page})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve_forever(server: ThreadingHTTPServer) -> None:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        server.shutdown()

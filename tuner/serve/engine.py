@@ -1,0 +1,100 @@
+"""One thread owns the model; requests queue up and are generated in batches.
+
+Requests that arrive while a batch runs wait in the queue. The next batch takes the
+oldest request and every waiting request with the same sampling settings (up to
+`max_batch_size`), so concurrent requests share one `generate` call and each still gets
+its own tokens, stop words, limit and stream. Greedy replies in a batch are the same
+as alone (tested).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from tuner.chat.generate import GenerationSettings, Generator, Reply
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    settings: GenerationSettings
+    events: queue.Queue = field(default_factory=queue.Queue)
+    """('text', piece) while generating, then ('done', Reply) or ('error', exception)"""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def texts_then_reply(self, timeout: float | None = None):
+        """Yield text pieces; return the Reply (raise the engine's exception)."""
+        while True:
+            kind, value = self.events.get(timeout=timeout)
+            if kind == "text":
+                yield value
+            elif kind == "done":
+                return value
+            else:
+                raise value
+
+    def wait(self) -> Reply:
+        pieces = self.texts_then_reply()
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as stop:
+                return stop.value
+
+
+class BatchEngine:
+    def __init__(self, generator: Generator, max_batch_size: int = 16, gather_seconds: float = 0.005):
+        self.generator, self.max_batch_size, self.gather_seconds = generator, max_batch_size, gather_seconds
+        self.pending: deque[Job] = deque()
+        self.ready = threading.Condition()
+        self.batches: list[int] = []  # sizes of the batches run, for tests and figures
+        threading.Thread(target=self._loop, name="tuner-generate", daemon=True).start()
+
+    def submit(self, job: Job) -> Job:
+        with self.ready:
+            self.pending.append(job)
+            self.ready.notify()
+        return job
+
+    def _next_batch(self) -> list[Job]:
+        with self.ready:
+            while not self.pending:
+                self.ready.wait()
+        time.sleep(self.gather_seconds)  # let requests sent together arrive together
+        with self.ready:
+            key = self.pending[0].settings.batch_key()
+            batch, rest = [], deque()
+            while self.pending:
+                job = self.pending.popleft()
+                if job.cancelled.is_set():
+                    continue
+                if job.settings.batch_key() == key and len(batch) < self.max_batch_size:
+                    batch.append(job)
+                else:
+                    rest.append(job)
+            self.pending = rest
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                continue
+            self.batches.append(len(batch))
+            try:
+                replies = self.generator.generate(
+                    [job.prompt for job in batch], batch[0].settings,
+                    on_text=[(lambda piece, job=job: job.events.put(("text", piece))) for job in batch],
+                    cancelled=[job.cancelled.is_set for job in batch],
+                    max_new_tokens=[job.settings.max_new_tokens for job in batch],
+                    stop=[job.settings.stop for job in batch])
+            except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
+                for job in batch:
+                    job.events.put(("error", e))
+                continue
+            for job, reply in zip(batch, replies):
+                job.events.put(("done", reply))
