@@ -93,3 +93,36 @@ def write_config(folder: Path, model_path, data_path, *, lora: bool = True, extr
     path = folder / f"{name}.py"
     path.write_text(text)
     return path
+
+
+CALCULATE = {"type": "function", "function": {
+    "name": "calculate", "description": "Evaluate an arithmetic expression, e.g. '(3 + 4) * sqrt(2)'.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "What is 12 times 7?"},
+     {"role": "assistant", "content": "", "tool_calls": [
+         {"type": "function", "function": {"name": "calculate", "arguments": {"expression": "12*7"}}}]},
+     {"role": "tool", "content": "84"},
+     {"role": "assistant", "content": "12 times 7 is 84."}],
+    [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}],
+]
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model fully fine-tuned until it has learned two tool-using conversations by heart:
+    it calls `calculate` for '12 times 7' and answers from the tool's result."""
+    from tuner.config import load_config
+    from tuner.engine.loop import Trainer
+
+    folder = tmp_path_factory.mktemp("tool_model")
+    data = folder / "tools.jsonl"
+    data.write_text("".join(json.dumps({"messages": c, "tools": [CALCULATE]}) + "\n" for c in TOOL_CONVERSATIONS) * 4)
+    cfg = load_config(write_config(folder, tiny_model_dir, data, lora=False, max_length=512, pack=False, epochs=40,
+                                   lr=5e-3, batch_size=2))
+    trainer = Trainer(cfg, work_dir=folder / "work")
+    trainer.train()
+    out = folder / "model"
+    trainer.raw_model.save_pretrained(out)
+    trainer.tokenizer.save_pretrained(out)
+    return out

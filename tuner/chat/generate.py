@@ -164,6 +164,15 @@ class Generator:
         config = getattr(model, "config", None)
         self.context_length = context_length or getattr(config, "max_position_embeddings", None) or 2048
 
+    def _input_device(self) -> torch.device:
+        """Where the prompt goes: with accelerate's device map, where the embeddings are."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            where = next(iter(device_map.values()))
+            return torch.device("cpu" if where in ("cpu", "disk") else where if isinstance(where, str) else
+                                f"cuda:{where}")
+        return next(self.model.parameters()).device
+
     def _stop_ids(self, words) -> set[int]:
         """Stop words that are one token stop by id as well as by text."""
         ids = set()
@@ -220,7 +229,7 @@ class Generator:
                              (on_text or [None] * count)[i], (cancelled or [None] * count)[i]))
         # Only stop ids every row shares may end a row inside `generate`; the rest end in _RowsDone.
         shared_stop_ids = set.intersection(*(row.stop_ids for row in rows))
-        device = next(self.model.parameters()).device
+        device = self._input_device()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)

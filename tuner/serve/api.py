@@ -271,6 +271,8 @@ class Handler(BaseHTTPRequestHandler):
                 # With tools, hold back a (possibly half-written) tool call; it is sent whole at the end.
                 visible = text[:text.find(TOOL_CALL_START)] if tools and TOOL_CALL_START in text else (
                     text[:len(text) - partial_suffix(text, [TOOL_CALL_START])] if tools else text)
+                if tools:  # whitespace before a tool call is not content
+                    visible = visible.rstrip()
                 if len(visible) > streamed:
                     emit({"index": 0, "delta": {"content": visible[streamed:]}, "finish_reason": None})
                     streamed = len(visible)

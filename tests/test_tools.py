@@ -1,0 +1,111 @@
+"""The chat plugins: safe arithmetic, equations, web search, and parsing the model's calls."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from tuner.chat.tools import Toolbox, ToolError, calculate, parse_tool_calls, react_system, search, solve
+from tuner.errors import TunerError
+
+
+@pytest.mark.parametrize("expression, value", [
+    ("12*7", "84"), ("(3 + 4) * 2", "14"), ("2^10", "1024"), ("7 / 2", "3.5"), ("-3 ** 2", "-9"),
+    ("sqrt(16) + pi - pi", "4"), ("factorial(5)", "120"), ("10 % 4", "2"), ("1/3", "0.3333333333")])
+def test_calculate(expression, value):
+    assert calculate(expression) == value
+
+
+@pytest.mark.parametrize("expression", [
+    "__import__('os').system('echo hacked')", "().__class__.__bases__", "open('/etc/passwd')", "x + 1",
+    "9**9**9", "[1, 2]", "lambda: 1", "1/0", "sqrt(-1)", "True + 1"])
+def test_calculate_refuses_anything_but_arithmetic(expression):
+    with pytest.raises(ToolError):
+        calculate(expression)
+
+
+def test_solve():
+    assert solve("x**2 - 4 = 0") == "x = -2; x = 2"
+    assert solve("x + y = 3; x - y = 1") == "x = 2, y = 1"
+    assert solve("2*x + 1") == "x = -1/2"
+    assert solve("x = x + 1") == "no solution"
+    with pytest.raises(ToolError):
+        solve("__import__('os') = 1")
+    with pytest.raises(ToolError):
+        solve("x.real = 1")
+
+
+class _SearchApi(BaseHTTPRequestHandler):
+    """A stand-in for serper.dev on loopback: checks the key, answers in its JSON shape."""
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.headers["X-API-KEY"], body))
+        status, answer = (200, {"organic": [
+            {"title": "Paris - Wikipedia", "snippet": "Paris is the capital of France.", "link": "https://w.org/P"},
+            {"title": "France", "snippet": "A country in Europe.", "link": "https://w.org/F"}]}) \
+            if self.headers["X-API-KEY"] == "good-key" else (403, {"message": "bad key"})
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_search_calls_the_configured_api_with_the_key_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SERPER_API_KEY", raising=False)
+    with pytest.raises(ToolError, match="set SERPER_API_KEY"):
+        search("capital of France")
+    server = HTTPServer(("127.0.0.1", 0), _SearchApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("TUNER_SEARCH_URL", f"http://127.0.0.1:{server.server_port}/search")
+        monkeypatch.setenv("SERPER_API_KEY", "good-key")
+        result = search("capital of France")
+        assert result.splitlines() == ["Paris - Wikipedia: Paris is the capital of France. (https://w.org/P)",
+                                       "France: A country in Europe. (https://w.org/F)"]
+        assert _SearchApi.seen[-1] == ("good-key", {"q": "capital of France"})
+        monkeypatch.setenv("SERPER_API_KEY", "wrong-key")
+        with pytest.raises(ToolError, match="answered HTTP 403"):
+            search("capital of France")
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("TUNER_SEARCH_URL", "http://127.0.0.1:9/closed")
+    with pytest.raises(ToolError, match="failed"):
+        search("anything")
+
+
+def test_parse_json_and_react_tool_calls():
+    content, calls = parse_tool_calls('Let me compute.\n<tool_call>\n{"name": "calculate", "arguments": '
+                                      '{"expression": "2+2"}}\n</tool_call>')
+    assert content == "Let me compute."
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("function", "calculate", {"expression": "2+2"})]
+    content, calls = parse_tool_calls("Thought: I need a calculator.\nAction: calculate\n"
+                                      'Action Input: {"expression": "3*3"}')
+    assert content == "Thought: I need a calculator." and calls[0]["function"]["name"] == "calculate"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"expression": "3*3"}
+    assert parse_tool_calls("Just an answer.") == ("Just an answer.", [])
+    text = '<tool_call>\n{"name": "calculate", "arguments": {"expr'  # cut off by max_new_tokens
+    assert parse_tool_calls(text) == (text, [])
+
+
+def test_toolbox_runs_calls_and_reports_errors_to_the_model():
+    box = Toolbox(["calculate", "solve"])
+    call = lambda name, args: {"function": {"name": name, "arguments": args}}  # noqa: E731
+    assert box.run(call("calculate", '{"expression": "6*7"}')) == "42"
+    assert box.run(call("calculate", "6*7")) == "42"  # a bare string (ReAct) is the single argument
+    assert box.run(call("solve", {"equations": "x - 1 = 0"})) == "x = 1"
+    assert box.run(call("search", {"query": "x"})).startswith("error: no tool named 'search'")
+    assert box.run(call("calculate", {"expr": "1"})) == "error: calculate needs a string argument 'expression'"
+    assert box.run(call("calculate", {"expression": "1/0"})).startswith("error: cannot evaluate")
+    with pytest.raises(TunerError, match="unknown plugin"):
+        Toolbox(["weather"])
+    assert "Action Input" in react_system("Be brief.", box.specs) and "solve" in react_system("", box.specs)
