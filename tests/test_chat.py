@@ -146,3 +146,31 @@ def test_chat_cli_with_4_bit_weights(tiny_model_dir):
                       stdin="Hi\n\nEXIT\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(">>>") == 2
+
+
+class ScriptedGenerator(Generator):
+    """The real template, prompts and session; only the model's words are scripted."""
+
+    def __init__(self, model, tokenizer, replies: list[str]):
+        super().__init__(model, tokenizer, "chatml", context_length=1024)
+        self.replies, self.prompts = list(replies), []
+
+    def generate(self, prompts, settings, on_text=None, cancelled=None, max_new_tokens=None, stop=None):
+        from tuner.chat.generate import Reply
+        text = self.replies.pop(0)
+        self.prompts.append(self.tokenizer.decode(prompts[0]))
+        return [Reply(text, self.tokenizer.encode(text, add_special_tokens=False), "stop", len(prompts[0]), 1)]
+
+
+def test_react_tool_format_runs_actions_and_feeds_observations_back(generator):
+    scripted = ScriptedGenerator(generator.model, generator.tokenizer, [
+        'Thought: I should solve it.\nAction: solve\nAction Input: {"equations": "x**2 - 4 = 0"}',
+        "The solutions are x = -2 and x = 2."])
+    session = ChatSession(scripted, "Be brief.", Toolbox(["calculate", "solve"]), tool_format="react")
+    events = []
+    answer = session.send("Solve x^2 = 4.", GenerationSettings(), on_event=events.append)
+    assert answer == "The solutions are x = -2 and x = 2."
+    assert events == ['[solve] {"equations": "x**2 - 4 = 0"} -> x = -2; x = 2']
+    assert "Action Input: the arguments as JSON" in scripted.prompts[0]  # ReAct instructions in the system prompt
+    assert "<|im_start|>user\nObservation: x = -2; x = 2<|im_end|>" in scripted.prompts[1]
+    assert scripted.prompts[1].startswith(scripted.prompts[0])  # the history is kept, not rebuilt
