@@ -11,7 +11,7 @@ mkdir -p "$out"
 cd "$out"
 started=$(date +%s)
 
-python "$here/make_calculator_data.py" data/calculator.jsonl --count 300
+python "$here/make_calculator_data.py" data/calculator.jsonl --count 120
 tuner copy-cfg "$config" .
 tuner train "${config}_copy.py" --work-dir ./train --cfg-options data.path=data/calculator.jsonl \
     train.max_epochs=1 "evaluate.inputs=[]"

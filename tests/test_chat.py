@@ -3,6 +3,7 @@ that equal single requests, stop words, streaming, and tools driven end to end."
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -174,3 +175,33 @@ def test_react_tool_format_runs_actions_and_feeds_observations_back(generator):
     assert "Action Input: the arguments as JSON" in scripted.prompts[0]  # ReAct instructions in the system prompt
     assert "<|im_start|>user\nObservation: x = -2; x = 2<|im_end|>" in scripted.prompts[1]
     assert scripted.prompts[1].startswith(scripted.prompts[0])  # the history is kept, not rebuilt
+
+
+def test_tool_data_example_trains_the_prompt_that_chat_sends(tmp_path, tokenizer):
+    """examples/make_calculator_data.py rows encode cleanly, and the tokens before the first
+    trained token are exactly what `tuner chat --with-plugins calculate` sends."""
+    import importlib.util
+    from pathlib import Path
+
+    from tuner.config import DataConfig
+    from tuner.data.dataset import build_sequences
+    from tuner.data.encode import IGNORE
+
+    path = Path(__file__).parents[1] / "examples" / "make_calculator_data.py"
+    spec = importlib.util.spec_from_file_location("make_calculator_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.rows(12, seed=1)
+    data = tmp_path / "calc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sequences, report = build_sequences(DataConfig(path=str(data), max_length=1024, pack=False), tokenizer)
+    assert report.stats.rows == 12 and len(sequences) == 12
+    first = next(i for i, r in enumerate(rows) if len(r["messages"]) == 4)
+    sample = sequences[first]
+    trained_from = next(i for i, label in enumerate(sample.labels) if label != IGNORE)
+
+    class _NoModel:
+        config = None
+    generator = Generator(_NoModel(), tokenizer)
+    prompt = generator.prompt_ids(rows[first]["messages"][:1], tools=Toolbox(["calculate"]).specs)
+    assert list(sample.input_ids[:trained_from]) == prompt
