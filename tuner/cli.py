@@ -67,8 +67,12 @@ def cmd_convert(args) -> int:
         from tuner.config import load_config
 
         cfg = load_config(args.config, args.cfg_options)
-        out = hf.pth_to_hf(cfg, args.pth, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size)
+        out = hf.pth_to_hf(cfg, args.pth, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size,
+                           save_format=args.save_format)
         kind = "adapter" if cfg.lora is not None else "model"
+        if cfg.llava is not None:
+            kind = "LLaVA model" if args.save_format == "hf" else "LLaVA projector" + (
+                " and adapter" if cfg.lora or cfg.llava.visual_encoder_lora else "")
         print(f"Saved the {kind} to {out}")
     else:
         out = hf.merge(args.base, args.adapter, args.save_dir, max_shard_size=args.max_shard_size, device=args.device)
@@ -176,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("pth")
     c.add_argument("save_dir")
     c.add_argument("--fp32", action="store_true", help="save float32 instead of the training dtype")
+    c.add_argument("--save-format", choices=["tuner", "hf"], default="tuner",
+                   help="LLaVA: 'tuner' = projector (+ adapter) and a recipe; 'hf' = a whole "
+                        "LlavaForConditionalGeneration folder that plain transformers loads")
     c.add_argument("--max-shard-size", default="2GB")
     c.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     m = actions.add_parser("merge", help="merge a LoRA adapter into its base model")
@@ -203,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-streamer", action="store_true", help="print each answer at once")
+    p.add_argument("--llava", metavar="DIR", help="LLaVA: the pth_to_hf folder (projector, adapter) for the LLM MODEL")
+    p.add_argument("--visual-encoder", metavar="ENC", help="LLaVA: the vision encoder (default: the one trained with)")
+    p.add_argument("--image", nargs="+", metavar="PATH", help="LLaVA: image(s) that go with the first message")
     p.set_defaults(func=cmd_chat)
 
     for name, help_text, port in (("serve", "an OpenAI-compatible API server", 8000),

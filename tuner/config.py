@@ -7,6 +7,7 @@ sections). It assigns some of these names at module level:
     data = DataConfig(...)           optim = OptimConfig(...)
     train = TrainConfig(...)         checkpoint = CheckpointConfig(...)
     evaluate = EvaluateConfig(...)   custom_hooks = [...]
+    llava = LlavaConfig(...) or None (a text-only model)
 
 Every section checks the types of its fields when it is built, so a wrong value fails
 when the config loads, naming the field, not at step 300.
@@ -255,10 +256,41 @@ class EvaluateConfig:
     max_new_tokens: int = 64
 
 
+@section
+class LlavaConfig:
+    """A vision encoder and a projector on top of the LLM in `model` (LLaVA). `lora` then
+    applies to the LLM; without `lora` the LLM is trained in full unless `freeze_llm`."""
+    visual_encoder: str = ""
+    """A CLIP or SigLIP vision model: a local folder or a hub id, e.g. 'openai/clip-vit-large-patch14-336'"""
+    image_folder: str = ""
+    """Folder the rows' image paths are relative to ('' = the data file's folder)"""
+    freeze_llm: bool = True
+    """Pretrain stage: True (only the projector learns); finetune stage: False, usually with `lora`"""
+    freeze_visual_encoder: bool = True
+    visual_encoder_lora: Optional[LoraConfig] = None
+    """LoRA on the vision encoder's linear layers (finetune stage, optional)"""
+    pretrained_pth: Optional[str] = None
+    """The pretrain stage's checkpoint (iter_N.pth) or pth_to_hf folder: its projector is loaded"""
+    projector_depth: int = 2
+    """Linear layers of the projector (2: Linear-GELU-Linear, as LLaVA-1.5)"""
+    select_layer: int = -2
+    """Hidden layer of the vision encoder whose patch features are used"""
+    pad_image_to_square: bool = True
+    """Pad images to a square with the encoder's mean colour before resizing (else stretch)"""
+
+    def validate(self):
+        if not self.visual_encoder:
+            raise TunerError("LlavaConfig.visual_encoder is empty: name a CLIP or SigLIP vision model")
+        if self.projector_depth != 2:
+            raise TunerError(f"LlavaConfig.projector_depth {self.projector_depth}: only 2 (Linear-GELU-Linear, "
+                             "what transformers' LlavaForConditionalGeneration has) is supported")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
-    "train": TrainConfig, "checkpoint": CheckpointConfig, "evaluate": EvaluateConfig,
+    "train": TrainConfig, "checkpoint": CheckpointConfig, "evaluate": EvaluateConfig, "llava": LlavaConfig,
 }
+OPTIONAL_SECTIONS = ("lora", "llava")  # None unless the config sets them
 
 
 @dataclass
@@ -273,6 +305,7 @@ class Config:
     train: TrainConfig
     checkpoint: CheckpointConfig
     evaluate: EvaluateConfig
+    llava: Optional[LlavaConfig] = None
     custom_hooks: list = field(default_factory=list)
 
     @property
@@ -393,7 +426,7 @@ def load_config(path: str | Path, options: list[str] | None = None) -> Config:
 
     sections = {}
     for name, cls in SECTIONS.items():
-        value = namespace.get(name, None if name == "lora" else cls())
+        value = namespace.get(name, None if name in OPTIONAL_SECTIONS else cls())
         if value is not None and not isinstance(value, cls):
             raise TunerError(f"config {path}: `{name}` must be a {cls.__name__}, got {type(value).__name__}")
         sections[name] = value

@@ -41,10 +41,18 @@ def run_chat(args) -> int:
     out = sys.stdout
     system = system_prompt(args.system, args.system_template, args.bot_name)
     toolbox = Toolbox(args.with_plugins) if args.with_plugins else None
-    model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype, args.bits,
-                                                args.offload_folder, warn=lambda line: print(line, file=sys.stderr))
-    generator = Generator(model, tokenizer, args.prompt_template, args.stop_words, compute_dtype=compute,
-                          context_length=args.context_length)
+    images = _open_images(args.image)
+    if args.llava or images:
+        model, tokenizer, vision, template, compute = load_llava_model(args)
+        generator = Generator(model, tokenizer, args.prompt_template or template, args.stop_words,
+                              compute_dtype=compute, context_length=args.context_length)
+        generator.vision = vision
+    else:
+        model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype, args.bits,
+                                                    args.offload_folder,
+                                                    warn=lambda line: print(line, file=sys.stderr))
+        generator = Generator(model, tokenizer, args.prompt_template, args.stop_words, compute_dtype=compute,
+                              context_length=args.context_length)
     session = ChatSession(generator, system, toolbox, args.tool_format)
     settings = settings_from_args(args)
     stream = None if args.no_streamer else (lambda piece: (out.write(piece), out.flush()))
@@ -55,14 +63,15 @@ def run_chat(args) -> int:
         if text is None or text.strip() == "EXIT":
             out.write("\n")
             return 0
-        if text.strip() == "RESET":
+        if text.strip() == "RESET":  # the image (if any) goes with the next message again
             session.reset()
             out.write("Log: History responses have been removed!\n")
             continue
         out.write("\n")
         try:
             answer = session.send(text, settings, on_text=stream,
-                                  on_event=lambda line: (out.write(f"\n{line}\n"), out.flush()))
+                                  on_event=lambda line: (out.write(f"\n{line}\n"), out.flush()),
+                                  images=images if len(session.messages) <= 1 else None)  # with the first message
         except PromptTooLong as e:
             out.write(f"Log: message not sent: {e}\n")
             continue
@@ -70,3 +79,30 @@ def run_chat(args) -> int:
             out.write(answer)
         out.write("\n")
         out.flush()
+
+
+def _open_images(paths: list[str] | None) -> list:
+    from tuner.errors import TunerError
+
+    images = []
+    for path in paths or []:
+        try:
+            from PIL import Image
+            images.append(Image.open(path).convert("RGB"))
+        except (OSError, ImportError) as e:
+            raise TunerError(f"cannot open image {path}: {e}") from None
+    return images
+
+
+def load_llava_model(args):
+    import torch
+
+    from tuner.chat.model import TORCH_DTYPES
+    from tuner.engine.device import default_device, resolve_compute_dtype
+    from tuner.multimodal.convert import load_llava_for_chat
+
+    dtype = TORCH_DTYPES[args.torch_dtype] if args.torch_dtype != "auto" else torch.float32
+    model, tokenizer, vision, template = load_llava_for_chat(args.model, args.llava, args.visual_encoder, dtype)
+    device = default_device()
+    compute = dtype if args.torch_dtype != "auto" else resolve_compute_dtype("auto", device)
+    return model.to(device), tokenizer, vision, template, compute

@@ -162,7 +162,10 @@ class Generator:
         self.stop_words = tuple(dict.fromkeys(w for w in words if w))
         self.compute_dtype = compute_dtype
         config = getattr(model, "config", None)
+        config = getattr(config, "text_config", None) or config  # LLaVA: the LLM's
         self.context_length = context_length or getattr(config, "max_position_embeddings", None) or 2048
+        self.vision = None
+        """VisionInfo of a LLaVA model: '<image>' in a prompt becomes one token per patch"""
 
     def _input_device(self) -> torch.device:
         """Where the prompt goes: with accelerate's device map, where the embeddings are."""
@@ -198,7 +201,20 @@ class Generator:
         for slot in _SLOT_PATTERN.finditer(text):
             ids += self._encode(text[position:slot.start()]) + list(stored[int(slot.group(1))])
             position = slot.end()
-        return ids + self._encode(text[position:])
+        ids += self._encode(text[position:])
+        if self.vision is not None:
+            from tuner.multimodal.data import expand_image_tokens
+            ids, _ = expand_image_tokens(ids, ids, self.vision)
+        return ids
+
+    def pixel_values(self, messages: list[dict]):
+        """The images of the messages ("images": PIL images), in order; None when there are none."""
+        images = [image for m in messages for image in m.get("images") or []]
+        if not images:
+            return None
+        if self.vision is None:
+            raise TunerError("this model takes text only; load a LLaVA model to chat about images")
+        return self.vision.pixel_values(images)
 
     def fit(self, messages: list[dict], max_new_tokens: int, tools: list | None = None):
         """(messages kept, their prompt ids, rounds dropped): the oldest rounds (a user message and
@@ -217,7 +233,8 @@ class Generator:
     def generate(self, prompts: list[list[int]], settings: GenerationSettings,
                  on_text: list[Callable[[str], None] | None] | None = None,
                  cancelled: list[Callable[[], bool] | None] | None = None,
-                 max_new_tokens: list[int] | None = None, stop: list[tuple[str, ...]] | None = None) -> list[Reply]:
+                 max_new_tokens: list[int] | None = None, stop: list[tuple[str, ...]] | None = None,
+                 pixel_values: torch.Tensor | None = None) -> list[Reply]:
         """Generate for a batch of prompts that share sampling settings; limits and extra stop
         strings may differ per row (by default they come from `settings`)."""
         count = len(prompts)
@@ -242,6 +259,8 @@ class Generator:
             kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         else:  # silence the warnings about sampling settings from generation_config.json
             kwargs.update(temperature=None, top_k=None, top_p=None)
+        if pixel_values is not None:  # LLaVA: every image of the batch, in the order of its tokens
+            kwargs["pixel_values"] = pixel_values.to(device)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         was_training = self.model.training
@@ -257,6 +276,6 @@ class Generator:
               on_text: Callable[[str], None] | None = None, tools: list | None = None) -> str:
         """One answer to a conversation (the oldest rounds dropped if it does not fit)."""
         settings = settings or GenerationSettings()
-        _, ids, _ = self.fit(messages, settings.max_new_tokens, tools)
-        return self.generate([ids], settings, [on_text])[0].text
+        kept, ids, _ = self.fit(messages, settings.max_new_tokens, tools)
+        return self.generate([ids], settings, [on_text], pixel_values=self.pixel_values(kept))[0].text
 

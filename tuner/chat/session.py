@@ -31,10 +31,14 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def send(self, text: str, settings: GenerationSettings, on_text: Callable[[str], None] | None = None,
-             on_event: Callable[[str], None] = print) -> str:
-        """Answer one user message, running tool calls (at most MAX_TOOL_ROUNDS) when plugins are on."""
+             on_event: Callable[[str], None] = print, images: list | None = None) -> str:
+        """Answer one user message (with images for a LLaVA model), running tool calls (at most
+        MAX_TOOL_ROUNDS) when plugins are on."""
         before = len(self.messages)
-        self.messages.append({"role": "user", "content": text})
+        message = {"role": "user", "content": text}
+        if images:
+            message = {"role": "user", "content": "<image>\n" * len(images) + text, "images": list(images)}
+        self.messages.append(message)
         for _ in range(MAX_TOOL_ROUNDS + 1):
             try:
                 kept, ids, dropped = self.generator.fit(self.messages, settings.max_new_tokens, self.tools)
@@ -46,7 +50,8 @@ class ChatSession:
                 before = len(kept) - 1
                 on_event(f"Log: dropped the {dropped} oldest round(s) of the conversation to fit the "
                          f"{self.generator.context_length}-token context")
-            reply = self.generator.generate([ids], settings, [on_text])[0]
+            reply = self.generator.generate([ids], settings, [on_text],
+                                            pixel_values=self.generator.pixel_values(self.messages))[0]
             content, calls = parse_tool_calls(reply.text) if self.toolbox else (reply.text, [])
             self.messages.append({"role": "assistant", "content": content, "tool_calls": calls or None,
                                   "ids": reply.ids})

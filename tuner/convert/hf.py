@@ -49,14 +49,20 @@ def _save_dtype(cfg: Config, fp32: bool) -> torch.dtype | None:
 
 
 def pth_to_hf(cfg: Config, pth: str | Path, save_dir: str | Path, fp32: bool = False,
-              max_shard_size: str = "2GB") -> Path:
+              max_shard_size: str = "2GB", save_format: str = "tuner") -> Path:
     state = load_checkpoint(Path(pth))
     if state.get("method") != cfg.method:
         raise TunerError(f"{pth} holds a {state.get('method')} checkpoint but the config trains {cfg.method}")
     dtype = _save_dtype(cfg, fp32)
     weights = {k: (v.to(dtype) if dtype and v.is_floating_point() else v) for k, v in state["model"].items()}
     with fresh_output_dir(save_dir) as out:
-        if cfg.lora is not None:
+        if cfg.llava is not None:
+            from tuner.multimodal import convert as llava_convert
+            if save_format == "hf":
+                llava_convert.write_llava_hf(cfg, weights, out, max_shard_size)
+            else:
+                llava_convert.write_llava_parts(cfg, weights, out)
+        elif cfg.lora is not None:
             _write_adapter(cfg, weights, out)
         else:
             _write_full_model(cfg, weights, out, max_shard_size)

@@ -35,7 +35,7 @@ def estimate_memory(model, tokens_per_micro_batch: int, checkpointing: bool, com
     checkpointing), plus the logits of the trained positions."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = getattr(model, "config", None) or model.get_base_model().config
+    config = text_config(model)
     hidden, layers = config.hidden_size, config.num_hidden_layers
     per_layer = (2 if checkpointing else 34) * hidden * tokens_per_micro_batch * compute_bytes / 2
     logits = tokens_per_micro_batch * config.vocab_size * 4 * 2  # float32 logits and their gradient
@@ -55,7 +55,7 @@ def flops_per_token(model, seq_len: int, lora: bool) -> float:
     """Training FLOPs per token, 2 per multiply-add. Full: forward + both backward matmuls
     = 6 N. LoRA: forward + the input-gradient backward of the frozen weights = 4 N (the
     adapters are negligible). Attention scores add 2 * 2 * layers * seq * hidden per pass."""
-    config = getattr(model, "config", None) or model.get_base_model().config
+    config = text_config(model)
     # Every matmul weight, the output head included (tied or not); not the embedding lookup,
     # not the adapters. in*out also counts packed 4-bit weights right.
     n = sum(m.in_features * m.out_features for name, m in model.named_modules()
@@ -89,3 +89,9 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**cached, key: peak}))
     return peak
+
+
+def text_config(model):
+    """The language model's config (LLaVA keeps it in text_config)."""
+    config = getattr(model, "config", None) or model.get_base_model().config
+    return getattr(config, "text_config", None) or config

@@ -123,20 +123,25 @@ class Trainer:
             self.logger.propagate = False
         self._seed_everything(cfg.train.seed)
 
-        self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        started = time.perf_counter()
-        self.sequences, report = build_sequences(cfg.data, self.tokenizer, cfg.train.seed, say=self.info)
-        self.info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
-        for line in report.details().splitlines():
-            self.info(f"Data: {line}")
-
-        model = load_model(cfg.model, self.device)
+        if cfg.llava is not None:
+            model = self._setup_llava()
+        else:
+            self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+            started = time.perf_counter()
+            self.sequences, report = build_sequences(cfg.data, self.tokenizer, cfg.train.seed, say=self.info)
+            self.info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
+            for line in report.details().splitlines():
+                self.info(f"Data: {line}")
+            model = load_model(cfg.model, self.device)
+        self.collate = getattr(self.sequences, "collate", collate)
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) without hooks
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora is not None:
+        if cfg.llava is not None:
+            model = self._llava_trainable(model)
+        elif cfg.lora is not None:
             model = apply_lora(model, cfg.lora, quantized=cfg.model.quantization is not None)
         else:
             model = prepare_full(model, cfg.model.freeze)
@@ -183,6 +188,32 @@ class Trainer:
             self.hooks += [h if hasattr(h, "after_iter") else FunctionHook(h) for h in cfg.custom_hooks]
         elif sharded:
             self.hooks.append(evaluate)
+
+    def _setup_llava(self):
+        """Tokenizer with <image>, the image data, and the LLaVA model (vision encoder + projector + LLM)."""
+        from tuner.multimodal.data import build_image_sequences
+        from tuner.multimodal.model import build_llava, tokenizer_with_image_token, vision_info
+
+        cfg = self.cfg
+        self.tokenizer = tokenizer_with_image_token(cfg.model.path, cfg.model.trust_remote_code)
+        vision = vision_info(cfg.llava, self.tokenizer)
+        started = time.perf_counter()
+        self.sequences = build_image_sequences(cfg.data, cfg.llava, self.tokenizer, vision, say=self.info)
+        self.info(f"Data: ready in {time.perf_counter() - started:.1f}s")
+        return build_llava(cfg.model, cfg.llava, self.tokenizer)
+
+    def _llava_trainable(self, model):
+        from tuner.multimodal.model import apply_llava_lora, load_projector, set_trainable
+
+        cfg = self.cfg
+        if cfg.llava.pretrained_pth:
+            count = load_projector(model, cfg.llava.pretrained_pth)
+            self.info(f"Model: projector ({count} tensors) loaded from {cfg.llava.pretrained_pth}")
+        if cfg.lora is not None or cfg.llava.visual_encoder_lora is not None:
+            model = apply_llava_lora(model, cfg)
+        set_trainable(model, cfg.llava, cfg.lora is not None, cfg.llava.visual_encoder_lora is not None)
+        model.save_trainable_only = True  # checkpoints hold the projector and adapters, not the frozen towers
+        return model
 
     def _budget(self) -> None:
         """Memory estimate before training (a warning when it will not fit), and the FLOPs
@@ -268,7 +299,7 @@ class Trainer:
             micro_batches = self.schedule.micro_batches(step, self.dist.rank)
             # An empty micro-batch (the last step's remainder on some ranks) runs sequence 0 with weight 0.
             weights = [1.0 if idx else 0.0 for idx in micro_batches]
-            batches = [collate([self.sequences[i] for i in idx or [0]], self.tokenizer.pad_token_id)
+            batches = [self.collate([self.sequences[i] for i in idx or [0]], self.tokenizer.pad_token_id)
                        for idx in micro_batches]
             # Token-weighted loss: every trained token of the whole step (all micro-batches, all
             # processes) counts the same. DDP averages gradients over processes, hence * world_size.
@@ -350,6 +381,8 @@ class Trainer:
         targets = batch["labels"][:, 1:]
         keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
         kwargs = {"logits_to_keep": keep} if self.model_takes_logits_to_keep else {}
+        if "pixel_values" in batch:  # LLaVA: the images of the batch, in the order of their tokens
+            kwargs["pixel_values"] = batch["pixel_values"]
         with autocast(self.device, self.compute_dtype):
             logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                                 **kwargs).logits

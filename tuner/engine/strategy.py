@@ -71,8 +71,8 @@ def _saved_key_map(raw_model) -> dict[str, str]:
     mapping = {}
     for name in names:
         converted = get_peft_model_state_dict(raw_model, state_dict={name: torch.empty(0)})
-        if converted:
-            mapping[name] = next(iter(converted))
+        # Trainable weights PEFT does not know (LLaVA's projector) keep their own names.
+        mapping[name] = next(iter(converted)) if converted else name
     return mapping
 
 
@@ -88,10 +88,11 @@ def model_state(raw_model, sharded: bool) -> dict[str, torch.Tensor]:
     """Full tensors of what training changes (adapters for LoRA, all weights for full), on CPU.
     Collective under FSDP: every process calls it; the tensors are only filled on rank 0."""
     lora = hasattr(raw_model, "peft_config")
+    trainable_only = lora or getattr(raw_model, "save_trainable_only", False)
     if sharded:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         state = get_model_state_dict(raw_model, options=options)
-    elif lora:  # read the parameters directly: quantized layers carry state-dict extras DCP cannot name
+    elif trainable_only:  # read the parameters directly: quantized layers carry state-dict extras DCP cannot name
         state = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
     else:
         state = raw_model.state_dict()

@@ -1,0 +1,205 @@
+"""A LLaVA model: vision encoder -> projector (Linear-GELU-Linear) -> the LLM's embeddings.
+
+It is transformers' own `LlavaForConditionalGeneration`, assembled from a CLIP or SigLIP
+vision model and a causal LM, so the result saves as a folder plain transformers loads.
+Each `<image>` in a prompt is expanded to one image token per patch; the model replaces
+those tokens' embeddings with the image's projected patch features, image by image, so a
+sample may hold several images.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuner.config import Config, LlavaConfig, ModelConfig
+from tuner.errors import TunerError
+from tuner.model.load import DTYPES, _from_pretrained, load_tokenizer, resolve_model_path
+
+IMAGE_TOKEN = "<image>"
+RECIPE_FILE = "llava.json"
+PROJECTOR_FILE = "projector.safetensors"  # what pth_to_hf writes beside the projector: how to rebuild the model
+
+
+@dataclass
+class VisionInfo:
+    """What the data side needs to know about the vision encoder."""
+    image_token_id: int
+    tokens_per_image: int
+    processor: object  # the encoder's image processor (resize, crop, normalize)
+    pad_to_square: bool
+
+    def pixel_values(self, images: list) -> torch.Tensor:
+        """PIL images -> (n, 3, H, W), each padded to a square with the mean colour first (LLaVA-1.5)."""
+        if self.pad_to_square:
+            fill = tuple(int(255 * m) for m in self.processor.image_mean)
+            images = [expand_to_square(image, fill) for image in images]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def expand_to_square(image, fill):
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def tokenizer_with_image_token(path: str, trust_remote_code: bool = False):
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return tokenizer
+
+
+def vision_info(llava: LlavaConfig, tokenizer) -> VisionInfo:
+    from transformers import AutoConfig, AutoImageProcessor
+
+    path = resolve_model_path(llava.visual_encoder)
+    config = _from_pretrained(AutoConfig.from_pretrained, path)
+    config = getattr(config, "vision_config", config)
+    processor = _from_pretrained(AutoImageProcessor.from_pretrained, path)
+    return VisionInfo(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), (config.image_size // config.patch_size) ** 2,
+                      processor, llava.pad_image_to_square)
+
+
+def build_llava(model_cfg: ModelConfig, llava: LlavaConfig, tokenizer, meta: bool = False):
+    """LlavaForConditionalGeneration from the LLM in `model_cfg` and `llava.visual_encoder`: the
+    loaded towers are put in place as they are (no copy), the projector is new. `meta`: the
+    structure only, no weights read (to name layers)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, LlavaConfig as HFLlavaConfig
+    from transformers import LlavaForConditionalGeneration, SiglipVisionModel
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    dtype = DTYPES[model_cfg.dtype]
+    llm_path, remote = resolve_model_path(model_cfg.path), model_cfg.trust_remote_code
+    encoder_path = resolve_model_path(llava.visual_encoder)
+    encoder_config = _from_pretrained(AutoConfig.from_pretrained, encoder_path)
+    vision_config = getattr(encoder_config, "vision_config", encoder_config)
+    kinds = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+    if vision_config.model_type not in kinds:
+        raise TunerError(f"{llava.visual_encoder}: the visual encoder must be a CLIP or SigLIP model, "
+                         f"got {encoder_config.model_type}")
+    if meta:
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(
+                _from_pretrained(AutoConfig.from_pretrained, llm_path, trust_remote_code=remote),
+                trust_remote_code=remote)
+            encoder = kinds[vision_config.model_type](vision_config)
+    else:
+        llm = _from_pretrained(AutoModelForCausalLM.from_pretrained, llm_path, dtype=dtype, trust_remote_code=remote)
+        encoder = _from_pretrained(kinds[vision_config.model_type].from_pretrained, encoder_path, dtype=dtype)
+    if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        _add_token_rows(llm, len(tokenizer))
+    config = HFLlavaConfig(vision_config=encoder.config.to_dict(), text_config=llm.config.to_dict(),
+                           image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
+                           vision_feature_layer=llava.select_layer,
+                           vision_feature_select_strategy="default" if vision_config.model_type.startswith("clip")
+                           else "full")
+    config.text_config.vocab_size = llm.get_input_embeddings().num_embeddings
+    config.tie_word_embeddings = bool(getattr(llm.config, "tie_word_embeddings", False))
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = encoder
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    torch.manual_seed(0)  # the new projector starts the same in every run
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(torch.float32)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover and not meta:
+        raise TunerError(f"building the LLaVA model left {leftover[:3]} unset")
+    model.config.use_cache = False
+    return model
+
+
+def _add_token_rows(llm, size: int) -> None:
+    """Grow the embeddings for <image>; its row is the mean row (it is never predicted: labels ignore it)."""
+    old = llm.get_input_embeddings().weight.detach()
+    llm.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        llm.get_input_embeddings().weight[old.shape[0]:] = old.mean(0)
+        head = llm.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != llm.get_input_embeddings().weight.data_ptr():
+            head.weight[old.shape[0]:] = head.weight[:old.shape[0]].mean(0)
+
+
+def set_trainable(model, llava: LlavaConfig, llm_lora: bool, vision_lora: bool) -> None:
+    """Pretrain: projector only. Finetune: projector + the LLM (LoRA or full) + optionally the encoder."""
+    for name, parameter in model.named_parameters():
+        dotted = f".{name}"
+        if "lora_" in name or ".multi_modal_projector." in dotted:
+            parameter.requires_grad = True
+        elif ".vision_tower." in dotted:
+            parameter.requires_grad = not llava.freeze_visual_encoder and not vision_lora
+        else:  # the LLM and its head
+            parameter.requires_grad = not llava.freeze_llm and not llm_lora
+
+
+def lora_targets(model, llm_lora, vision_lora) -> list[str]:
+    """Full module names of the linear layers LoRA goes on: the LLM's (not its head), the encoder's."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if ".language_model." in f".{name}" and llm_lora is not None and _wanted(name, llm_lora.target_modules):
+            names.append(name)
+        elif ".vision_tower." in f".{name}" and vision_lora is not None and _wanted(name, vision_lora.target_modules):
+            names.append(name)
+    return names
+
+
+def _wanted(name: str, targets) -> bool:
+    if targets == "all-linear":
+        return True
+    targets = [targets] if isinstance(targets, str) else targets
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def apply_llava_lora(model, cfg: Config):
+    """One PEFT model with LoRA on the chosen linear layers of the LLM and / or the encoder."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    lora = cfg.lora or cfg.llava.visual_encoder_lora
+    targets = lora_targets(model, cfg.lora, cfg.llava.visual_encoder_lora)
+    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules="|".join(re.escape(t) for t in targets),  # full names, fullmatch
+                                 use_rslora=lora.use_rslora, use_dora=lora.use_dora)
+    return get_peft_model(model, peft_config)
+
+
+def load_projector(model, source: str) -> int:
+    """Projector weights from the pretrain stage: an iter_N.pth or a pth_to_hf folder."""
+    path = Path(source)
+    if path.is_dir():
+        from safetensors.torch import load_file
+        file = path / PROJECTOR_FILE
+        if not file.exists():
+            raise TunerError(f"{source} holds no projector.safetensors: not a LLaVA pth_to_hf folder")
+        weights = {f"multi_modal_projector.{k}": v for k, v in load_file(str(file)).items()}
+    elif path.exists():
+        weights = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    else:
+        raise TunerError(f"pretrained_pth {source} not found")
+    projector = {k.split("multi_modal_projector.", 1)[1]: v for k, v in weights.items()
+                 if "multi_modal_projector." in k}
+    if not projector:
+        raise TunerError(f"{source} holds no projector weights")
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target.model.multi_modal_projector.load_state_dict(projector, strict=True)
+    return len(projector)
+
+
+def write_recipe(out: Path, cfg: Config) -> None:
+    recipe = {"llm": cfg.model.path, "visual_encoder": cfg.llava.visual_encoder, "select_layer": cfg.llava.select_layer,
+              "pad_image_to_square": cfg.llava.pad_image_to_square, "lora": cfg.lora is not None or
+              cfg.llava.visual_encoder_lora is not None, "template": cfg.data.template}
+    (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
