@@ -92,6 +92,12 @@ def cmd_serve(args) -> int:
     return run_server(args, page=args.command == "web")
 
 
+def cmd_mmbench(args) -> int:
+    from tuner.multimodal.mmbench import run_mmbench
+
+    return run_mmbench(args)
+
+
 def cmd_make_identity_data(args) -> int:
     from tuner.data.identity import write_identity_data
 
@@ -214,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-encoder", metavar="ENC", help="LLaVA: the vision encoder (default: the one trained with)")
     p.add_argument("--image", nargs="+", metavar="PATH", help="LLaVA: image(s) that go with the first message")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("mmbench", help="accuracy of a LLaVA model on an MMBench-style multiple-choice TSV")
+    p.add_argument("model", help="a LLaVA folder (pth_to_hf --save-format hf), or the LLM with --llava")
+    p.add_argument("--data", required=True, help="the TSV: index, question, hint, A, B, C, D, answer, image")
+    p.add_argument("--llava", metavar="DIR", help="the pth_to_hf folder (projector, adapter) for the LLM MODEL")
+    p.add_argument("--visual-encoder", metavar="ENC", help="the vision encoder (default: the one trained with)")
+    p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.set_defaults(func=cmd_mmbench)
 
     for name, help_text, port in (("serve", "an OpenAI-compatible API server", 8000),
                                   ("web", "a chat page in the browser", 7860)):
