@@ -239,6 +239,74 @@ def test_pretrain_then_finetune_learn_the_colour_from_the_image(tmp_path, towers
         assert row["conversations"][1]["value"] in result.stdout
 
 
+    # the server takes OpenAI image_url parts (data URLs); the web page sends them
+    import openai
+
+    from tuner.serve.api import Api, make_server
+    from tuner.multimodal.convert import load_llava_for_chat
+    import threading
+    model, tokenizer, vision, _ = load_llava_for_chat(str(tmp_path / "finetune_hf"), None, None, torch.float32)
+    generator = Generator(model, tokenizer)
+    generator.vision = vision
+    server = make_server(Api(generator, "llava", None, max_new_tokens=4), "127.0.0.1", 0, page=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
+
+    def ask(row):
+        url = "data:image/png;base64," + base64.b64encode((tmp_path / row["image"]).read_bytes()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour is the shape?"}]
+        reply = client.chat.completions.create(model="llava", messages=[{"role": "user", "content": content}],
+                                               temperature=0)
+        return reply.choices[0].message.content
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(8) as pool:  # batched: each row gets its own images
+        answers = list(pool.map(ask, held_out[:8]))
+    assert answers == [row["conversations"][1]["value"] for row in held_out[:8]]
+    with pytest.raises(openai.BadRequestError, match="must be a data URL"):
+        client.chat.completions.create(model="llava", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}])
+    server.shutdown()
+    _chat_page_with_an_image(tmp_path / "finetune_hf", tmp_path / held_out[1]["image"],
+                             held_out[1]["conversations"][1]["value"])
+
+
+def _chat_page_with_an_image(model_dir, image, colour: str) -> None:
+    """`tuner web` with a LLaVA model in headless Chromium: attach an image, ask, read the answer."""
+    import shutil
+
+    from test_serve import free_port, wait_for
+    from test_web import CHROMIUM
+
+    if not CHROMIUM:
+        return
+    from playwright.sync_api import expect, sync_playwright
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tuner.cli", "web", str(model_dir), "--port", str(port),
+                               "--torch-dtype", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}", server)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM,
+                                                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#temperature", "0")
+            page.evaluate("document.getElementById('temperature').value = 0")
+            page.set_input_files("#image", str(image))
+            expect(page.locator("#attach")).to_have_class("ready")
+            page.fill("#input", "What colour is the shape?")
+            page.keyboard.press("Enter")
+            expect(page.locator(".message.user img")).to_have_count(1)
+            expect(page.locator(".message.assistant")).to_have_attribute("data-state", "done", timeout=60_000)
+            assert page.locator(".message.assistant .text").inner_text().strip() == colour
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def mmbench_tsv(path, rows, folder) -> None:
     letters = "ABCD"
     lines = ["index\tquestion\tA\tB\tC\tD\tanswer\tcategory\timage"]

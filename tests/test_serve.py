@@ -95,6 +95,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny_server
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=5)
     with pytest.raises(openai.BadRequestError, match="messages\\[0\\].role"):
         client.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError, match="this model takes text only"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
     status, body = _post(url + "/v1/nothing", b"{}")
     assert status == 404 and body["error"]["code"] == "not_found"
     status, body = _post(url + "/v1/chat/completions", b'{"model": "tiny"}', key=None)

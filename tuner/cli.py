@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
         p.add_argument("--max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
         p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together")
+        p.add_argument("--llava", metavar="DIR", help="LLaVA: the pth_to_hf folder for the LLM MODEL (images in "
+                                                       "image_url parts)")
+        p.add_argument("--visual-encoder", metavar="ENC", help="LLaVA: the vision encoder (default: the trained one)")
         if name == "serve":
             p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNER_API_KEY)")
         p.set_defaults(func=cmd_serve)

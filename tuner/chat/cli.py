@@ -14,6 +14,7 @@ from tuner.chat.model import load_chat_model
 from tuner.chat.prompts import system_prompt
 from tuner.chat.session import ChatSession
 from tuner.chat.tools import Toolbox
+from tuner.multimodal.model import is_llava_folder
 
 PROMPT = "\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>> "
 
@@ -42,7 +43,7 @@ def run_chat(args) -> int:
     system = system_prompt(args.system, args.system_template, args.bot_name)
     toolbox = Toolbox(args.with_plugins) if args.with_plugins else None
     images = _open_images(args.image)
-    if args.llava or images:
+    if args.llava or images or is_llava_folder(args.model):
         model, tokenizer, vision, template, compute = load_llava_model(args)
         generator = Generator(model, tokenizer, args.prompt_template or template, args.stop_words,
                               compute_dtype=compute, context_length=args.context_length)

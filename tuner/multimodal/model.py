@@ -54,6 +54,12 @@ def expand_to_square(image, fill):
     return square
 
 
+def is_llava_folder(model: str) -> bool:
+    """A LlavaForConditionalGeneration folder (pth_to_hf --save-format hf)?"""
+    config = Path(model) / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("model_type") == "llava"
+
+
 def tokenizer_with_image_token(path: str, trust_remote_code: bool = False):
     tokenizer = load_tokenizer(path, trust_remote_code)
     if IMAGE_TOKEN not in tokenizer.get_vocab():

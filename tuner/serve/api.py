@@ -21,6 +21,7 @@ from importlib import resources
 
 from tuner.chat.generate import GenerationSettings, Generator, partial_suffix
 from tuner.chat.tools import parse_tool_calls
+from tuner.errors import TunerError
 from tuner.serve.engine import BatchEngine, Job
 
 TOOL_CALL_START = "<tool_call>"
@@ -47,23 +48,45 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     return value
 
 
-def _text_content(content, index: int) -> str:
-    """OpenAI content: a string, or a list of parts of which text parts are read."""
+def _content(content, index: int) -> tuple[str, list]:
+    """OpenAI content: a string, or a list of text and image_url parts -> (text with an
+    '<image>' where each image was, the images)."""
     if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
-                raise ApiError(400, f"messages[{index}].content: parts must be objects of type 'text'",
-                               param=f"messages[{index}].content")
-            if part["type"] == "image_url":
-                raise ApiError(400, "this model takes text only; image_url parts are not supported",
-                               param=f"messages[{index}].content")
+        return content or "", []
+    if not isinstance(content, list):
+        raise ApiError(400, f"messages[{index}].content must be a string or a list of parts",
+                       param=f"messages[{index}].content")
+    texts, images = [], []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+            raise ApiError(400, f"messages[{index}].content: parts must be objects of type 'text' or 'image_url'",
+                           param=f"messages[{index}].content")
+        if part["type"] == "text":
             texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise ApiError(400, f"messages[{index}].content must be a string or a list of parts",
-                   param=f"messages[{index}].content")
+        else:
+            images.append(_data_url_image(part.get("image_url"), index))
+            texts.append("<image>\n")
+    return "".join(texts), images
+
+
+def _data_url_image(image_url, index: int):
+    """{"url": "data:image/png;base64,..."} -> a PIL image. Other URLs are refused: a server
+    that fetches what clients name can be made to reach inside its network."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    param = f"messages[{index}].content"
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise ApiError(400, "image_url must be a data URL (data:image/png;base64,...); fetching URLs is not "
+                            "supported", param=param)
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True))).convert("RGB")
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
+        raise ApiError(400, f"image_url is not a readable image: {e}", param=param) from None
 
 
 def parse_messages(raw) -> list[dict]:
@@ -74,8 +97,10 @@ def parse_messages(raw) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise ApiError(400, f"messages[{i}].role must be one of system, user, assistant, tool",
                            param=f"messages[{i}].role")
-        message = {"role": "system" if m["role"] == "developer" else m["role"],
-                   "content": _text_content(m.get("content"), i)}
+        content, images = _content(m.get("content"), i)
+        message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
+        if images:
+            message["images"] = images
         if m.get("tool_calls"):
             message["tool_calls"] = m["tool_calls"]
         for key in ("name", "tool_call_id"):
@@ -123,14 +148,14 @@ class Api:
                                   seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True),
                                   stop=tuple(stop))
 
-    def _job(self, prompt: list[int], settings: GenerationSettings) -> Job:
+    def _job(self, prompt: list[int], settings: GenerationSettings, pixel_values=None) -> Job:
         room = self.generator.context_length - settings.max_new_tokens
         if len(prompt) > room:
             raise ApiError(400, f"This model's maximum context length is {self.generator.context_length} tokens. "
                                 f"However, you requested {len(prompt) + settings.max_new_tokens} tokens "
                                 f"({len(prompt)} in the prompt, {settings.max_new_tokens} for the completion).",
                            code="context_length_exceeded", param="messages")
-        return self.engine.submit(Job(prompt, settings))
+        return self.engine.submit(Job(prompt, settings, pixel_values))
 
     def chat_job(self, body: dict) -> tuple[Job, list | None]:
         settings = self._settings(body)
@@ -138,7 +163,11 @@ class Api:
         tools = body.get("tools") if body.get("tool_choice") != "none" else None
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise ApiError(400, "'tools' must be a list of tool objects", param="tools")
-        return self._job(self.generator.prompt_ids(messages, tools or None), settings), tools
+        try:
+            pixel_values = self.generator.pixel_values(messages)
+        except TunerError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return self._job(self.generator.prompt_ids(messages, tools or None), settings, pixel_values), tools
 
     def completion_job(self, body: dict) -> Job:
         settings = self._settings(body)

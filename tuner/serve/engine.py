@@ -22,6 +22,8 @@ from tuner.chat.generate import GenerationSettings, Generator, Reply
 class Job:
     prompt: list[int]
     settings: GenerationSettings
+    pixel_values: object = None
+    """LLaVA: the prompt's images (n, 3, H, W), in the order of their tokens"""
     events: queue.Queue = field(default_factory=queue.Queue)
     """('text', piece) while generating, then ('done', Reply) or ('error', exception)"""
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -91,10 +93,19 @@ class BatchEngine:
                     on_text=[(lambda piece, job=job: job.events.put(("text", piece))) for job in batch],
                     cancelled=[job.cancelled.is_set for job in batch],
                     max_new_tokens=[job.settings.max_new_tokens for job in batch],
-                    stop=[job.settings.stop for job in batch])
+                    stop=[job.settings.stop for job in batch],
+                    # rows are filled in order, so the batch's images are each row's images in turn
+                    pixel_values=_concatenated([job.pixel_values for job in batch]))
             except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
                 for job in batch:
                     job.events.put(("error", e))
                 continue
             for job, reply in zip(batch, replies):
                 job.events.put(("done", reply))
+
+
+def _concatenated(pixel_values: list):
+    import torch
+
+    present = [p for p in pixel_values if p is not None]
+    return torch.cat(present) if present else None
