@@ -95,7 +95,17 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny_server
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=5)
     with pytest.raises(openai.BadRequestError, match="messages\\[0\\].role"):
         client.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "Hi"}])
+    import base64
+    import io
+
+    from PIL import Image
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     with pytest.raises(openai.BadRequestError, match="this model takes text only"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}])
+    with pytest.raises(openai.BadRequestError, match="not a readable image"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
     status, body = _post(url + "/v1/nothing", b"{}")
