@@ -101,10 +101,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny_server
     from PIL import Image
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(png, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     with pytest.raises(openai.BadRequestError, match="this model takes text only"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}]}])
+            {"type": "image_url", "image_url": {"url": data_url}}]}])
     with pytest.raises(openai.BadRequestError, match="not a readable image"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
