@@ -16,6 +16,25 @@ def test_builtin_configs_load(name):
     assert cfg.data.max_length > 0 and cfg.optim.lr > 0
 
 
+LLAVA = ["llava_smollm2_135m_instruct_clip_vit_base_p16_pretrain", "llava_smollm2_135m_instruct_clip_vit_base_p16_finetune",
+         "llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_pretrain",
+         "llava_internlm2_chat_1_8b_clip_vit_large_p14_336_e1_gpu8_finetune"]
+
+
+def test_every_builtin_config_loads():
+    assert set(REQUIRED + LLAVA) <= set(builtin_configs())
+    for name in builtin_configs():
+        assert load_config(name).name == name
+
+
+@pytest.mark.parametrize("name", LLAVA)
+def test_llava_configs_are_two_stages(name):
+    cfg = load_config(name)
+    pretrain = name.endswith("pretrain")
+    assert cfg.llava.freeze_llm == pretrain and cfg.llava.freeze_visual_encoder
+    assert (cfg.llava.pretrained_pth is None) == pretrain and (cfg.lora is None or not pretrain)
+
+
 def test_method_follows_config():
     assert load_config("internlm2_1_8b_qlora_alpaca_e3").method == "qlora"
     assert load_config("internlm2_1_8b_full_alpaca_e3").method == "full"

@@ -254,6 +254,8 @@ class EvaluateConfig:
     system: Optional[str] = None
     """System prompt for the evaluation questions"""
     max_new_tokens: int = 64
+    image: Optional[str] = None
+    """LLaVA: an image file the questions are asked about"""
 
 
 @section

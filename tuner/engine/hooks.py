@@ -100,8 +100,9 @@ def save_checkpoint_or_explain(trainer, step: int, keep: int | None = None):
 class EvaluateChatHook(Hook):
     """Answers the config's evaluation inputs (greedy) before training and every `freq` steps."""
 
-    def __init__(self, inputs: list[str], freq: int, system: str | None, max_new_tokens: int):
-        self.inputs, self.freq, self.system = inputs, freq, system
+    def __init__(self, inputs: list[str], freq: int, system: str | None, max_new_tokens: int,
+                 image: str | None = None):
+        self.inputs, self.freq, self.system, self.image = inputs, freq, system, image
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
 
     def _run(self, trainer, step: int) -> None:
@@ -110,10 +111,14 @@ class EvaluateChatHook(Hook):
         started = time.perf_counter()
         generator = Generator(trainer.raw_model, trainer.tokenizer, trainer.cfg.data.template,
                               compute_dtype=trainer.compute_dtype)
+        generator.vision = getattr(trainer.sequences, "vision", None)  # LLaVA
+        image = self._image() if generator.vision is not None and self.image else None
         blocks = []
         for question in self.inputs:
             messages = ([{"role": "system", "content": self.system}] if self.system else [])
             messages.append({"role": "user", "content": question})
+            if image is not None:
+                messages[-1] = {"role": "user", "content": "<image>\n" + question, "images": [image]}
             answer = generator.reply(messages, self.settings)
             blocks.append(f"### Q: {question}\n### A: {answer.strip()}\n")
         if not trainer.dist.is_main:
@@ -121,6 +126,13 @@ class EvaluateChatHook(Hook):
         text = f"Evaluate-chat at iter {step}\n\n" + "\n".join(blocks)
         (trainer.work_dir / f"eval_outputs_iter_{step}.txt").write_text(text, encoding="utf-8")
         trainer.logger.info(text.rstrip() + f"\n(evaluate-chat took {time.perf_counter() - started:.1f}s)")
+
+    def _image(self):
+        from PIL import Image
+        try:
+            return Image.open(self.image).convert("RGB")
+        except OSError as e:
+            raise TunerError(f"evaluate.image {self.image}: {e}") from None
 
     def before_train(self, trainer):
         if trainer.start_step == 0:

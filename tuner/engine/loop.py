@@ -179,7 +179,7 @@ class Trainer:
         # Generating from a sharded model needs every process, so under FSDP / ZeRO-3 all of them evaluate.
         sharded = self.strategy == "fsdp" or (self.strategy == "deepspeed" and zero.is_stage3(self.model))
         evaluate = EvaluateChatHook(cfg.evaluate.inputs, cfg.evaluate.freq, cfg.evaluate.system,
-                                    cfg.evaluate.max_new_tokens)
+                                    cfg.evaluate.max_new_tokens, cfg.evaluate.image)
         self.hooks = [CheckpointHook(cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit)]
         if self.dist.is_main:
             self.hooks = [LoggerHook(t.log_interval), *self.hooks, evaluate]
