@@ -156,7 +156,8 @@ class ScriptedGenerator(Generator):
         super().__init__(model, tokenizer, "chatml", context_length=1024)
         self.replies, self.prompts = list(replies), []
 
-    def generate(self, prompts, settings, on_text=None, cancelled=None, max_new_tokens=None, stop=None):
+    def generate(self, prompts, settings, on_text=None, cancelled=None, max_new_tokens=None, stop=None,
+                 pixel_values=None):
         from tuner.chat.generate import Reply
         text = self.replies.pop(0)
         self.prompts.append(self.tokenizer.decode(prompts[0]))

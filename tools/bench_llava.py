@@ -101,7 +101,7 @@ def main() -> int:
                   save_format="hf")
         before = accuracy(str(root / "tiny_pre_hf"), held_out, root / "tiny")
         after = accuracy(str(root / "tiny_fine_hf"), held_out, root / "tiny")
-        print(f"Tiny towers, 4 x 256 packed tokens (16 per image), fp32 weights:")
+        print("Tiny towers, 4 x 256 packed tokens (16 per image), fp32 weights:")
         print(f"  pretrain  {pre_time * 1000:7.0f} ms/step  loss {losses[0]:.2f} -> {losses[-1]:.2f}")
         print(f"  finetune  {fine_time * 1000:7.0f} ms/step  loss {fine_losses[0]:.2f} -> {fine_losses[-1]:.4f}")
         print(f"  held-out colour accuracy ({len(held_out)} images): after pretrain {before:.0%}, "

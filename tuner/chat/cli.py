@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from tuner.chat.generate import GenerationSettings, Generator, PromptTooLong
-from tuner.chat.model import load_chat_model
+from tuner.chat.generate import GenerationSettings, PromptTooLong
+from tuner.chat.model import generator_from_args
 from tuner.chat.prompts import system_prompt
 from tuner.chat.session import ChatSession
 from tuner.chat.tools import Toolbox
-from tuner.multimodal.model import is_llava_folder
 
 PROMPT = "\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>> "
 
@@ -43,17 +42,7 @@ def run_chat(args) -> int:
     system = system_prompt(args.system, args.system_template, args.bot_name)
     toolbox = Toolbox(args.with_plugins) if args.with_plugins else None
     images = _open_images(args.image)
-    if args.llava or images or is_llava_folder(args.model):
-        model, tokenizer, vision, template, compute = load_llava_model(args)
-        generator = Generator(model, tokenizer, args.prompt_template or template, args.stop_words,
-                              compute_dtype=compute, context_length=args.context_length)
-        generator.vision = vision
-    else:
-        model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype, args.bits,
-                                                    args.offload_folder,
-                                                    warn=lambda line: print(line, file=sys.stderr))
-        generator = Generator(model, tokenizer, args.prompt_template, args.stop_words, compute_dtype=compute,
-                              context_length=args.context_length)
+    generator = generator_from_args(args, with_images=bool(images))
     session = ChatSession(generator, system, toolbox, args.tool_format)
     settings = settings_from_args(args)
     stream = None if args.no_streamer else (lambda piece: (out.write(piece), out.flush()))
@@ -93,17 +82,3 @@ def _open_images(paths: list[str] | None) -> list:
         except (OSError, ImportError) as e:
             raise TunerError(f"cannot open image {path}: {e}") from None
     return images
-
-
-def load_llava_model(args):
-    import torch
-
-    from tuner.chat.model import TORCH_DTYPES
-    from tuner.engine.device import default_device, resolve_compute_dtype
-    from tuner.multimodal.convert import load_llava_for_chat
-
-    dtype = TORCH_DTYPES[args.torch_dtype] if args.torch_dtype != "auto" else torch.float32
-    model, tokenizer, vision, template = load_llava_for_chat(args.model, args.llava, args.visual_encoder, dtype)
-    device = default_device()
-    compute = dtype if args.torch_dtype != "auto" else resolve_compute_dtype("auto", device)
-    return model.to(device), tokenizer, vision, template, compute

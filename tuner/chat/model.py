@@ -74,3 +74,30 @@ def offload_warnings(device_map: dict, device: torch.device) -> list[str]:
         lines.append(f"{where['cpu']} of {len(device_map)} modules are offloaded to the CPU (not enough GPU "
                      "memory): generation is slower")
     return lines
+
+
+def generator_from_args(args, with_images: bool = False):
+    """The Generator that chat, serve, web and mmbench talk to, as their flags say: a LLaVA
+    model (--llava, a Llava folder, or images to look at) or a text model."""
+    import sys
+
+    from tuner.chat.generate import Generator
+    from tuner.multimodal.model import is_llava_folder
+
+    stop_words, context_length = getattr(args, "stop_words", None), getattr(args, "context_length", None)
+    if getattr(args, "llava", None) or with_images or is_llava_folder(args.model):
+        from tuner.multimodal.convert import load_llava_for_chat
+
+        dtype = TORCH_DTYPES[args.torch_dtype] if args.torch_dtype != "auto" else torch.float32
+        model, tokenizer, vision, template = load_llava_for_chat(args.model, getattr(args, "llava", None),
+                                                                 getattr(args, "visual_encoder", None), dtype)
+        device = default_device()
+        compute = dtype if args.torch_dtype != "auto" else resolve_compute_dtype("auto", device)
+        generator = Generator(model.to(device), tokenizer, args.prompt_template or template, stop_words,
+                              compute_dtype=compute, context_length=context_length)
+        generator.vision = vision
+        return generator
+    model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype, args.bits,
+                                                args.offload_folder, warn=lambda line: print(line, file=sys.stderr))
+    return Generator(model, tokenizer, args.prompt_template, stop_words, compute_dtype=compute,
+                     context_length=context_length)

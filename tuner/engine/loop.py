@@ -226,8 +226,8 @@ class Trainer:
         available = available_memory(self.device)
         self.info(f"Model: {estimate.describe()}; {available / 2**30:.1f} GiB available on {self.device}")
         if estimate.total > available:
-            self.info(f"WARNING: the estimate exceeds the available memory: lower train.batch_size or "
-                      f"data.max_length, or set train.gradient_checkpointing=True")
+            self.info("WARNING: the estimate exceeds the available memory: lower train.batch_size or "
+                      "data.max_length, or set train.gradient_checkpointing=True")
         self.flops_per_token = flops_per_token(self.raw_model, cfg.data.max_length, cfg.lora is not None)
         self.peak_flops = matmul_peak_flops(self.device, self.compute_dtype) if self.dist.is_main else 0.0
 

@@ -91,11 +91,9 @@ def evaluate(generator: Generator, questions: list[dict], system: str | None = N
 
 
 def run_mmbench(args) -> int:
-    from tuner.chat.cli import load_llava_model
+    from tuner.chat.model import generator_from_args
 
-    model, tokenizer, vision, template, compute = load_llava_model(args)
-    generator = Generator(model, tokenizer, args.prompt_template or template, compute_dtype=compute)
-    generator.vision = vision
+    generator = generator_from_args(args, with_images=True)
     result = evaluate(generator, read_questions(args.data), args.system)
     for name, (right, total) in sorted(result["by_category"].items()):
         print(f"{name:<30} {right:>5} / {total:<5} {right / total:.1%}")
