@@ -373,3 +373,20 @@ def test_mmbench_answer_matching():
     assert choice_of("B", options) == "B" and choice_of("(C) blue", options) == "C"
     assert choice_of("It is green.", options) == "B"
     assert choice_of("red or green", options) is None and choice_of("purple", options) is None
+
+
+def test_pad_to_square_uses_the_mean_colour(towers):
+    from PIL import Image
+
+    from tuner.multimodal.model import tokenizer_with_image_token, vision_info
+
+    tok = tokenizer_with_image_token(str(towers / "llm"))
+    vision = vision_info(LlavaConfig(visual_encoder=str(towers / "clip")), tok)
+    wide = Image.new("RGB", (64, 16), (255, 0, 0))
+    padded = vision.pixel_values([wide])[0]
+    # CLIP's mean colour becomes ~0 after normalization; the red band stays in the middle rows
+    assert padded.shape == (3, 32, 32)
+    assert padded[:, 0, :].abs().max() < 0.02 and padded[0, 16, 16] > 1.5
+    vision.pad_to_square = False
+    stretched = vision.pixel_values([wide])[0]
+    assert stretched[0, 0, 16] > 1.5  # resized and centre-cropped: red everywhere
