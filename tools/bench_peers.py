@@ -1,0 +1,247 @@
+"""tuner's trainer vs TRL's SFTTrainer vs HF Trainer, side by side in one run.
+
+    pip install -c constraints.txt trl==1.16.0      # only for this benchmark
+    python tools/bench_peers.py [--steps 6] [--seq 1024] [--batch 1] [--rounds 2] [--model smollm2-135m-instruct]
+
+Every system trains the same model on the same conversations, packed to `--seq` tokens,
+LoRA r=16 / alpha 32 on every linear layer, no dropout, bf16 autocast (where the CPU has
+bf16; fp32 otherwise), AdamW. Each run is its own process; the systems alternate for
+`--rounds` rounds and the medians are printed: tokens/s (real tokens: padding does not
+count), peak memory (RSS of the process on CPU, max allocated on GPU), MFU against this
+machine's measured matmul peak (LoRA: 4 N FLOPs per token, as tuner counts), and the
+ratios tuner / peer. tuner's full fine-tuning and QLoRA rows follow.
+
+Targets (issue 7): tokens/s >= 3x TRL and >= 2x HF Trainer, peak memory <= 70% of TRL's,
+MFU >= 50%. A missed target prints a warning and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import run, steps_of, write_data  # noqa: E402
+
+TUNER_CONFIG = """
+from tuner.config import *
+model = ModelConfig(path={model!r}, quantization={quantization!r})
+lora = {lora}
+data = DataConfig(path={data!r}, max_length={seq}, pack=True)
+optim = OptimConfig(lr=1e-4)
+train = TrainConfig(batch_size={batch}, accumulative_counts=1, max_epochs=100, max_steps={steps}, warmup_ratio=0.0)
+checkpoint = CheckpointConfig(save_steps=100000, save_total_limit=1)
+evaluate = EvaluateConfig(inputs=[])
+"""
+
+# The peers run in their own process: a script that trains and writes one JSON line per step.
+PEER = textwrap.dedent('''
+    import json, sys, time
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    system, model_path, data, seq, batch, steps, bf16, out = sys.argv[1:9]
+    seq, batch, steps, bf16 = int(seq), int(batch), int(steps), bf16 == "1"
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    rows = [json.loads(line) for line in open(data)]
+    steps_seen, last = [], [None]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            last[0] = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            steps_seen.append({"time": time.perf_counter() - last[0], "tokens": tokens[0]})
+
+    tokens = [0]
+    def count(inputs):  # real tokens of the step: padding does not count
+        if "attention_mask" in inputs:
+            tokens[0] = int(inputs["attention_mask"].sum())
+        else:
+            ids = inputs["input_ids"]
+            tokens[0] = int((ids != tokenizer.pad_token_id).sum()) if "position_ids" not in inputs else ids.numel()
+
+    common = dict(output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=steps,
+                  learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1000,
+                  save_strategy="no", report_to=[], bf16=bf16, use_cpu=not torch.cuda.is_available(),
+                  dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    if system == "trl":
+        from trl import SFTConfig, SFTTrainer
+        class Counting(SFTTrainer):
+            def training_step(self, model, inputs, *a, **k):
+                count(inputs)
+                return super().training_step(model, inputs, *a, **k)
+        dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+        args = SFTConfig(**common, max_length=seq, packing=True, assistant_only_loss=False,
+                         completion_only_loss=False)
+        trainer = Counting(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                           peft_config=lora, callbacks=[Timer()])
+    else:  # HF Trainer on the same packed sequences tuner builds (position ids keep samples apart)
+        from peft import get_peft_model
+        from tuner.config import DataConfig
+        from tuner.data.dataset import build_sequences
+        sequences, _ = build_sequences(DataConfig(path=data, max_length=seq, pack=True), tokenizer, say=lambda _: None)
+        dataset = Dataset.from_list([{"input_ids": s.input_ids, "labels": s.labels, "position_ids": s.position_ids}
+                                     for s in (sequences[i] for i in range(len(sequences)))])
+        def collate(batch_rows):
+            width = max(len(r["input_ids"]) for r in batch_rows)
+            pad = lambda key, value: torch.tensor([r[key] + [value] * (width - len(r[key])) for r in batch_rows])
+            return {"input_ids": pad("input_ids", tokenizer.pad_token_id), "labels": pad("labels", -100),
+                    "position_ids": pad("position_ids", 0)}
+        class Counting(Trainer):
+            def training_step(self, model, inputs, *a, **k):
+                count(inputs)
+                return super().training_step(model, inputs, *a, **k)
+        trainer = Counting(model=get_peft_model(model, lora), args=TrainingArguments(**common), train_dataset=dataset,
+                           data_collator=collate, callbacks=[Timer()])
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    print(json.dumps({"steps": steps_seen, "gpu_peak": peak}))
+''')
+
+
+def run_tuner(tmp: Path, name: str, data: Path, args, quantization=None, lora=True) -> dict:
+    cfg = tmp / f"{name}.py"
+    cfg.write_text(TUNER_CONFIG.format(model=args.model, quantization=quantization,
+                                       lora="LoraConfig(r=16, alpha=32, dropout=0.0)" if lora else "None",
+                                       data=str(data), seq=args.seq, batch=args.batch, steps=args.steps))
+    work = tmp / f"work_{name}"
+    code, peak = run([sys.executable, "-m", "tuner", "train", str(cfg), "--work-dir", str(work)])
+    steps = steps_of(work)[1:]  # the first step warms up
+    if code != 0 or not steps:
+        return {}
+    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps),
+            "mfu": statistics.median(s["mfu"] for s in steps), "peak": peak}
+
+
+def run_peer(tmp: Path, system: str, data: Path, args, bf16: bool, flops_per_token: float, peak_flops: float) -> dict:
+    """A peer's run in its own process: tokens/s from its per-step JSON, peak RSS watched from outside."""
+    from tuner.model.load import resolve_model_path
+
+    script = tmp / "peer.py"
+    script.write_text(PEER)
+    result_file, log = tmp / f"{system}.json", tmp / f"{system}.log"
+    command = [sys.executable, str(script), system, resolve_model_path(args.model), str(data), str(args.seq),
+               str(args.batch), str(args.steps + 1), "1" if bf16 else "0", str(tmp / f"out_{system}")]
+    with open(result_file, "w") as out, open(log, "w") as err:
+        code, peak = run_with_output(command, out, err)
+    lines = [line for line in result_file.read_text().splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        print(f"{system} failed (exit {code}):\n{log.read_text()[-3000:]}", file=sys.stderr)
+        return {}
+    steps = json.loads(lines[-1])["steps"][1:]  # the first step warms up
+    tokens_per_s = statistics.median(s["tokens"] / s["time"] for s in steps)
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops, "peak": peak}
+
+
+def run_with_output(command, out, err) -> tuple[int, float]:
+    """Run a command with its output to files; returns (exit code, peak RSS in bytes)."""
+    import threading
+    import time
+
+    import psutil
+
+    process = subprocess.Popen(command, stdout=out, stderr=err, env=os.environ.copy())
+    peak, watched = 0.0, psutil.Process(process.pid)
+
+    def watch():
+        nonlocal peak
+        while process.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    process.wait()
+    thread.join()
+    return process.returncode, peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    from tuner.engine.budget import flops_per_token, matmul_peak_flops
+    from tuner.engine.device import default_device, resolve_compute_dtype
+    from tuner.model.load import load_tokenizer
+
+    device = default_device()
+    compute = resolve_compute_dtype("auto", device)
+    peak_flops = matmul_peak_flops(device, compute)
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        data = tmp / "data.jsonl"
+        write_data(data, rows=600)
+        from transformers import AutoModelForCausalLM
+
+        from tuner.model.load import resolve_model_path
+        from tuner.model.adapt import apply_lora
+        from tuner.config import LoraConfig
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model)),
+                           LoraConfig(r=16, alpha=32, dropout=0.0), quantized=False)
+        fpt = flops_per_token(model, args.seq, lora=True)
+        del model
+        load_tokenizer(args.model)
+        results: dict[str, list[dict]] = {"tuner": [], "trl": [], "hf": []}
+        for _ in range(args.rounds):
+            results["tuner"].append(run_tuner(tmp, "tuner", data, args))
+            for peer in ("trl", "hf"):
+                results[peer].append(run_peer(tmp, peer, data, args, compute != torch.float32, fpt, peak_flops))
+        summary = {name: _median(runs) for name, runs in results.items()}
+        print(f"{args.model}, LoRA r=16 all linear, {args.batch} x {args.seq} packed tokens per step, "
+              f"{str(compute).replace('torch.', '')} compute, {args.steps} steps after 1 warm-up, "
+              f"median of {args.rounds} alternating rounds; matmul peak {peak_flops / 1e9:.0f} GFLOP/s")
+        print(f"{'system':14}{'tokens/s':>10}{'MFU':>8}{'peak GiB':>10}")
+        for name, label in (("tuner", "tuner"), ("trl", "TRL SFTTrainer"), ("hf", "HF Trainer")):
+            s = summary[name]
+            print(f"{label:14}{s.get('tokens_per_s', float('nan')):10.0f}{s.get('mfu', float('nan')):8.1%}"
+                  f"{s.get('peak', float('nan')) / 2**30:10.2f}")
+        missed = []
+        t, trl, hf = summary["tuner"], summary["trl"], summary["hf"]
+        if t and trl and hf:
+            speed_trl, speed_hf = t["tokens_per_s"] / trl["tokens_per_s"], t["tokens_per_s"] / hf["tokens_per_s"]
+            memory = t["peak"] / trl["peak"]
+            print(f"tuner / TRL: {speed_trl:.2f}x tokens/s, {memory:.0%} of its peak memory; "
+                  f"tuner / HF Trainer: {speed_hf:.2f}x tokens/s")
+            missed += [f"tokens/s {speed_trl:.2f}x TRL (target 3x)"] if speed_trl < 3 else []
+            missed += [f"tokens/s {speed_hf:.2f}x HF Trainer (target 2x)"] if speed_hf < 2 else []
+            missed += [f"peak memory {memory:.0%} of TRL's (target <= 70%)"] if memory > 0.7 else []
+            missed += [f"MFU {t['mfu']:.1%} (target >= 50%)"] if t["mfu"] < 0.5 else []
+        else:
+            missed.append("a system failed to run")
+        for name, quantization, lora in (("full", None, False), ("qlora", "4bit", True)):
+            row = run_tuner(tmp, name, data, args, quantization=quantization, lora=lora)
+            if row:
+                print(f"tuner {name:8}{row['tokens_per_s']:10.0f}{row['mfu']:8.1%}{row['peak'] / 2**30:10.2f}")
+        for line in missed:
+            print(f"WARNING: target missed: {line}")
+        return 1 if missed else 0
+
+
+def _median(runs: list[dict]) -> dict:
+    runs = [r for r in runs if r]
+    if not runs:
+        return {}
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
