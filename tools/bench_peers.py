@@ -202,7 +202,7 @@ def main() -> int:
         load_tokenizer(args.model)
         results: dict[str, list[dict]] = {"tuner": [], "trl": [], "hf": []}
         for _ in range(args.rounds):
-            results["tuner"].append(run_tuner(tmp, "tuner", data, args))
+            results["tuner"].append(run_tuner(tmp, "tuner_lora", data, args))
             for peer in ("trl", "hf"):
                 results[peer].append(run_peer(tmp, peer, data, args, compute != torch.float32, fpt, peak_flops))
         summary = {name: _median(runs) for name, runs in results.items()}

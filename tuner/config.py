@@ -228,6 +228,8 @@ class TrainConfig:
     """Also send scalars to 'tensorboard' and/or 'wandb' (optional extras)"""
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop with a message naming the step, or skip that step's update"""
+    chunked_loss: bool = True
+    """Output head + cross-entropy in chunks, never holding the full logits (one process or DDP)"""
 
     def validate(self):
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]

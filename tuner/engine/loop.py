@@ -26,6 +26,7 @@ from tuner.data.dataset import IGNORE, build_sequences, collate
 from tuner.engine import checkpoint as ckpt
 from tuner.engine.device import autocast, default_device, resolve_compute_dtype
 from tuner.engine.dist import Distributed
+from tuner.engine.fused_loss import chunked_linear_cross_entropy
 from tuner.engine.optim import build_optimizer, lr_lambda
 from tuner.engine.budget import available_memory, estimate_memory, flops_per_token, matmul_peak_flops
 from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, LoggerHook, ReportHook, console,
@@ -152,6 +153,7 @@ class Trainer:
             self.model = strategies.wrap(self.raw_model, self.strategy)
         base = self.raw_model.get_base_model() if hasattr(self.raw_model, "get_base_model") else self.raw_model
         self.model_takes_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.fused_head = self._fused_head(base)
         trainable, total = count_parameters(self.raw_model)
         self.info(f"Model: {cfg.model.path} ({cfg.method}), {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / total:.2f}%), compute dtype {str(self.compute_dtype).replace('torch.', '')}, "
@@ -214,6 +216,15 @@ class Trainer:
         set_trainable(model, cfg.llava, cfg.lora is not None, cfg.llava.visual_encoder_lora is not None)
         model.save_trainable_only = True  # checkpoints hold the projector and adapters, not the frozen towers
         return model
+
+    def _fused_head(self, base):
+        """(model, head) when the chunked loss can stand in for the output head: one process or
+        DDP (FSDP and ZeRO-3 shard the head's weight), a plain Linear head."""
+        head = getattr(base, "lm_head", None)
+        if (not self.cfg.train.chunked_loss or self.strategy not in ("single", "ddp")
+                or not self.model_takes_logits_to_keep or type(head) is not torch.nn.Linear):
+            return None
+        return base, head
 
     def _budget(self) -> None:
         """Memory estimate before training (a warning when it will not fit), and the FLOPs
@@ -383,10 +394,20 @@ class Trainer:
         kwargs = {"logits_to_keep": keep} if self.model_takes_logits_to_keep else {}
         if "pixel_values" in batch:  # LLaVA: the images of the batch, in the order of their tokens
             kwargs["pixel_values"] = batch["pixel_values"]
+        if self.fused_head is not None:  # the model returns hidden states; the head runs in the loss, in chunks
+            base, head = self.fused_head
+            base.lm_head = torch.nn.Identity()
+            try:
+                with autocast(self.device, self.compute_dtype):
+                    hidden = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                        use_cache=False, **kwargs).logits
+            finally:
+                base.lm_head = head
+            return chunked_linear_cross_entropy(hidden, head.weight, targets[:, keep], compute_dtype=self.compute_dtype)
         with autocast(self.device, self.compute_dtype):
             logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                                 **kwargs).logits
-        if kwargs:
+        if "logits_to_keep" in kwargs:
             targets = targets[:, keep]
         else:
             logits = logits[:, :-1]

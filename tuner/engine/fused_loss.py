@@ -1,0 +1,62 @@
+"""Output head + cross-entropy in chunks, without ever holding the full logits.
+
+Over SmolLM2's 49k vocabulary, 1024 trained positions have 200 MB of float32 logits, and
+autograd keeps them, their softmax and their gradient: more memory than a LoRA step's
+activations. Here each chunk of positions is projected to logits, its loss summed and the
+gradient of those logits turned at once into the gradients of the hidden states (and of
+the head's weight, when it trains); then the chunk's logits are dropped. The backward pass
+only scales what the forward pass stored. No logit is computed twice.
+
+    hidden (N, H) --chunk--> logits (C, V) -> loss_c, dlogits = softmax - onehot
+                             dhidden_c = dlogits @ W,  dW += dlogits^T @ hidden_c
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        w = weight.to(compute_dtype)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size].to(compute_dtype)
+            t = targets[start:start + chunk_size]
+            logits = (h @ w.t()).float()
+            total += F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum")
+            # d(sum of CE)/d(logits) = softmax - onehot, zero on ignored rows
+            grad = torch.softmax(logits, dim=-1)
+            valid = t != IGNORE
+            grad[valid, t[valid]] -= 1.0
+            grad[~valid] = 0.0
+            grad = grad.to(compute_dtype)
+            grad_hidden[start:start + chunk_size] = (grad @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_grad = grad_weight is not None
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_w = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_w, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 chunk_size: int = 1024, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (IGNORE rows skipped).
+
+    hidden (..., H), targets (...), weight (V, H); the matmuls run in `compute_dtype` (the
+    autocast dtype), the softmax in float32, as autocast would."""
+    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                            chunk_size, compute_dtype or hidden.dtype)
