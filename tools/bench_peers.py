@@ -19,27 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import run, steps_of, write_data  # noqa: E402
-
-TUNER_CONFIG = """
-from tuner.config import *
-model = ModelConfig(path={model!r}, quantization={quantization!r})
-lora = {lora}
-data = DataConfig(path={data!r}, max_length={seq}, pack=True)
-optim = OptimConfig(lr=1e-4)
-train = TrainConfig(batch_size={batch}, accumulative_counts=1, max_epochs=100, max_steps={steps}, warmup_ratio=0.0)
-checkpoint = CheckpointConfig(save_steps=100000, save_total_limit=1)
-evaluate = EvaluateConfig(inputs=[])
-"""
+from bench_train import CONFIG, run, steps_of, write_data  # noqa: E402
 
 # The peers run in their own process: a script that trains and writes one JSON line per step.
 PEER = textwrap.dedent('''
@@ -111,7 +98,7 @@ PEER = textwrap.dedent('''
 
 def run_tuner(tmp: Path, name: str, data: Path, args, quantization=None, lora=True) -> dict:
     cfg = tmp / f"{name}.py"
-    cfg.write_text(TUNER_CONFIG.format(model=args.model, quantization=quantization,
+    cfg.write_text(CONFIG.format(model=args.model, quantization=quantization,
                                        lora="LoraConfig(r=16, alpha=32, dropout=0.0)" if lora else "None",
                                        data=str(data), seq=args.seq, batch=args.batch, steps=args.steps))
     work = tmp / f"work_{name}"
@@ -129,44 +116,18 @@ def run_peer(tmp: Path, system: str, data: Path, args, bf16: bool, flops_per_tok
 
     script = tmp / "peer.py"
     script.write_text(PEER)
-    result_file, log = tmp / f"{system}.json", tmp / f"{system}.log"
+    result_file = tmp / f"{system}.json"
     command = [sys.executable, str(script), system, resolve_model_path(args.model), str(data), str(args.seq),
                str(args.batch), str(args.steps + 1), "1" if bf16 else "0", str(tmp / f"out_{system}")]
-    with open(result_file, "w") as out, open(log, "w") as err:
-        code, peak = run_with_output(command, out, err)
+    with open(result_file, "w") as out:
+        code, peak = run(command, stdout=out)  # prints the peer's stderr when it fails
     lines = [line for line in result_file.read_text().splitlines() if line.startswith("{")]
     if code != 0 or not lines:
-        print(f"{system} failed (exit {code}):\n{log.read_text()[-3000:]}", file=sys.stderr)
+        print(f"{system} failed (exit {code})", file=sys.stderr)
         return {}
     steps = json.loads(lines[-1])["steps"][1:]  # the first step warms up
     tokens_per_s = statistics.median(s["tokens"] / s["time"] for s in steps)
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops, "peak": peak}
-
-
-def run_with_output(command, out, err) -> tuple[int, float]:
-    """Run a command with its output to files; returns (exit code, peak RSS in bytes)."""
-    import threading
-    import time
-
-    import psutil
-
-    process = subprocess.Popen(command, stdout=out, stderr=err, env=os.environ.copy())
-    peak, watched = 0.0, psutil.Process(process.pid)
-
-    def watch():
-        nonlocal peak
-        while process.poll() is None:
-            try:
-                peak = max(peak, watched.memory_info().rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch)
-    thread.start()
-    process.wait()
-    thread.join()
-    return process.returncode, peak
 
 
 def main() -> int:

@@ -36,9 +36,9 @@ evaluate = EvaluateConfig(inputs=[])
 """
 
 
-def run(command: list[str], env: dict | None = None) -> tuple[int, float]:
-    """Run a command; returns (exit code, peak RSS in bytes of it and its children)."""
-    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+def run(command: list[str], env: dict | None = None, stdout=subprocess.DEVNULL) -> tuple[int, float]:
+    """Run a command (its output to `stdout`); returns (exit code, peak RSS in bytes of it and its children)."""
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=stdout,
                                stderr=subprocess.PIPE, text=True)
     peak, watched = 0.0, psutil.Process(process.pid)
 

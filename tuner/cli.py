@@ -147,6 +147,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens of prompt + reply (default: the model's max_position_embeddings)")
 
 
+def add_llava_arguments(p: argparse.ArgumentParser) -> None:
+    """How chat, serve, web and mmbench find the parts of a LLaVA model."""
+    p.add_argument("--llava", metavar="DIR", help="LLaVA: the pth_to_hf folder (projector, adapter) for the LLM MODEL")
+    p.add_argument("--visual-encoder", metavar="ENC", help="LLaVA: the vision encoder (default: the one trained with)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuner", description="Fine-tune LLMs from a config file.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -216,16 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-streamer", action="store_true", help="print each answer at once")
-    p.add_argument("--llava", metavar="DIR", help="LLaVA: the pth_to_hf folder (projector, adapter) for the LLM MODEL")
-    p.add_argument("--visual-encoder", metavar="ENC", help="LLaVA: the vision encoder (default: the one trained with)")
+    add_llava_arguments(p)
     p.add_argument("--image", nargs="+", metavar="PATH", help="LLaVA: image(s) that go with the first message")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("mmbench", help="accuracy of a LLaVA model on an MMBench-style multiple-choice TSV")
     p.add_argument("model", help="a LLaVA folder (pth_to_hf --save-format hf), or the LLM with --llava")
     p.add_argument("--data", required=True, help="the TSV: index, question, hint, A, B, C, D, answer, image")
-    p.add_argument("--llava", metavar="DIR", help="the pth_to_hf folder (projector, adapter) for the LLM MODEL")
-    p.add_argument("--visual-encoder", metavar="ENC", help="the vision encoder (default: the one trained with)")
+    add_llava_arguments(p)
     p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
@@ -241,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
         p.add_argument("--max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
         p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together")
-        p.add_argument("--llava", metavar="DIR", help="LLaVA: the pth_to_hf folder for the LLM MODEL (images in "
-                                                       "image_url parts)")
-        p.add_argument("--visual-encoder", metavar="ENC", help="LLaVA: the vision encoder (default: the trained one)")
+        add_llava_arguments(p)
         if name == "serve":
             p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNER_API_KEY)")
         p.set_defaults(func=cmd_serve)

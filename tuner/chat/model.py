@@ -40,13 +40,7 @@ def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: st
         warn(f"Warning: {line}")
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
     tokenizer = load_tokenizer(tokenizer_source)
-    if torch_dtype == "fp32":
-        compute = torch.float32
-    elif torch_dtype in ("bf16", "fp16"):
-        compute = TORCH_DTYPES[torch_dtype]
-    else:
-        compute = resolve_compute_dtype("auto", device)
-    return model, tokenizer, compute
+    return model, tokenizer, resolve_compute_dtype(torch_dtype, device)
 
 
 def _quantization(bits: int, torch_dtype: str):
@@ -92,9 +86,9 @@ def generator_from_args(args, with_images: bool = False):
         model, tokenizer, vision, template = load_llava_for_chat(args.model, getattr(args, "llava", None),
                                                                  getattr(args, "visual_encoder", None), dtype)
         device = default_device()
-        compute = dtype if args.torch_dtype != "auto" else resolve_compute_dtype("auto", device)
         generator = Generator(model.to(device), tokenizer, args.prompt_template or template, stop_words,
-                              compute_dtype=compute, context_length=context_length)
+                              compute_dtype=resolve_compute_dtype(args.torch_dtype, device),
+                              context_length=context_length)
         generator.vision = vision
         return generator
     model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype, args.bits,

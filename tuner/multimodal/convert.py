@@ -21,8 +21,9 @@ import torch
 
 from tuner.config import Config, LlavaConfig, ModelConfig
 from tuner.errors import TunerError
-from tuner.multimodal.model import (PROJECTOR_FILE, RECIPE_FILE, apply_llava_lora, build_llava, load_projector,
-                                    tokenizer_with_image_token, vision_info, write_recipe)
+from tuner.multimodal.model import (PROJECTOR_FILE, RECIPE_FILE, VisionInfo, apply_llava_lora, build_llava,
+                                    load_projector, tokenizer_with_image_token, tokens_per_image, vision_info,
+                                    write_recipe)
 
 def _split(weights: dict) -> tuple[dict, dict, dict]:
     """Checkpoint weights -> (projector by its own names, LoRA weights by PEFT's names, the rest:
@@ -104,9 +105,7 @@ def load_llava_for_chat(model_path: str, llava_dir: str | None, visual_encoder: 
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
         tokenizer = load_tokenizer(path)
         processor = AutoImageProcessor.from_pretrained(path)
-        config = model.config.vision_config
-        from tuner.multimodal.model import VisionInfo
-        vision = VisionInfo(model.config.image_token_id, (config.image_size // config.patch_size) ** 2, processor,
+        vision = VisionInfo(model.config.image_token_id, tokens_per_image(model.config.vision_config), processor,
                             True)
         return model.eval(), tokenizer, vision, None
     recipe_file = Path(llava_dir) / RECIPE_FILE

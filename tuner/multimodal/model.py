@@ -67,15 +67,28 @@ def tokenizer_with_image_token(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def vision_info(llava: LlavaConfig, tokenizer) -> VisionInfo:
-    from transformers import AutoConfig, AutoImageProcessor
+def encoder_vision_config(name: str):
+    """The vision half's config of a CLIP or SigLIP model (a full model or its vision tower)."""
+    from transformers import AutoConfig
 
-    path = resolve_model_path(llava.visual_encoder)
-    config = _from_pretrained(AutoConfig.from_pretrained, path)
-    config = getattr(config, "vision_config", config)
-    processor = _from_pretrained(AutoImageProcessor.from_pretrained, path)
-    return VisionInfo(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), (config.image_size // config.patch_size) ** 2,
-                      processor, llava.pad_image_to_square)
+    config = _from_pretrained(AutoConfig.from_pretrained, resolve_model_path(name))
+    vision_config = getattr(config, "vision_config", config)
+    if vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
+        raise TunerError(f"{name}: the visual encoder must be a CLIP or SigLIP model, got {config.model_type}")
+    return vision_config
+
+
+def tokens_per_image(vision_config) -> int:
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def vision_info(llava: LlavaConfig, tokenizer) -> VisionInfo:
+    from transformers import AutoImageProcessor
+
+    processor = _from_pretrained(AutoImageProcessor.from_pretrained, resolve_model_path(llava.visual_encoder))
+    return VisionInfo(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                      tokens_per_image(encoder_vision_config(llava.visual_encoder)), processor,
+                      llava.pad_image_to_square)
 
 
 def build_llava(model_cfg: ModelConfig, llava: LlavaConfig, tokenizer, meta: bool = False):
@@ -89,12 +102,8 @@ def build_llava(model_cfg: ModelConfig, llava: LlavaConfig, tokenizer, meta: boo
     dtype = DTYPES[model_cfg.dtype]
     llm_path, remote = resolve_model_path(model_cfg.path), model_cfg.trust_remote_code
     encoder_path = resolve_model_path(llava.visual_encoder)
-    encoder_config = _from_pretrained(AutoConfig.from_pretrained, encoder_path)
-    vision_config = getattr(encoder_config, "vision_config", encoder_config)
+    vision_config = encoder_vision_config(llava.visual_encoder)
     kinds = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
-    if vision_config.model_type not in kinds:
-        raise TunerError(f"{llava.visual_encoder}: the visual encoder must be a CLIP or SigLIP model, "
-                         f"got {encoder_config.model_type}")
     if meta:
         with torch.device("meta"):
             llm = AutoModelForCausalLM.from_config(
@@ -118,8 +127,9 @@ def build_llava(model_cfg: ModelConfig, llava: LlavaConfig, tokenizer, meta: boo
     model.model.vision_tower = encoder
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
-    torch.manual_seed(0)  # the new projector starts the same in every run
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(torch.float32)
+    with torch.random.fork_rng():  # the new projector starts the same in every run; the run's own seed stays
+        torch.manual_seed(0)
+        model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(torch.float32)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover and not meta:
         raise TunerError(f"building the LLaVA model left {leftover[:3]} unset")
