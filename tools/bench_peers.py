@@ -158,7 +158,7 @@ def main() -> int:
         from tuner.config import LoraConfig
         model = apply_lora(AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model)),
                            LoraConfig(r=16, alpha=32, dropout=0.0), quantized=False)
-        fpt = flops_per_token(model, args.seq, lora=True)
+        fpt = flops_per_token(model, lora=True)
         del model
         load_tokenizer(args.model)
         results: dict[str, list[dict]] = {"tuner": [], "trl": [], "hf": []}

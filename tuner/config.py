@@ -102,8 +102,10 @@ class ModelConfig:
     """QLoRA: load the frozen base in 4-bit NF4 (double quantized) or 8-bit with bitsandbytes"""
     freeze: Optional[list[str]] = None
     """Regular expressions of parameter names that stay frozen in full fine-tuning, e.g. ['embed_tokens']"""
-    attn_implementation: str = "sdpa"
-    """transformers attention backend: 'sdpa', 'eager', or 'flash_attention_2' on a GPU"""
+    attn_implementation: str = "auto"
+    """transformers attention backend. 'auto': in training, FlashAttention 2 on a GPU where flash-attn
+    is installed, else tuner's per-sample attention for packed rows ('tuner_packed'); 'sdpa' to chat.
+    Or name one: 'sdpa', 'eager', 'flash_attention_2', 'tuner_packed'"""
     trust_remote_code: bool = False
     """Run the model's own code from the hub (InternLM2 needs it)"""
 

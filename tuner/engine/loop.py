@@ -36,6 +36,7 @@ from tuner.engine import strategy as strategies
 from tuner.engine import zero
 from tuner.model.adapt import apply_lora, count_parameters, prepare_full
 from tuner.model.load import load_model, load_tokenizer
+from tuner.model.packed_attention import use_for_training
 
 
 @contextlib.contextmanager
@@ -135,6 +136,7 @@ class Trainer:
                 self.info(f"Data: {line}")
             model = load_model(cfg.model, self.device)
         self.collate = getattr(self.sequences, "collate", collate)
+        self.attention = use_for_training(model, cfg.model.attn_implementation, self.device)
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) without hooks
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -157,6 +159,7 @@ class Trainer:
         trainable, total = count_parameters(self.raw_model)
         self.info(f"Model: {cfg.model.path} ({cfg.method}), {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / total:.2f}%), compute dtype {str(self.compute_dtype).replace('torch.', '')}, "
+                  f"attention {self.attention}, "
                   f"device {self.device}" + (f", {self.dist.world_size} processes ({self.strategy.upper()})" if self.dist.enabled else ""))
 
         self._budget()
@@ -239,7 +242,7 @@ class Trainer:
         if estimate.total > available:
             self.info("WARNING: the estimate exceeds the available memory: lower train.batch_size or "
                       "data.max_length, or set train.gradient_checkpointing=True")
-        self.flops_per_token = flops_per_token(self.raw_model, cfg.data.max_length, cfg.lora is not None)
+        self.flops_per_token = flops_per_token(self.raw_model, cfg.lora is not None)
         self.peak_flops = matmul_peak_flops(self.device, self.compute_dtype) if self.dist.is_main else 0.0
 
     def info(self, message: str) -> None:

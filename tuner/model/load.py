@@ -54,7 +54,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
     """The base model in `cfg.dtype`, quantized with bitsandbytes when `cfg.quantization` is set."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+    attention = cfg.attn_implementation if cfg.attn_implementation not in ("auto", "tuner_packed") else "sdpa"
+    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention,
                   trust_remote_code=cfg.trust_remote_code)
     if cfg.quantization:
         kwargs["quantization_config"] = _bnb_config(cfg)
