@@ -1,6 +1,7 @@
 """End-to-end: the real `tuner` commands in subprocesses, as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,9 +11,9 @@ import pytest
 from conftest import write_config
 
 
-def tuner(*args, stdin: str | None = None, cwd=None, check=True):
+def tuner(*args, stdin: str | None = None, cwd=None, check=True, env=None):
     result = subprocess.run([sys.executable, "-m", "tuner", *map(str, args)], input=stdin, capture_output=True,
-                            text=True, cwd=cwd, timeout=600)
+                            text=True, cwd=cwd, timeout=600, env=None if env is None else {**os.environ, **env})
     if check and result.returncode != 0:
         raise AssertionError(f"tuner {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
@@ -44,6 +45,22 @@ def test_train_convert_merge_chat(tmp_path, tiny_model_dir, data_file):
     adapter_chat = tuner("chat", tiny_model_dir, "--adapter", tmp_path / "adapter", "--temperature", "0",
                          "--max-new-tokens", "8", "--no-streamer", stdin="Who are you?\n\n")
     assert adapter_chat.returncode == 0 and adapter_chat.stdout.count(">>>") == 2  # end of input ends the chat
+
+
+def test_train_runs_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_model_dir, data_file):
+    """`tuner train` restarts itself with the allocator preloaded (CI installs libjemalloc2);
+    TUNER_MALLOC=system keeps glibc's."""
+    from tuner.engine.allocator import find_library
+
+    cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=1)
+    found = find_library()
+    run = tuner("train", cfg, "--work-dir", tmp_path / "work")
+    if found:
+        assert f"memory allocator {found[0]}," in run.stderr, run.stderr[-2000:]
+    else:
+        assert "memory allocator glibc malloc (install jemalloc" in run.stderr
+    plain = tuner("train", cfg, "--work-dir", tmp_path / "plain", env={"TUNER_MALLOC": "system"})
+    assert "memory allocator glibc malloc," in plain.stderr
 
 
 @pytest.mark.slow

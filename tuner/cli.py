@@ -14,6 +14,7 @@ import time
 import warnings
 
 from tuner.chat.prompts import SYSTEM_TEMPLATES
+from tuner.engine import allocator
 from tuner.errors import TunerError
 
 
@@ -42,7 +43,9 @@ def cmd_train(args) -> int:
 
     options = args.cfg_options + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
     options += [f"train.report_to={','.join(args.report_to)}"] if args.report_to else []
-    cfg = load_config(args.config, options)
+    cfg = load_config(args.config, options)  # a bad config fails here, before any restart
+    if args.argv_from_command_line:
+        allocator.restart_with_faster_allocator(sys.argv[1:])
     if args.launcher == "slurm":
         os.environ.update(dist.slurm_environment(dict(os.environ)))
     else:
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    args.argv_from_command_line = argv is None  # only a real command line can be run again
     _quiet_libraries()
     try:
         return args.func(args)

@@ -232,6 +232,8 @@ class TrainConfig:
     """On a NaN/inf loss: stop with a message naming the step, or skip that step's update"""
     chunked_loss: bool = True
     """Output head + cross-entropy in chunks, never holding the full logits (one process or DDP)"""
+    fused_lora: bool = True
+    """Each LoRA linear layer as one autograd function instead of peft's modules (one process or DDP)"""
 
     def validate(self):
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]

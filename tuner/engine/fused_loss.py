@@ -29,10 +29,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
             t = targets[start:start + chunk_size]
-            logits = (h @ w.t()).float()
-            total += F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum")
-            # d(sum of CE)/d(logits) = softmax - onehot, zero on ignored rows
-            grad = torch.softmax(logits, dim=-1)
+            log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)
+            total += F.nll_loss(log_probs, t, ignore_index=IGNORE, reduction="sum")
+            # d(sum of CE)/d(logits) = softmax - onehot, zero on ignored rows; the softmax is
+            # exp of the log-softmax already computed (in place: one vocabulary-wide pass fewer)
+            grad = log_probs.exp_()
             valid = t != IGNORE
             grad[valid, t[valid]] -= 1.0
             grad[~valid] = 0.0

@@ -33,9 +33,10 @@ from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, 
                                 file_logger, save_checkpoint_or_explain)
 from tuner.errors import Interrupted, TunerError
 from tuner.engine import strategy as strategies
-from tuner.engine import zero
+from tuner.engine import allocator, zero
 from tuner.model.adapt import apply_lora, count_parameters, prepare_full
 from tuner.model.load import load_model, load_tokenizer
+from tuner.model import fast_lora
 from tuner.model.packed_attention import use_for_training
 
 
@@ -148,6 +149,8 @@ class Trainer:
             model = apply_lora(model, cfg.lora, quantized=cfg.model.quantization is not None)
         else:
             model = prepare_full(model, cfg.model.freeze)
+        # FSDP and DeepSpeed gather and free weights around forward and backward: they keep peft's path.
+        self.fused_lora = fast_lora.enable(model, self.compute_dtype) if cfg.train.fused_lora and self.strategy in ("single", "ddp") else 0
         self.raw_model = model.to(self.device) if cfg.model.quantization is None else model
         self.raw_model.train()
         # The loop calls self.model (wrapped for several processes); everything else uses raw_model.
@@ -159,7 +162,8 @@ class Trainer:
         trainable, total = count_parameters(self.raw_model)
         self.info(f"Model: {cfg.model.path} ({cfg.method}), {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / total:.2f}%), compute dtype {str(self.compute_dtype).replace('torch.', '')}, "
-                  f"attention {self.attention}, "
+                  f"attention {self.attention}, {allocator.describe()}, "
+                  + (f"{self.fused_lora} LoRA layers fused, " if self.fused_lora else "") +
                   f"device {self.device}" + (f", {self.dist.world_size} processes ({self.strategy.upper()})" if self.dist.enabled else ""))
 
         self._budget()

@@ -1,0 +1,88 @@
+"""A LoRA linear layer as one autograd function equals peft's modules: outputs, gradients, curves."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tuner.model import fast_lora
+
+from test_train import make_trainer
+
+
+class Two(torch.nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.up = torch.nn.Linear(24, 40, bias=bias)
+        self.down = torch.nn.Linear(40, 24, bias=bias)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def peft_pair(bias, dropout, compute_dtype=None):
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_peft_model(Two(bias), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                     target_modules=["up", "down"], init_lora_weights=False))
+        models.append(model)
+    assert fast_lora.enable(models[1], compute_dtype) == 2
+    return models
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_outputs_and_gradients_equal_peft(bias, dropout):
+    plain, fused = peft_pair(bias, dropout)
+    x = torch.randn(3, 5, 24)
+    results = []
+    for model in (plain, fused):
+        torch.manual_seed(1)  # the same dropout masks
+        inputs = x.clone().requires_grad_()
+        out = model(inputs)
+        out.square().sum().backward()
+        results.append((out, inputs.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (out_a, gx_a, grads_a), (out_b, gx_b, grads_b) = results
+    assert torch.allclose(out_a, out_b, atol=1e-5)
+    assert torch.allclose(gx_a, gx_b, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 4
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-4), name
+
+
+def test_bf16_autocast_matches_peft_to_bf16_rounding():
+    """The frozen weights are stored in bf16 (autocast would cast them to it at each call)."""
+    plain, fused = peft_pair(True, 0.0, torch.bfloat16)
+    assert fused.base_model.model.up.base_layer.weight.dtype == torch.bfloat16
+    assert fused.base_model.model.up.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(4, 24)
+    outs = []
+    for model in (plain, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        outs.append((out.float(), model.base_model.model.up.lora_A["default"].weight.grad))
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-2)
+    assert torch.allclose(outs[0][1], outs[1][1], rtol=5e-2, atol=5e-2)
+
+
+def test_merged_or_disabled_adapters_take_peft_path():
+    plain, fused = peft_pair(True, 0.0)
+    x = torch.randn(2, 24)
+    with fused.disable_adapter(), plain.disable_adapter():
+        assert torch.allclose(fused(x), plain(x))
+    fused.merge_adapter()
+    assert torch.allclose(fused(x), plain(x), atol=1e-5)
+
+
+def test_training_with_fused_lora_follows_peft_curve(tmp_path, tiny_model_dir, data_file):
+    """fp32, dropout 0.1 (the same masks: the same RNG calls in the same order): the two paths
+    differ in summation order only; 1e-4 catches any real difference."""
+    curves = []
+    for fused in (True, False):
+        trainer = make_trainer(tmp_path, tiny_model_dir, data_file, work=f"w{fused}", epochs=2, lr=1e-2,
+                               dropout=0.1, options=[f"train.fused_lora={fused}", "train.dtype=fp32"])
+        curves.append(trainer.train())
+        assert (trainer.fused_lora > 0) == fused
+    assert torch.allclose(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4), curves
