@@ -61,3 +61,16 @@ def test_training_with_packed_attention_follows_the_sdpa_curve(tmp_path, tiny_mo
         curves.append(trainer.train())
         assert trainer.attention == (NAME if attention == "auto" else "sdpa")
     assert torch.allclose(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4), curves
+
+
+def test_sliding_window_models_keep_sdpa(tmp_path):
+    """A Mistral-style sliding window is not done per sample: such models keep sdpa."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tuner.model.packed_attention import use_for_training
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=8))
+    assert use_for_training(model, "auto", torch.device("cpu")) == "sdpa"
+    model.config.sliding_window = None
+    assert use_for_training(model, "auto", torch.device("cpu")) == NAME

@@ -143,6 +143,9 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ceiling", type=lambda v: [int(x) for x in v.split(",")], metavar="LEN,LEN,...",
+                        help="instead: one step of batch 1 at each packed length, LoRA with gradient "
+                             "checkpointing, tuner and TRL; prints whether it trained and the peak memory")
     args = parser.parse_args()
     import torch
 
@@ -168,6 +171,8 @@ def main() -> int:
         del model
         load_tokenizer(args.model)
         bf16 = compute != torch.float32
+        if args.ceiling:
+            return ceiling(tmp, args, bf16)
         # TRL checkpoints activations by default, HF Trainer does not: each peer is compared with
         # tuner at its own setting.
         systems = {"tuner_ckpt": lambda: run_tuner(tmp, "tuner_ckpt", data, args, checkpointing=True),
@@ -210,6 +215,35 @@ def main() -> int:
         for line in missed:
             print(f"WARNING: target missed: {line}")
         return 1 if missed else 0
+
+
+def ceiling(tmp: Path, args, bf16: bool) -> int:
+    """The memory ceiling: one optimizer step at each length; a run killed for memory shows its exit code."""
+    from tuner.model.load import resolve_model_path
+
+    script = tmp / "peer.py"
+    script.write_text(PEER)
+    print(f"{args.model}, LoRA r=16 all linear, batch 1, gradient checkpointing, one step; peak memory in GiB")
+    print(f"{'length':>8}{'tuner':>20}{'TRL SFTTrainer':>20}")
+    for length in args.ceiling:
+        data = tmp / f"ceiling_{length}.jsonl"
+        write_data(data, rows=4 * length // 100)  # ~130 tokens a conversation: about 5 full rows
+        cfg = tmp / f"ceiling_{length}.py"
+        cfg.write_text(CONFIG.format(model=args.model, quantization=None, lora="LoraConfig(r=16, alpha=32, dropout=0.0)",
+                                     data=str(data), seq=length, batch=1, steps=1))
+        work = tmp / f"ceiling_work_{length}"
+        code, peak = run([sys.executable, "-m", "tuner", "train", str(cfg), "--work-dir", str(work),
+                          "--cfg-options", "train.gradient_checkpointing=True", "data.shuffle=False"])
+        steps = steps_of(work)
+        cells = [f"{steps[0]['tokens']} tok, {peak / 2**30:.2f}" if code == 0 and steps else f"failed ({code})"]
+        with open(tmp / f"ceiling_trl_{length}.json", "w") as out:
+            code, peak = run([sys.executable, str(script), "trl", resolve_model_path(args.model), str(data), str(length),
+                              "1", "1", "1" if bf16 else "0", str(tmp / f"ceiling_trl_{length}")], stdout=out)
+        lines = [line for line in (tmp / f"ceiling_trl_{length}.json").read_text().splitlines() if line.startswith("{")]
+        trained = json.loads(lines[-1])["steps"] if lines else []
+        cells.append(f"{trained[0]['tokens']} tok, {peak / 2**30:.2f}" if code == 0 and trained else f"failed ({code})")
+        print(f"{length:8}{cells[0]:>20}{cells[1]:>20}", flush=True)
+    return 0
 
 
 def _median(runs: list[dict]) -> dict:
