@@ -1,5 +1,7 @@
 """End-to-end: the real `tuner` commands in subprocesses, as a user runs them."""
 
+import functools
+import io
 import json
 import os
 import subprocess
@@ -89,6 +91,11 @@ def test_list_and_copy_cfg(tmp_path):
     assert (tmp_path / "smollm2_135m_instruct_lora_personal_assistant_e3_copy.py").exists()
     again = tuner("copy-cfg", "smollm2_135m_instruct_lora_personal_assistant_e3", tmp_path, check=False)
     assert again.returncode == 1 and "already exists" in again.stderr
+    # `tuner list-cfg | head -1`: the reader closes the pipe; a quiet exit, no traceback
+    process = subprocess.Popen([sys.executable, "-m", "tuner", "list-cfg"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the interpreter has started, so its first write meets a closed pipe
+    assert process.wait(timeout=60) == 141 and "Traceback" not in process.stderr.read()
 
 
 def _fails_cleanly(result, *fragments):
@@ -98,36 +105,52 @@ def _fails_cleanly(result, *fragments):
         assert fragment in result.stderr, result.stderr
 
 
-def test_errors_are_clear_with_real_exit_codes(tmp_path, tiny_model_dir, data_file):
+def in_process(capsys, *args, stdin: str = "") -> subprocess.CompletedProcess:
+    """`tuner ARGS` through tuner.cli.main in this process: the same code and exit code without
+    the ~5 s a new interpreter takes to import torch and transformers."""
+    from tuner.cli import main
+
+    capsys.readouterr()
+    saved, sys.stdin = sys.stdin, io.StringIO(stdin)
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    finally:
+        sys.stdin = saved
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_errors_are_clear_with_real_exit_codes(tmp_path, tiny_model_dir, data_file, capsys):
+    # real processes: the exit codes a shell sees
     _fails_cleanly(tuner("train", tmp_path / "missing.py", check=False), "config file not found")
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text(data_file.read_text().splitlines()[0] + "\n{not json\n")
     cfg = write_config(tmp_path, tiny_model_dir, bad_data)
     _fails_cleanly(tuner("train", cfg, "--work-dir", tmp_path / "w", check=False), "bad.jsonl:2: malformed JSON")
+    assert tuner("train", check=False).returncode == 2  # usage error
+    # the same entry point in this process
+    run = functools.partial(in_process, capsys)
     cfg = write_config(tmp_path, tiny_model_dir, data_file)
-    _fails_cleanly(tuner("train", cfg, "--cfg-options", "data.template=nope", check=False),
-                   "unknown prompt template 'nope'")
-    _fails_cleanly(tuner("train", cfg, "--cfg-options", "optim.lr=abc", check=False), "could not convert")
-    skipped = tuner("train", write_config(tmp_path, tiny_model_dir, bad_data), "--work-dir", tmp_path / "w3",
-                    "--skip-bad-rows")
+    _fails_cleanly(run("train", cfg, "--cfg-options", "data.template=nope"), "unknown prompt template 'nope'")
+    _fails_cleanly(run("train", cfg, "--cfg-options", "optim.lr=abc"), "could not convert")
+    skipped = run("train", write_config(tmp_path, tiny_model_dir, bad_data), "--work-dir", tmp_path / "w3",
+                  "--skip-bad-rows")
+    assert skipped.returncode == 0, skipped.stderr
     assert "1 bad rows skipped (first: " in skipped.stderr and "bad.jsonl:2: malformed JSON" in skipped.stderr
     broken = tmp_path / "broken.py"
     broken.write_text("from tuner.config import *\nmodel = ModelConfig(path=1)\n")
-    _fails_cleanly(tuner("train", broken, check=False), "broken.py:2: ModelConfig.path must be str")
+    _fails_cleanly(run("train", broken), "broken.py:2: ModelConfig.path must be str")
     missing_rows = tmp_path / "rows.jsonl"
     missing_rows.write_text('{"conversation": []}\n')
-    _fails_cleanly(tuner("train", write_config(tmp_path, tiny_model_dir, missing_rows), check=False),
+    _fails_cleanly(run("train", write_config(tmp_path, tiny_model_dir, missing_rows)),
                    "rows.jsonl:1: cannot tell the format from the columns conversation; set data.format to one of")
-    _fails_cleanly(tuner("train", write_config(tmp_path, tmp_path / "no_model", data_file), check=False),
-                   "model folder not found")
-    _fails_cleanly(tuner("convert", "pth_to_hf", cfg, tmp_path / "nope.pth", tmp_path / "out", check=False),
-                   "cannot read checkpoint")
-    _fails_cleanly(tuner("convert", "merge", tiny_model_dir, tmp_path, tmp_path / "m", check=False),
-                   "not an adapter folder")
-    _fails_cleanly(tuner("chat", tmp_path / "nowhere", stdin="", check=False), "model folder not found")
-    assert tuner("train", check=False).returncode == 2  # usage error
-    assert tuner("train", cfg, "--resume", tmp_path / "x.pth", "--work-dir", tmp_path / "w2",
-                 check=False).returncode == 1
+    _fails_cleanly(run("train", write_config(tmp_path, tmp_path / "no_model", data_file)), "model folder not found")
+    _fails_cleanly(run("convert", "pth_to_hf", cfg, tmp_path / "nope.pth", tmp_path / "out"), "cannot read checkpoint")
+    _fails_cleanly(run("convert", "merge", tiny_model_dir, tmp_path, tmp_path / "m"), "not an adapter folder")
+    _fails_cleanly(run("chat", tmp_path / "nowhere"), "model folder not found")
+    assert run("train", cfg, "--resume", tmp_path / "x.pth", "--work-dir", tmp_path / "w2").returncode == 1
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path, data_file, monkeypatch):

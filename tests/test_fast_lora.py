@@ -26,15 +26,11 @@ def peft_pair(bias, dropout, compute_dtype=None):
         model = get_peft_model(Two(bias), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                      target_modules=["up", "down"], init_lora_weights=False))
         models.append(model)
-    assert fast_lora.enable(models[1], compute_dtype) == 2
+    assert fast_lora.enable(models[1], compute_dtype) == (2, 0)  # two layers, no SwiGLU MLP
     return models
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_outputs_and_gradients_equal_peft(bias, dropout):
-    plain, fused = peft_pair(bias, dropout)
-    x = torch.randn(3, 5, 24)
+def assert_same_outputs_and_gradients(plain, fused, x, adapters: int):
     results = []
     for model in (plain, fused):
         torch.manual_seed(1)  # the same dropout masks
@@ -45,9 +41,16 @@ def test_outputs_and_gradients_equal_peft(bias, dropout):
     (out_a, gx_a, grads_a), (out_b, gx_b, grads_b) = results
     assert torch.allclose(out_a, out_b, atol=1e-5)
     assert torch.allclose(gx_a, gx_b, atol=1e-5)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 4
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * adapters  # A and B of each
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-4), name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_outputs_and_gradients_equal_peft(bias, dropout):
+    plain, fused = peft_pair(bias, dropout)
+    assert_same_outputs_and_gradients(plain, fused, torch.randn(3, 5, 24), adapters=2)
 
 
 def test_bf16_autocast_matches_peft_to_bf16_rounding():
@@ -84,5 +87,69 @@ def test_training_with_fused_lora_follows_peft_curve(tmp_path, tiny_model_dir, d
         trainer = make_trainer(tmp_path, tiny_model_dir, data_file, work=f"w{fused}", epochs=2, lr=1e-2,
                                dropout=0.1, options=[f"train.fused_lora={fused}", "train.dtype=fp32"])
         curves.append(trainer.train())
-        assert (trainer.fused_lora > 0) == fused
+        assert trainer.fused_lora == ((14, 2) if fused else (0, 0))  # 7 LoRA layers and the MLP, 2 blocks
     assert torch.allclose(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4), curves
+
+
+def swiglu_pair(dropout, bias=False):
+    """A Llama MLP with LoRA on its three projections, as peft runs it and as tuner does."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = LlamaMLP(LlamaConfig(hidden_size=24, intermediate_size=56, num_attention_heads=4, mlp_bias=bias))
+
+        def forward(self, x):
+            return self.mlp(x)
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(get_peft_model(Block(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                                         target_modules=["gate_proj", "up_proj", "down_proj"])))
+    assert fast_lora.enable(models[1]) == (3, 1)
+    return models
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_swiglu_mlp_equals_peft(dropout, bias):
+    """SiLU, product and LoRA down projection in one function: the same outputs and gradients
+    as peft's modules, dropout included (the same mask from the same RNG draw)."""
+    plain, fused = swiglu_pair(dropout, bias)
+    assert_same_outputs_and_gradients(plain, fused, torch.randn(3, 7, 24), adapters=3)
+
+
+def test_swiglu_mlp_saves_two_tensors_fewer_per_token():
+    """What autograd keeps for backward, counted through saved-tensor hooks: peft's path keeps
+    silu(gate) and the product besides gate and up (and x, shared by gate and up)."""
+    plain, fused = swiglu_pair(0.0)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    kept = []
+    for model in (plain, fused):
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t is not None and t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        kept.append(sum(n for n in storages.values() if n >= 10 * 56 * 4))  # the MLP-wide (10 x 56) activations
+    assert kept[0] == 4 * 10 * 56 * 4 and kept[1] == 2 * 10 * 56 * 4, kept
+
+
+def test_swiglu_mlp_falls_back_when_adapters_are_off_or_merged():
+    plain, fused = swiglu_pair(0.0)
+    x = torch.randn(2, 24)
+    with fused.disable_adapter(), plain.disable_adapter():
+        assert torch.allclose(fused(x), plain(x))
+    fused.merge_adapter()
+    assert torch.allclose(fused(x), plain(x), atol=1e-5)
+    fused.unmerge_adapter()
+    fused.eval(), plain.eval()  # dropout off in eval mode
+    assert torch.allclose(fused(x), plain(x), atol=1e-5)

@@ -3,12 +3,17 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from tuner.model.packed_attention import NAME, register, segments
+from tuner.model.packed_attention import NAME, register, varlen_kwargs
 
 
-def test_segments_are_runs_of_consecutive_positions():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
-    assert segments(positions) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 9)]]
+def test_samples_are_runs_of_consecutive_positions_and_rows_start_one():
+    """The rows end to end: the second row starts a sample though its first id follows the row
+    before it (8 -> 9 would otherwise continue the last run)."""
+    positions = torch.tensor([[0, 1, 2, 0, 1, 6, 7, 8], [9, 10, 11, 0, 1, 2, 3, 4]])
+    kwargs = varlen_kwargs(positions)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 8, 11, 16]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32  # what FlashAttention's varlen kernel takes
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 5
 
 
 def test_packed_attention_equals_masked_sdpa(tiny_model_dir):
@@ -19,15 +24,22 @@ def test_packed_attention_equals_masked_sdpa(tiny_model_dir):
     positions = torch.tensor([list(range(7)) + list(range(5)) + list(range(4)), list(range(10)) + list(range(6))])
     ids = torch.randint(0, 1000, positions.shape)
     results = []
-    for implementation in ("sdpa", NAME):
+    # the sample starts inferred from the position ids in each layer, and handed in once as the loop does
+    for implementation, kwargs in (("sdpa", {}), (NAME, {}), (NAME, varlen_kwargs(positions))):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=implementation)
-        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False, **kwargs).logits
         logits.square().mean().backward()
         results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
-    (plain, plain_grads), (packed, packed_grads) = results
-    assert torch.allclose(packed, plain, atol=1e-5)
-    for name, grad in plain_grads.items():
-        assert torch.allclose(packed_grads[name], grad, atol=1e-6), name
+    (plain, plain_grads), *packed_results = results
+    for packed, packed_grads in packed_results:
+        assert torch.allclose(packed, plain, atol=1e-5)
+        for name, grad in plain_grads.items():
+            assert torch.allclose(packed_grads[name], grad, atol=1e-6), name
+    # the handed-in starts are the ones used: one sample per row attends across the packed samples
+    whole_rows = varlen_kwargs(torch.arange(positions.shape[1]).expand(2, -1))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=NAME)
+    logits = model(input_ids=ids, position_ids=positions, use_cache=False, **whole_rows).logits
+    assert not torch.allclose(logits, plain, atol=1e-3)
 
 
 def test_generation_falls_back_to_sdpa(tiny_model_dir):

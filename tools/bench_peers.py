@@ -101,38 +101,55 @@ PEER = textwrap.dedent('''
 ''')
 
 
-def run_tuner(tmp: Path, name: str, data: Path, args, quantization=None, lora=True, checkpointing=False) -> dict:
+LORA = "LoraConfig(r=16, alpha=32, dropout=0.0)"
+
+
+def tuner_steps(tmp: Path, name: str, data: Path, model: str, seq: int, batch: int, steps: int,
+                quantization=None, lora=True, options=()) -> tuple[int, list[dict], float]:
+    """One `tuner train` process: (exit code, its per-step metrics, peak RSS)."""
     cfg = tmp / f"{name}.py"
-    cfg.write_text(CONFIG.format(model=args.model, quantization=quantization,
-                                       lora="LoraConfig(r=16, alpha=32, dropout=0.0)" if lora else "None",
-                                       data=str(data), seq=args.seq, batch=args.batch, steps=args.steps))
+    cfg.write_text(CONFIG.format(model=model, quantization=quantization, lora=LORA if lora else "None",
+                                 data=str(data), seq=seq, batch=batch, steps=steps))
     work = tmp / f"work_{name}"
     code, peak = run([sys.executable, "-m", "tuner", "train", str(cfg), "--work-dir", str(work),
-                      "--cfg-options", f"train.gradient_checkpointing={checkpointing}"])
-    steps = steps_of(work)[1:]  # the first step warms up
-    if code != 0 or not steps:
-        return {}
-    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps),
-            "mfu": statistics.median(s["mfu"] for s in steps), "peak": peak}
+                      "--cfg-options", *options])
+    return code, steps_of(work) if code == 0 else [], peak
 
 
-def run_peer(tmp: Path, system: str, data: Path, args, bf16: bool, flops_per_token: float, peak_flops: float) -> dict:
-    """A peer's run in its own process: tokens/s from its per-step JSON, peak RSS watched from outside."""
+def peer_steps(tmp: Path, system: str, data: Path, model: str, seq: int, batch: int, steps: int,
+               bf16: bool) -> tuple[int, list[dict], float]:
+    """One peer process (PEER): (exit code, its per-step times and tokens, peak RSS watched from outside)."""
     from tuner.model.load import resolve_model_path
 
     script = tmp / "peer.py"
     script.write_text(PEER)
-    result_file = tmp / f"{system}.json"
-    command = [sys.executable, str(script), system, resolve_model_path(args.model), str(data), str(args.seq),
-               str(args.batch), str(args.steps + 1), "1" if bf16 else "0", str(tmp / f"out_{system}")]
+    result_file = tmp / f"{system}_{seq}.json"
+    command = [sys.executable, str(script), system, resolve_model_path(model), str(data), str(seq),
+               str(batch), str(steps), "1" if bf16 else "0", str(tmp / f"out_{system}_{seq}")]
     with open(result_file, "w") as out:
         code, peak = run(command, stdout=out)  # prints the peer's stderr when it fails
     lines = [line for line in result_file.read_text().splitlines() if line.startswith("{")]
-    if code != 0 or not lines:
+    return code, json.loads(lines[-1])["steps"] if code == 0 and lines else [], peak
+
+
+def run_tuner(tmp: Path, name: str, data: Path, args, quantization=None, lora=True, checkpointing=False) -> dict:
+    """Medians over the steps after the first (it warms up)."""
+    _, steps, peak = tuner_steps(tmp, name, data, args.model, args.seq, args.batch, args.steps + 1, quantization,
+                                 lora, [f"train.gradient_checkpointing={checkpointing}"])
+    if len(steps) < 2:
+        print(f"tuner ({name}) failed", file=sys.stderr)
+        return {}
+    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps[1:]),
+            "mfu": statistics.median(s["mfu"] for s in steps[1:]), "peak": peak}
+
+
+def run_peer(tmp: Path, system: str, data: Path, args, bf16: bool, flops_per_token: float, peak_flops: float) -> dict:
+    """Medians over the steps after the first, as for tuner; MFU counted as tuner counts it."""
+    code, steps, peak = peer_steps(tmp, system, data, args.model, args.seq, args.batch, args.steps + 1, bf16)
+    if len(steps) < 2:
         print(f"{system} failed (exit {code})", file=sys.stderr)
         return {}
-    steps = json.loads(lines[-1])["steps"][1:]  # the first step warms up
-    tokens_per_s = statistics.median(s["tokens"] / s["time"] for s in steps)
+    tokens_per_s = statistics.median(s["tokens"] / s["time"] for s in steps[1:])
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops, "peak": peak}
 
 
@@ -219,29 +236,16 @@ def main() -> int:
 
 def ceiling(tmp: Path, args, bf16: bool) -> int:
     """The memory ceiling: one optimizer step at each length; a run killed for memory shows its exit code."""
-    from tuner.model.load import resolve_model_path
-
-    script = tmp / "peer.py"
-    script.write_text(PEER)
     print(f"{args.model}, LoRA r=16 all linear, batch 1, gradient checkpointing, one step; peak memory in GiB")
     print(f"{'length':>8}{'tuner':>20}{'TRL SFTTrainer':>20}")
     for length in args.ceiling:
         data = tmp / f"ceiling_{length}.jsonl"
         write_data(data, rows=4 * length // 100)  # ~130 tokens a conversation: about 5 full rows
-        cfg = tmp / f"ceiling_{length}.py"
-        cfg.write_text(CONFIG.format(model=args.model, quantization=None, lora="LoraConfig(r=16, alpha=32, dropout=0.0)",
-                                     data=str(data), seq=length, batch=1, steps=1))
-        work = tmp / f"ceiling_work_{length}"
-        code, peak = run([sys.executable, "-m", "tuner", "train", str(cfg), "--work-dir", str(work),
-                          "--cfg-options", "train.gradient_checkpointing=True", "data.shuffle=False"])
-        steps = steps_of(work)
-        cells = [f"{steps[0]['tokens']} tok, {peak / 2**30:.2f}" if code == 0 and steps else f"failed ({code})"]
-        with open(tmp / f"ceiling_trl_{length}.json", "w") as out:
-            code, peak = run([sys.executable, str(script), "trl", resolve_model_path(args.model), str(data), str(length),
-                              "1", "1", "1" if bf16 else "0", str(tmp / f"ceiling_trl_{length}")], stdout=out)
-        lines = [line for line in (tmp / f"ceiling_trl_{length}.json").read_text().splitlines() if line.startswith("{")]
-        trained = json.loads(lines[-1])["steps"] if lines else []
-        cells.append(f"{trained[0]['tokens']} tok, {peak / 2**30:.2f}" if code == 0 and trained else f"failed ({code})")
+        runs = [tuner_steps(tmp, f"ceiling_{length}", data, args.model, length, 1, 1,
+                            options=["train.gradient_checkpointing=True", "data.shuffle=False"]),
+                peer_steps(tmp, "trl", data, args.model, length, 1, 1, bf16)]
+        cells = [f"{steps[0]['tokens']} tok, {peak / 2**30:.2f}" if steps else f"failed ({code})"
+                 for code, steps, peak in runs]
         print(f"{length:8}{cells[0]:>20}{cells[1]:>20}", flush=True)
     return 0
 

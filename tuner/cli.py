@@ -1,7 +1,8 @@
 """The `tuner` command: list-cfg, copy-cfg, train, convert, chat, serve, web, and the data tools.
 
 Every subcommand exits 0 on success, 1 on an error the user can fix (one clear line,
-no traceback), 2 on bad command-line usage, 130 on Ctrl-C.
+no traceback), 2 on bad command-line usage, 130 on Ctrl-C, 141 when the reader of its output
+has gone (`tuner list-cfg | head -1`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ def cmd_train(args) -> int:
     options += [f"train.report_to={','.join(args.report_to)}"] if args.report_to else []
     cfg = load_config(args.config, options)  # a bad config fails here, before any restart
     if args.argv_from_command_line:
-        allocator.restart_with_faster_allocator(sys.argv[1:])
+        allocator.restart_with_faster_allocator(args.argv)
     if args.launcher == "slurm":
         os.environ.update(dist.slurm_environment(dict(os.environ)))
     else:
-        command = dist.torchrun_command(sys.argv[sys.argv.index("train") + 1:])
+        command = dist.torchrun_command(args.argv[args.argv.index("train") + 1:])
         if command:  # NPROC_PER_NODE > 1: torchrun starts the processes, each runs this command again
             return dist.launch(command)
     from tuner.engine.loop import Trainer
@@ -286,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     args.argv_from_command_line = argv is None  # only a real command line can be run again
-    _quiet_libraries()
+    args.argv = list(map(str, argv)) if argv is not None else sys.argv[1:]
+    if args.command not in ("list-cfg", "copy-cfg", "list-dataset-format"):  # these answer without torch
+        _quiet_libraries()
     try:
         return args.func(args)
     except TunerError as e:
@@ -295,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tuner {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tuner list-cfg | head`: the reader has gone; no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _exit_now_if_distributed(code: int) -> int:

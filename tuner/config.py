@@ -233,7 +233,7 @@ class TrainConfig:
     chunked_loss: bool = True
     """Output head + cross-entropy in chunks, never holding the full logits (one process or DDP)"""
     fused_lora: bool = True
-    """Each LoRA linear layer as one autograd function instead of peft's modules (one process or DDP)"""
+    """LoRA layers (and a SwiGLU MLP's activation with its LoRA down projection) as single autograd functions (one process or DDP)"""
 
     def validate(self):
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]

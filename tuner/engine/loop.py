@@ -37,7 +37,7 @@ from tuner.engine import allocator, zero
 from tuner.model.adapt import apply_lora, count_parameters, prepare_full
 from tuner.model.load import load_model, load_tokenizer
 from tuner.model import fast_lora
-from tuner.model.packed_attention import use_for_training
+from tuner.model import packed_attention
 
 
 @contextlib.contextmanager
@@ -137,7 +137,7 @@ class Trainer:
                 self.info(f"Data: {line}")
             model = load_model(cfg.model, self.device)
         self.collate = getattr(self.sequences, "collate", collate)
-        self.attention = use_for_training(model, cfg.model.attn_implementation, self.device)
+        self.attention = packed_attention.use_for_training(model, cfg.model.attn_implementation, self.device)
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) without hooks
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -150,7 +150,8 @@ class Trainer:
         else:
             model = prepare_full(model, cfg.model.freeze)
         # FSDP and DeepSpeed gather and free weights around forward and backward: they keep peft's path.
-        self.fused_lora = fast_lora.enable(model, self.compute_dtype) if cfg.train.fused_lora and self.strategy in ("single", "ddp") else 0
+        self.fused_lora = (fast_lora.enable(model, self.compute_dtype)  # (LoRA layers, SwiGLU MLPs)
+                           if cfg.train.fused_lora and self.strategy in ("single", "ddp") else (0, 0))
         self.raw_model = model.to(self.device) if cfg.model.quantization is None else model
         self.raw_model.train()
         # The loop calls self.model (wrapped for several processes); everything else uses raw_model.
@@ -163,7 +164,7 @@ class Trainer:
         self.info(f"Model: {cfg.model.path} ({cfg.method}), {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / total:.2f}%), compute dtype {str(self.compute_dtype).replace('torch.', '')}, "
                   f"attention {self.attention}, {allocator.describe()}, "
-                  + (f"{self.fused_lora} LoRA layers fused, " if self.fused_lora else "") +
+                  + ("{} LoRA layers and {} MLPs fused, ".format(*self.fused_lora) if any(self.fused_lora) else "") +
                   f"device {self.device}" + (f", {self.dist.world_size} processes ({self.strategy.upper()})" if self.dist.enabled else ""))
 
         self._budget()
@@ -401,6 +402,8 @@ class Trainer:
         kwargs = {"logits_to_keep": keep} if self.model_takes_logits_to_keep else {}
         if "pixel_values" in batch:  # LLaVA: the images of the batch, in the order of their tokens
             kwargs["pixel_values"] = batch["pixel_values"]
+        if self.attention in (packed_attention.NAME, "flash_attention_2"):  # sample starts, once for all layers
+            kwargs.update(packed_attention.varlen_kwargs(batch["position_ids"]))
         if self.fused_head is not None:  # the model returns hidden states; the head runs in the loss, in chunks
             base, head = self.fused_head
             base.lm_head = torch.nn.Identity()

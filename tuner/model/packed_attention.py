@@ -17,13 +17,21 @@ import torch.nn.functional as F
 NAME = "tuner_packed"
 
 
-def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per batch row, the (start, end) of each run of consecutive position ids."""
-    rows = []
-    for row in position_ids.tolist():
-        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1] + 1]
-        rows.append(list(zip(starts, starts[1:] + [len(row)])))
-    return rows
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """Where the samples of a packed batch start, in FlashAttention's varlen form: the rows laid end
+    to end, `cu_seq_lens` the start of every run of consecutive position ids plus the total length.
+
+    The loop computes this once per batch and hands it to the model, which passes it to every
+    layer's attention (tuner_packed and flash_attention_2 both read it): transformers would
+    otherwise infer it again in every layer, and for flash_attention_2 only when the batch has a
+    single row (with two or more rows, samples of a row would attend to each other)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1
+    starts[::position_ids.shape[-1]] = True  # every row starts a sample
+    cu = torch.cat([starts.nonzero().view(-1), flat.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -37,14 +45,19 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
-    rows = []
-    for b, row in enumerate(segments(position_ids.expand(query.shape[0], -1))):
-        q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
-        rows.append(torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], dropout_p=dropout,
-                                                              scale=scaling, is_causal=True, enable_gqa=gqa)
-                               for s, e in row], dim=2))
-    out = torch.cat(rows).transpose(1, 2).contiguous()
+    batch, heads, length, dim = query.shape
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or int(cu[-1]) != batch * length:  # not handed in by the loop: from the position ids
+        cu = varlen_kwargs(position_ids.expand(batch, -1))["cu_seq_lens_q"]
+    bounds = cu.tolist()
+    gqa = heads != key.shape[1]
+    pieces = []
+    for start, end in zip(bounds, bounds[1:]):  # samples never cross rows: every row starts one
+        row, s, e = start // length, start % length, start % length + end - start
+        q, k, v = query[row:row + 1, :, s:e], key[row:row + 1, :, s:e], value[row:row + 1, :, s:e]
+        pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                     enable_gqa=gqa))
+    out = torch.cat(pieces, dim=2).transpose(1, 2).reshape(batch, length, heads, dim)
     return out, None
 
 
