@@ -97,9 +97,12 @@ def test_freeze_patterns_keep_weights(tmp_path, tiny_model_dir, data_file):
         assert torch.equal(param, before[name]) == frozen, name
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, data_file):
-    plain = make(tmp_path, tiny_model_dir, data_file, work="plain", epochs=1).train()
-    checkpointed = make(tmp_path, tiny_model_dir, data_file, work="gc", epochs=1,
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, data_file, dropout):
+    """With dropout too: the recomputed forward draws the same masks (the fused LoRA functions'
+    included), as checkpointing restores the RNG state."""
+    plain = make(tmp_path, tiny_model_dir, data_file, work="plain", epochs=1, dropout=dropout).train()
+    checkpointed = make(tmp_path, tiny_model_dir, data_file, work="gc", epochs=1, dropout=dropout,
                         options=["train.gradient_checkpointing=true"]).train()
     assert checkpointed == pytest.approx(plain, rel=1e-5)
 

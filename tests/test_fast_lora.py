@@ -122,6 +122,21 @@ def test_swiglu_mlp_equals_peft(dropout, bias):
     assert_same_outputs_and_gradients(plain, fused, torch.randn(3, 7, 24), adapters=3)
 
 
+def test_swiglu_mlp_under_bf16_autocast_matches_peft_to_bf16_rounding():
+    plain, fused = swiglu_pair(0.0)
+    x = torch.randn(4, 24)
+    results = []
+    for model in (plain, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        results.append((out.float(), model.base_model.model.mlp.down_proj.lora_A["default"].weight.grad,
+                        model.base_model.model.mlp.gate_proj.lora_A["default"].weight.grad))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=5e-2, atol=5e-2)
+
+
 def test_swiglu_mlp_saves_two_tensors_fewer_per_token():
     """What autograd keeps for backward, counted through saved-tensor hooks: peft's path keeps
     silu(gate) and the product besides gate and up (and x, shared by gate and up)."""
