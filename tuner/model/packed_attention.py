@@ -50,13 +50,20 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     if cu is None or int(cu[-1]) != batch * length:  # not handed in by the loop: from the position ids
         cu = varlen_kwargs(position_ids.expand(batch, -1))["cu_seq_lens_q"]
     bounds = cu.tolist()
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]  # samples never cross rows
+    # unbind + split, not a slice per sample: a slice's backward writes its gradient into a zero
+    # tensor of the whole input, so n samples cost n whole-size tensors per layer (quadratic in
+    # the packed length); split's backward is one concatenation.
+    per_row = [[] for _ in range(batch)]
+    for start, n in zip(bounds, lengths):
+        per_row[start // length].append(n)
     gqa = heads != key.shape[1]
     pieces = []
-    for start, end in zip(bounds, bounds[1:]):  # samples never cross rows: every row starts one
-        row, s, e = start // length, start % length, start % length + end - start
-        q, k, v = query[row:row + 1, :, s:e], key[row:row + 1, :, s:e], value[row:row + 1, :, s:e]
-        pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
-                                                     enable_gqa=gqa))
+    for q_row, k_row, v_row, row_lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), per_row):
+        for q, k, v in zip(q_row.split(row_lengths, dim=1), k_row.split(row_lengths, dim=1),
+                           v_row.split(row_lengths, dim=1)):
+            pieces.append(F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, scale=scaling,
+                                                         is_causal=True, enable_gqa=gqa))
     out = torch.cat(pieces, dim=2).transpose(1, 2).reshape(batch, length, heads, dim)
     return out, None
 
