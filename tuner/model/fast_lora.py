@@ -28,16 +28,31 @@ import torch
 import torch.nn.functional as F
 
 
+def _linear_and_adapter(x, xd, weight, bias, lora_a, lora_b, scaling, dtype):
+    """y = x W^T + b + s (xd A^T) B^T in `dtype` (2-D x and xd); returns (y, xd A^T)."""
+    w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+    xa = xd @ a.t()
+    y = torch.addmm(bias.to(dtype), x, w.t()) if bias is not None else x @ w.t()
+    y.addmm_(xa, b.t(), alpha=scaling)
+    return y, xa
+
+
+def _adapter_gradients(g, xd, xa, lora_a, lora_b, scaling, dtype):
+    """For y's gradient g (2-D, in `dtype`): (g's gradient through the adapter at xd A^T, i.e.
+    s g B, and the gradients of A and B in their own dtypes)."""
+    gxa = (g @ lora_b.to(dtype)).mul_(scaling)
+    grad_b = (g.t() @ xa).mul_(scaling).to(lora_b.dtype)
+    grad_a = (gxa.t() @ xd).to(lora_a.dtype)
+    return gxa, grad_a, grad_b
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, dtype):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         xd = x2 if x_dropped is x else x_dropped.reshape(-1, shape[-1]).to(dtype)
-        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-        xa = xd @ a.t()
-        y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-        y.addmm_(xa, b.t(), alpha=scaling)
+        y, xa = _linear_and_adapter(x2, xd, weight, bias, lora_a, lora_b, scaling, dtype)
         ctx.save_for_backward(xd, xa, weight, lora_a, lora_b)
         ctx.scaling, ctx.dtype, ctx.same = scaling, dtype, x_dropped is x
         ctx.x_dtype, ctx.xd_dtype = x.dtype, x_dropped.dtype
@@ -48,10 +63,8 @@ class _LoraLinear(torch.autograd.Function):
         xd, xa, weight, lora_a, lora_b = ctx.saved_tensors
         dtype, s = ctx.dtype, ctx.scaling
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        gxa = (g @ b).mul_(s)
-        grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype)
-        grad_a = (gxa.t() @ xd).to(lora_a.dtype)
+        a = lora_a.to(dtype)
+        gxa, grad_a, grad_b = _adapter_gradients(g, xd, xa, lora_a, lora_b, s, dtype)
         shape = (*grad.shape[:-1], -1)
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0]:
@@ -106,17 +119,11 @@ class _SwiGLULoraDown(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, p, dtype):
         shape = gate.shape
         g, u = gate.reshape(-1, shape[-1]).to(dtype), up.reshape(-1, shape[-1]).to(dtype)
-        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         h = F.silu(g).mul_(u)
-        keep = None
-        if p > 0:
-            keep = torch.empty_like(h, dtype=torch.bool).bernoulli_(1 - p)  # the draw nn.Dropout makes
-            xa = _dropped(h, keep, p) @ a.t()
-        else:
-            xa = h @ a.t()
-        y = torch.addmm(bias.to(dtype), h, w.t()) if bias is not None else h @ w.t()
+        keep = torch.empty_like(h, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None  # nn.Dropout's draw
+        y, xa = _linear_and_adapter(h, h if keep is None else _dropped(h, keep, p), weight, bias, lora_a, lora_b,
+                                    scaling, dtype)
         del h
-        y.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(g, u, keep, xa, weight, lora_a, lora_b)
         ctx.scaling, ctx.p, ctx.dtype, ctx.in_dtypes = scaling, p, dtype, (gate.dtype, up.dtype)
         return y.view(*shape[:-1], -1)
@@ -126,15 +133,12 @@ class _SwiGLULoraDown(torch.autograd.Function):
         g, u, keep, xa, weight, lora_a, lora_b = ctx.saved_tensors
         dtype, s, p = ctx.dtype, ctx.scaling, ctx.p
         G = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a = lora_a.to(dtype)
         sig = torch.sigmoid(g)
         silu = g * sig
         hd = silu * u
-        if keep is not None:
-            hd = _dropped(hd, keep, p)
-        gxa = (G @ b).mul_(s)
-        grad_b = (G.t() @ xa).mul_(s).to(lora_b.dtype)
-        grad_a = (gxa.t() @ hd).to(lora_a.dtype)
+        gxa, grad_a, grad_b = _adapter_gradients(G, hd if keep is None else _dropped(hd, keep, p), xa, lora_a,
+                                                 lora_b, s, dtype)
         del hd
         dh = G @ weight.to(dtype)
         if keep is None:

@@ -50,13 +50,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     if cu is None or int(cu[-1]) != batch * length:  # not handed in by the loop: from the position ids
         cu = varlen_kwargs(position_ids.expand(batch, -1))["cu_seq_lens_q"]
     bounds = cu.tolist()
-    lengths = [end - start for start, end in zip(bounds, bounds[1:])]  # samples never cross rows
     # unbind + split, not a slice per sample: a slice's backward writes its gradient into a zero
     # tensor of the whole input, so n samples cost n whole-size tensors per layer (quadratic in
     # the packed length); split's backward is one concatenation.
-    per_row = [[] for _ in range(batch)]
-    for start, n in zip(bounds, lengths):
-        per_row[start // length].append(n)
+    per_row = [[] for _ in range(batch)]  # each row's sample lengths: samples never cross rows
+    for start, end in zip(bounds, bounds[1:]):
+        per_row[start // length].append(end - start)
     gqa = heads != key.shape[1]
     pieces = []
     for q_row, k_row, v_row, row_lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), per_row):
