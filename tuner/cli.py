@@ -79,7 +79,8 @@ def cmd_convert(args) -> int:
                 " and adapter" if cfg.lora or cfg.llava.visual_encoder_lora else "")
         print(f"Saved the {kind} to {out}")
     else:
-        out = hf.merge(args.base, args.adapter, args.save_dir, max_shard_size=args.max_shard_size, device=args.device)
+        out = hf.merge(args.base, args.adapter, args.save_dir, max_shard_size=args.max_shard_size, device=args.device,
+                       trust_remote_code=args.trust_remote_code)
         print(f"Saved the merged model to {out}")
     return 0
 
@@ -149,6 +150,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-words", nargs="+", default=[], help="extra stop words (the template's are always on)")
     p.add_argument("--context-length", type=int,
                    help="tokens of prompt + reply (default: the model's max_position_embeddings)")
+    add_trust_argument(p)
+
+
+def add_trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model folder's own Python code (models transformers does not know; "
+                        "InternLM2 never needs it: it loads as Llama)")
 
 
 def add_llava_arguments(p: argparse.ArgumentParser) -> None:
@@ -207,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("save_dir")
     m.add_argument("--max-shard-size", default="2GB")
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_trust_argument(m)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal")
@@ -237,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    add_trust_argument(p)
     p.set_defaults(func=cmd_mmbench)
 
     for name, help_text, port in (("serve", "an OpenAI-compatible API server", 8000),

@@ -107,7 +107,8 @@ class ModelConfig:
     is installed, else tuner's per-sample attention for packed rows ('tuner_packed'); 'sdpa' to chat.
     Or name one: 'sdpa', 'eager', 'flash_attention_2', 'tuner_packed'"""
     trust_remote_code: bool = False
-    """Run the model's own code from the hub (InternLM2 needs it)"""
+    """Run the model folder's own Python code (remote code), for models transformers does not know.
+    InternLM2 never needs it: tuner loads it as transformers' Llama"""
 
 
 @section

@@ -36,8 +36,7 @@ evaluation_inputs = ['请给我介绍五个上海的景点', 'Please tell me fiv
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-model = ModelConfig(path=pretrained_model_name_or_path, dtype='bfloat16',
-                    trust_remote_code=True)
+model = ModelConfig(path=pretrained_model_name_or_path, dtype='bfloat16')
 lora = None  # full fine-tuning: every weight trains (float32 master weights)
 
 #######################################################################

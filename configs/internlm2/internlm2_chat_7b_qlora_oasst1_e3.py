@@ -46,8 +46,7 @@ def oasst1_map_fn(row):
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-model = ModelConfig(path=pretrained_model_name_or_path, dtype='bfloat16', quantization='4bit',
-                    trust_remote_code=True)
+model = ModelConfig(path=pretrained_model_name_or_path, dtype='bfloat16', quantization='4bit')
 lora = LoraConfig(r=64, alpha=16, dropout=0.1, target_modules='all-linear')
 
 #######################################################################

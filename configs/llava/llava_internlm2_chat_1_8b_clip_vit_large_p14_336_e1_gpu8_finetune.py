@@ -40,7 +40,7 @@ evaluation_inputs = ['请描述一下这张照片', 'Please describe this pictur
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-model = ModelConfig(path=llm_name_or_path, dtype='bfloat16', trust_remote_code=True)
+model = ModelConfig(path=llm_name_or_path, dtype='bfloat16')
 lora = None  # the LLM trains in full (freeze_llm=False)
 llava = LlavaConfig(visual_encoder=visual_encoder_name_or_path, image_folder=image_folder,
                     freeze_llm=False, freeze_visual_encoder=True, pretrained_pth=pretrained_pth,

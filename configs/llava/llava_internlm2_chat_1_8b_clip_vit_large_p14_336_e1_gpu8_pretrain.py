@@ -39,7 +39,7 @@ evaluation_inputs = ['请描述一下这张照片', 'Please describe this pictur
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-model = ModelConfig(path=llm_name_or_path, dtype='bfloat16', trust_remote_code=True)
+model = ModelConfig(path=llm_name_or_path, dtype='bfloat16')
 lora = None  # the LLM is frozen in this stage
 llava = LlavaConfig(visual_encoder=visual_encoder_name_or_path, image_folder=image_folder,
                     freeze_llm=True, freeze_visual_encoder=True, pretrained_pth=None,

@@ -9,16 +9,15 @@ import torch
 
 from tuner.engine.device import default_device, resolve_compute_dtype
 from tuner.errors import TunerError
-from tuner.model.load import _from_pretrained, load_tokenizer, resolve_model_path
+from tuner.model.adapt import load_adapter
+from tuner.model.load import load_causal_lm, load_tokenizer, resolve_model_path
 
 TORCH_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: str = "auto",
                     bits: int | None = None, offload_folder: str | None = None, max_memory: dict | None = None,
-                    warn=print):
+                    warn=print, trust_remote_code: bool = False):
     """(model, tokenizer, compute dtype) ready for `Generator`; warns when weights live off the device."""
-    from transformers import AutoModelForCausalLM
-
     device = default_device()
     path = resolve_model_path(model_path)
     kwargs: dict = {"dtype": TORCH_DTYPES[torch_dtype]}
@@ -26,20 +25,16 @@ def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: st
         kwargs["quantization_config"] = _quantization(bits, torch_dtype)
     if offload_folder or max_memory:
         kwargs.update(device_map="auto", offload_folder=offload_folder, max_memory=max_memory)
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, **kwargs)
+    model = load_causal_lm(path, trust_remote_code, **kwargs)
     if not bits and "device_map" not in kwargs:
         model.to(device)
     if adapter:
-        from peft import PeftModel
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise TunerError(f"{adapter} holds no adapter_config.json: not a LoRA adapter folder",
-                             hint="convert a training checkpoint first: tuner convert pth_to_hf CONFIG iter_N.pth DIR")
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter, path)
     model.eval()
     for line in offload_warnings(getattr(model, "hf_device_map", None) or {}, device):
         warn(f"Warning: {line}")
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
-    tokenizer = load_tokenizer(tokenizer_source)
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
     return model, tokenizer, resolve_compute_dtype(torch_dtype, device)
 
 
@@ -84,7 +79,8 @@ def generator_from_args(args, with_images: bool = False):
 
         dtype = TORCH_DTYPES[args.torch_dtype] if args.torch_dtype != "auto" else torch.float32
         model, tokenizer, vision, template = load_llava_for_chat(args.model, getattr(args, "llava", None),
-                                                                 getattr(args, "visual_encoder", None), dtype)
+                                                                 getattr(args, "visual_encoder", None), dtype,
+                                                                 getattr(args, "trust_remote_code", False))
         device = default_device()
         generator = Generator(model.to(device), tokenizer, args.prompt_template or template, stop_words,
                               compute_dtype=resolve_compute_dtype(args.torch_dtype, device),
@@ -92,6 +88,7 @@ def generator_from_args(args, with_images: bool = False):
         generator.vision = vision
         return generator
     model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype, args.bits,
-                                                args.offload_folder, warn=lambda line: print(line, file=sys.stderr))
+                                                args.offload_folder, warn=lambda line: print(line, file=sys.stderr),
+                                                trust_remote_code=getattr(args, "trust_remote_code", False))
     return Generator(model, tokenizer, args.prompt_template, stop_words, compute_dtype=compute,
                      context_length=context_length)

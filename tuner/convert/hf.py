@@ -19,7 +19,8 @@ import torch
 from tuner.config import Config
 from tuner.engine.checkpoint import load_checkpoint
 from tuner.errors import TunerError
-from tuner.model.load import DTYPES, load_tokenizer, resolve_model_path
+from tuner.model.adapt import load_adapter
+from tuner.model.load import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
 
 
 @contextmanager
@@ -84,12 +85,8 @@ def _write_adapter(cfg: Config, weights: dict, out: Path) -> None:
 
 
 def _write_full_model(cfg: Config, weights: dict, out: Path, max_shard_size: str) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    base = resolve_model_path(cfg.model.path)
-    config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):  # no second copy of the weights: the checkpoint's tensors are used as they are
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    # meta: no second copy of the weights; the checkpoint's tensors are used as they are
+    model = load_causal_lm(cfg.model.path, cfg.model.trust_remote_code, meta=True)
     model.load_state_dict(weights, assign=True, strict=False)
     model.tie_weights()  # a tied output head is saved once, under the embedding's name
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -108,19 +105,16 @@ def pick_device(name: str) -> str:
 
 
 def merge(base: str, adapter: str | Path, save_dir: str | Path, max_shard_size: str = "2GB",
-          device: str = "auto") -> Path:
+          device: str = "auto", trust_remote_code: bool = False) -> Path:
     """Base + adapter -> one model folder, in the base's own dtype, with tokenizer and chat template."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise TunerError(f"{adapter} is not an adapter folder (no adapter_config.json); "
                          "make one with `tuner convert pth_to_hf`")
     with fresh_output_dir(save_dir) as out:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype="auto",
-                                                     device_map=pick_device(device))
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        folder = resolve_model_path(base)
+        model = load_causal_lm(folder, trust_remote_code, dtype="auto", device_map=pick_device(device))
+        model = load_adapter(model, adapter, folder).merge_and_unload()
         model.save_pretrained(out, max_shard_size=max_shard_size)
-        load_tokenizer(base).save_pretrained(out)
+        load_tokenizer(base, trust_remote_code).save_pretrained(out)
     return Path(save_dir)

@@ -35,7 +35,7 @@ from tuner.errors import Interrupted, TunerError
 from tuner.engine import strategy as strategies
 from tuner.engine import allocator, zero
 from tuner.model.adapt import apply_lora, count_parameters, prepare_full
-from tuner.model.load import load_model, load_tokenizer
+from tuner.model.load import describe_conversion, load_model, load_tokenizer
 from tuner.model import fast_lora
 from tuner.model import packed_attention
 
@@ -138,6 +138,11 @@ class Trainer:
             model = load_model(cfg.model, self.device)
         self.collate = getattr(self.sequences, "collate", collate)
         self.attention = packed_attention.use_for_training(model, cfg.model.attn_implementation, self.device)
+        if cfg.data.pack and cfg.llava is None:
+            packed_attention.check_packing(model, self.attention)
+        converted = describe_conversion(cfg.model.path)
+        if converted:
+            self.info(f"Model: {converted}")
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) without hooks
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

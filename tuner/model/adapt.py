@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -44,3 +45,27 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def load_adapter(model, adapter: str | Path, base_folder: str | Path | None = None):
+    """A saved PEFT adapter on `model` (a PeftModel). An adapter trained on InternLM2 (target modules
+    wqkv, wo, w1, w2, w3, as XTuner trains them) is converted to the Llama names of the converted
+    base first (the wqkv LoRA split into q/k/v)."""
+    import json
+    import tempfile
+
+    from peft import PeftModel
+
+    from tuner.model import internlm2
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise TunerError(f"{adapter} holds no adapter_config.json: not a LoRA adapter folder",
+                         hint="convert a training checkpoint first: tuner convert pth_to_hf CONFIG iter_N.pth DIR")
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    source = internlm2.converted_from(base_folder) if base_folder else None
+    if source and internlm2.is_internlm2_adapter(adapter_config):
+        with tempfile.TemporaryDirectory(prefix="tuner-adapter-") as tmp:
+            converted = internlm2.convert_adapter(adapter, internlm2.read_config(Path(source)), Path(tmp))
+            return PeftModel.from_pretrained(model, str(converted))
+    return PeftModel.from_pretrained(model, str(adapter))

@@ -1,7 +1,10 @@
-"""Load a model and tokenizer from a local folder, the hub, or the embedded model."""
+"""The one model loader: a model, its config and tokenizer from a local folder, the hub, or the
+embedded model, with InternLM2 converted to Llama on the way."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -13,7 +16,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(path: str) -> str:
-    """'smollm2-135m-instruct' -> its cached folder; a local folder -> itself; else a hub id."""
+    """'smollm2-135m-instruct' -> its cached folder; a local folder -> itself; else a hub id.
+    An InternLM2 folder (local or from the hub) -> its Llama conversion in tuner's cache."""
     if path == EMBEDDED_MODEL:
         from tuner.model.embedded import embedded_model_dir
         return str(embedded_model_dir())
@@ -21,16 +25,56 @@ def resolve_model_path(path: str) -> str:
     if local.exists():
         if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
             raise TunerError(f"{path} is a folder but holds no config.json: not an HF model folder")
-        return str(local)
+        return _native(local)
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise TunerError(f"model folder not found: {path}")
-    return path  # a hub id such as internlm/internlm2-chat-1_8b
+    hub_folder = _hub_internlm2_folder(path)
+    return _native(hub_folder) if hub_folder else path  # a hub id such as Qwen/Qwen2.5-0.5B-Instruct
 
 
-def _from_pretrained(loader, path: str, **kwargs):
-    """Call a transformers loader; turn 'offline' and 'not found' into one clear message."""
+def _native(folder: Path) -> str:
+    from tuner.model import internlm2
+
+    return str(internlm2.converted_dir(folder)) if internlm2.is_internlm2(folder) else str(folder)
+
+
+def _hub_internlm2_folder(repo_id: str) -> Path | None:
+    """A hub model whose config says internlm2, downloaded (its weights, config and tokenizer; no
+    code) so it can be converted; None for any other model, or when the hub cannot be reached
+    (the loader then reports that)."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception:  # offline, no such repo, ...: from_pretrained gives the message
+        return None
+    if config.get("model_type") != "internlm2":
+        return None
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"]))
+
+
+def describe_conversion(path: str) -> str | None:
+    """'converted from InternLM2 (...) to transformers' Llama' for a converted folder, else None."""
+    from tuner.model.internlm2 import converted_from
+
+    source = converted_from(resolve_model_path(path))
+    return f"InternLM2 {source}, loaded as transformers' Llama (converted, no remote code)" if source else None
+
+
+def call_loader(loader, path: str, **kwargs):
+    """Call a transformers loader; turn 'offline', 'not found', 'needs remote code' and a missing
+    tokenizer package into one clear message."""
     try:
         return loader(path, **kwargs)
+    except ImportError as e:
+        missing = getattr(e, "name", None) or _missing_package(str(e))
+        raise TunerError(f"loading {path} needs the package {missing or str(e).splitlines()[0]}",
+                         hint=f"pip install {missing}" if missing else None) from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise TunerError(f"{path} runs its own code from the model folder (remote code); tuner does not run it "
+                             "unless told to", hint="pass --trust-remote-code (model.trust_remote_code=True in a "
+                             "config) if you trust that code") from None
+        raise
     except OSError as e:
         if Path(path).exists():
             raise TunerError(f"could not load {path}: {e}") from None
@@ -40,26 +84,56 @@ def _from_pretrained(loader, path: str, **kwargs):
                  f"or use the embedded model '{EMBEDDED_MODEL}'") from None
 
 
+def _missing_package(message: str) -> str | None:
+    """'... requires the SentencePiece library ...' / "No module named 'tiktoken'" -> the pip name."""
+    listed = re.search(r"packages that were not found in your environment: ([\w\-, ]+)", message)
+    if listed:  # transformers' check of a remote code file's imports
+        return " ".join(p.strip() for p in listed.group(1).split(","))
+    lowered = message.lower()
+    for package in ("sentencepiece", "tiktoken", "protobuf", "blobfile", "einops", "flash_attn"):
+        if package in lowered.replace("-", "").replace(" ", ""):
+            return package.replace("_", "-")
+    found = re.search(r"No module named '([\w.]+)'", message)
+    return found.group(1).split(".")[0] if found else None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, resolve_model_path(path),
+    tokenizer = call_loader(AutoTokenizer.from_pretrained, resolve_model_path(path),
                                  trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_training: bool = True):
-    """The base model in `cfg.dtype`, quantized with bitsandbytes when `cfg.quantization` is set."""
+def load_config(path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return call_loader(AutoConfig.from_pretrained, resolve_model_path(path), trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = False, **kwargs):
+    """The one place a causal LM is loaded (training, chat, serve, merge, LLaVA): a local folder,
+    the hub, the embedded model, InternLM2 as Llama. `meta`: the structure only, no weights read."""
     from transformers import AutoModelForCausalLM
 
+    resolved = resolve_model_path(path)
+    if meta:
+        config = load_config(resolved, trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return call_loader(AutoModelForCausalLM.from_pretrained, resolved, trust_remote_code=trust_remote_code,
+                            **kwargs)
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_training: bool = True):
+    """The base model in `cfg.dtype`, quantized with bitsandbytes when `cfg.quantization` is set."""
     attention = cfg.attn_implementation if cfg.attn_implementation not in ("auto", "tuner_packed") else "sdpa"
-    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention,
-                  trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention)
     if cfg.quantization:
         kwargs["quantization_config"] = _bnb_config(cfg)
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, resolve_model_path(cfg.path), **kwargs)
+    model = load_causal_lm(cfg.path, cfg.trust_remote_code, **kwargs)
     if cfg.quantization:
         _guard_cpu_4bit(model)
     elif str(device) != "cpu":

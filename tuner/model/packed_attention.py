@@ -113,3 +113,24 @@ def use_for_training(model, requested: str, device: torch.device) -> str:
         return model.config._attn_implementation
     model.set_attn_implementation(chosen)
     return chosen
+
+
+def check_packing(model, attention: str) -> None:
+    """Refuse packed rows when the model's attention would let their samples see each other.
+
+    transformers' own models keep the samples of a packed row apart by their restarting position
+    ids, whatever the attention (tuner_packed and flash_attention_2 compute per sample; sdpa and
+    eager get a block-diagonal mask). A model whose code is not transformers' (remote code) builds
+    its own causal mask and ignores the position ids."""
+    from tuner.errors import TunerError
+
+    native = type(model).__module__.startswith("transformers.") and type(model)._supports_attention_backend
+    if not native:
+        raise TunerError(
+            f"data.pack=True, but {type(model).__name__} runs its own code (remote code) and its attention does "
+            "not keep the packed samples apart: each sample would see the ones before it",
+            hint="set data.pack=False (pack_to_max_length = False in a config), or use a model transformers "
+                 "supports natively")
+    if attention not in (NAME, "flash_attention_2", "sdpa", "eager", "flex_attention"):
+        raise TunerError(f"data.pack=True with attention {attention!r}, which tuner has not checked keeps the packed "
+                         "samples apart", hint="set model.attn_implementation='auto' or data.pack=False")

@@ -88,19 +88,18 @@ def write_llava_hf(cfg: Config, weights: dict, out: Path, max_shard_size: str) -
     processor.save_pretrained(out)
 
 
-def load_llava_for_chat(model_path: str, llava_dir: str | None, visual_encoder: str | None, dtype: torch.dtype):
+def load_llava_for_chat(model_path: str, llava_dir: str | None, visual_encoder: str | None, dtype: torch.dtype,
+                        trust_remote_code: bool = False):
     """(model, tokenizer, VisionInfo, template name) from an HF Llava folder, or from the LLM
     plus a pth_to_hf folder (projector, optional adapter, recipe)."""
-    from transformers import AutoConfig
-
-    from tuner.model.load import resolve_model_path
+    from tuner.model.load import load_config, resolve_model_path
 
     if llava_dir is None:  # MODEL itself is a LlavaForConditionalGeneration folder
         from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
         from tuner.model.load import load_tokenizer
         path = resolve_model_path(model_path)
-        if AutoConfig.from_pretrained(path).model_type != "llava":
+        if load_config(path).model_type != "llava":
             raise TunerError(f"{model_path} is not a LLaVA model folder; give --llava DIR (a pth_to_hf folder)")
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
         tokenizer = load_tokenizer(path)
@@ -115,9 +114,10 @@ def load_llava_for_chat(model_path: str, llava_dir: str | None, visual_encoder: 
     llava = LlavaConfig(visual_encoder=visual_encoder or recipe["visual_encoder"], select_layer=recipe["select_layer"],
                         pad_image_to_square=recipe["pad_image_to_square"])
     tokenizer = tokenizer_with_image_token(llava_dir)
+    trust = trust_remote_code or bool(recipe.get("trust_remote_code"))
     model = build_llava(ModelConfig(path=model_path, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16",
-                                                           torch.float16: "float16"}.get(dtype, "auto")),
-                        llava, tokenizer)
+                                                           torch.float16: "float16"}.get(dtype, "auto"),
+                                    trust_remote_code=trust), llava, tokenizer)
     load_projector(model, llava_dir)
     if (Path(llava_dir) / "adapter_config.json").exists():
         from peft import PeftModel

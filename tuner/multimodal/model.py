@@ -18,7 +18,7 @@ import torch
 
 from tuner.config import Config, LlavaConfig, ModelConfig
 from tuner.errors import TunerError
-from tuner.model.load import DTYPES, _from_pretrained, load_tokenizer, resolve_model_path
+from tuner.model.load import DTYPES, call_loader, load_causal_lm, load_config, load_tokenizer, resolve_model_path
 
 IMAGE_TOKEN = "<image>"
 RECIPE_FILE = "llava.json"
@@ -71,7 +71,7 @@ def encoder_vision_config(name: str):
     """The vision half's config of a CLIP or SigLIP model (a full model or its vision tower)."""
     from transformers import AutoConfig
 
-    config = _from_pretrained(AutoConfig.from_pretrained, resolve_model_path(name))
+    config = load_config(name)
     vision_config = getattr(config, "vision_config", config)
     if vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
         raise TunerError(f"{name}: the visual encoder must be a CLIP or SigLIP model, got {config.model_type}")
@@ -85,7 +85,7 @@ def tokens_per_image(vision_config) -> int:
 def vision_info(llava: LlavaConfig, tokenizer) -> VisionInfo:
     from transformers import AutoImageProcessor
 
-    processor = _from_pretrained(AutoImageProcessor.from_pretrained, resolve_model_path(llava.visual_encoder))
+    processor = call_loader(AutoImageProcessor.from_pretrained, resolve_model_path(llava.visual_encoder))
     return VisionInfo(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                       tokens_per_image(encoder_vision_config(llava.visual_encoder)), processor,
                       llava.pad_image_to_square)
@@ -95,24 +95,22 @@ def build_llava(model_cfg: ModelConfig, llava: LlavaConfig, tokenizer, meta: boo
     """LlavaForConditionalGeneration from the LLM in `model_cfg` and `llava.visual_encoder`: the
     loaded towers are put in place as they are (no copy), the projector is new. `meta`: the
     structure only, no weights read (to name layers)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, LlavaConfig as HFLlavaConfig
+    from transformers import CLIPVisionModel, LlavaConfig as HFLlavaConfig
     from transformers import LlavaForConditionalGeneration, SiglipVisionModel
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     dtype = DTYPES[model_cfg.dtype]
-    llm_path, remote = resolve_model_path(model_cfg.path), model_cfg.trust_remote_code
+    remote = model_cfg.trust_remote_code
     encoder_path = resolve_model_path(llava.visual_encoder)
     vision_config = encoder_vision_config(llava.visual_encoder)
     kinds = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
     if meta:
+        llm = load_causal_lm(model_cfg.path, remote, meta=True)
         with torch.device("meta"):
-            llm = AutoModelForCausalLM.from_config(
-                _from_pretrained(AutoConfig.from_pretrained, llm_path, trust_remote_code=remote),
-                trust_remote_code=remote)
             encoder = kinds[vision_config.model_type](vision_config)
     else:
-        llm = _from_pretrained(AutoModelForCausalLM.from_pretrained, llm_path, dtype=dtype, trust_remote_code=remote)
-        encoder = _from_pretrained(kinds[vision_config.model_type].from_pretrained, encoder_path, dtype=dtype)
+        llm = load_causal_lm(model_cfg.path, remote, dtype=dtype)
+        encoder = call_loader(kinds[vision_config.model_type].from_pretrained, encoder_path, dtype=dtype)
     if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
         _add_token_rows(llm, len(tokenizer))
     config = HFLlavaConfig(vision_config=encoder.config.to_dict(), text_config=llm.config.to_dict(),
@@ -126,7 +124,7 @@ def build_llava(model_cfg: ModelConfig, llava: LlavaConfig, tokenizer, meta: boo
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = encoder
     model.model.language_model = llm.model
-    model.lm_head = llm.lm_head
+    model.lm_head = llm.get_output_embeddings()  # `lm_head` in most families, not in every one
     with torch.random.fork_rng():  # the new projector starts the same in every run; the run's own seed stays
         torch.manual_seed(0)
         model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(torch.float32)
@@ -217,5 +215,6 @@ def load_projector(model, source: str) -> int:
 def write_recipe(out: Path, cfg: Config) -> None:
     recipe = {"llm": cfg.model.path, "visual_encoder": cfg.llava.visual_encoder, "select_layer": cfg.llava.select_layer,
               "pad_image_to_square": cfg.llava.pad_image_to_square, "lora": cfg.lora is not None or
-              cfg.llava.visual_encoder_lora is not None, "template": cfg.data.template}
+              cfg.llava.visual_encoder_lora is not None, "template": cfg.data.template,
+              "trust_remote_code": cfg.model.trust_remote_code}
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")

@@ -1,0 +1,180 @@
+"""InternLM2 loads as transformers' own Llama: tokenizer, logits, adapters and the whole CLI,
+on a tiny InternLM2 checkpoint written the way the hub ships one (tests/internlm2_fixture.py)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import internlm2_fixture as fx
+from test_cli import tuner
+
+
+@pytest.fixture(scope="session")
+def sp_model():
+    return fx.sentencepiece_model()
+
+
+def _converted(folder):
+    from tuner.model.load import resolve_model_path
+    return resolve_model_path(str(folder))
+
+
+@pytest.fixture(scope="session")
+def internlm2_dir(tmp_path_factory, sp_model):
+    """A tiny InternLM2 folder; its conversion in tuner's cache is removed afterwards."""
+    folder = fx.write_checkpoint(tmp_path_factory.mktemp("internlm2") / "internlm2-chat-tiny", sp_model)
+    yield folder
+    from tuner.model.internlm2 import converted_dir
+    shutil.rmtree(converted_dir(folder), ignore_errors=True)
+
+
+@pytest.fixture
+def make_internlm2(tmp_path, sp_model):
+    made = []
+
+    def make(**config):
+        folder = fx.write_checkpoint(tmp_path / f"internlm2-{len(made)}", sp_model, fx.config(**config))
+        made.append(folder)
+        return folder
+    yield make
+    from tuner.model.internlm2 import converted_dir
+    for folder in made:
+        shutil.rmtree(converted_dir(folder), ignore_errors=True)
+
+
+def _logits(folder, ids, attention="sdpa"):
+    from tuner.model.load import load_causal_lm
+
+    model = load_causal_lm(str(folder), dtype=torch.float32, attn_implementation=attention)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double(), model
+
+
+def test_tokenizer_is_transformers_own_and_equals_sentencepiece(internlm2_dir, sp_model):
+    import sentencepiece as spm
+
+    from tuner.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(str(internlm2_dir))
+    reference = spm.SentencePieceProcessor(model_proto=sp_model)
+    assert type(tokenizer).__module__.startswith("transformers.")  # not the remote tokenizer code
+    assert len(tokenizer) == 92544
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [92543, 92542]
+    for text in ["Hello world", "你好，世界。", "  leading and trailing  ", "a\nb\n\nc", "2 + 3 = 5",
+                 "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == 1 and ids[1:] == reference.encode(text), text  # <s>, then exactly sentencepiece's ids
+        assert tokenizer.decode(ids[1:]) == text
+
+
+def test_tokenizer_with_a_dummy_prefix_equals_sentencepiece(tmp_path):
+    """transformers' generic SentencePiece conversion ignores add_dummy_prefix; tuner restores it."""
+    import sentencepiece as spm
+
+    from tuner.model.internlm2 import tokenizer as internlm2_tokenizer
+
+    model = fx.sentencepiece_model(add_dummy_prefix=True)
+    folder = fx.write_checkpoint(tmp_path / "prefixed", model)
+    tokenizer = internlm2_tokenizer(folder)
+    reference = spm.SentencePieceProcessor(model_proto=model)
+    for text in ["Hello world", "The quick brown fox", "你好"]:
+        assert tokenizer(text)["input_ids"][1:] == reference.encode(text), text
+
+
+@pytest.mark.parametrize("config", [dict(), dict(heads=8, kv_heads=2), dict(heads=4, kv_heads=4), dict(bias=True),
+                                    dict(rope_scaling={"type": "dynamic", "factor": 2.0}),
+                                    dict(rope_scaling={"type": "linear", "factor": 2.0})],
+                         ids=["gqa2", "gqa4", "mha", "bias", "dynamic_ntk", "linear"])
+def test_logits_equal_the_fused_qkv_reference(make_internlm2, config):
+    folder = make_internlm2(**config)
+    cfg = fx.config(**config)
+    ids = list(range(3, 300)) if "rope_scaling" in config else [1, 355, 369, 92543, 13, 415, 273, 92542]
+    ours, model = _logits(folder, ids)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (ours - fx.reference_logits(fx.weights(cfg), cfg, ids)).abs().max() < 2e-5
+
+
+def test_converted_folder_is_a_plain_llama_folder(internlm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _converted(internlm2_dir)
+    config = json.loads((folder_path := __import__("pathlib").Path(folder)).joinpath("config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    assert "auto_map" not in json.loads((folder_path / "tokenizer_config.json").read_text())
+    assert not list(folder_path.glob("*.py"))
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)  # plain transformers
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") == 92543
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert model.generation_config.eos_token_id == [2, 92542]
+    assert _converted(internlm2_dir) == folder  # converted once: the second call finds it
+
+
+def test_packed_rows_keep_converted_samples_apart(internlm2_dir):
+    """Two samples in one packed row give the same logits as each alone (tuner_packed and sdpa)."""
+    from tuner.model import packed_attention
+
+    a, b = [1, 355, 369, 13], [1, 316, 499, 314, 92542]
+    for attention in ("sdpa", packed_attention.register()):
+        _, model = _logits(internlm2_dir, a, attention)
+        position_ids = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+        with torch.no_grad():
+            packed = model(torch.tensor([a + b]), position_ids=position_ids, use_cache=False).logits[0]  # as in training
+            alone = model(torch.tensor([b])).logits[0]
+        assert (packed[len(a):] - alone).abs().max() < 1e-5, attention
+
+
+def test_an_xtuner_adapter_loads_onto_the_converted_model(internlm2_dir, tmp_path):
+    """LoRA on wqkv/wo/w1/w2/w3, as XTuner saves it: its wqkv B rows are split like wqkv."""
+    from tuner.model.adapt import load_adapter
+
+    adapter = fx.xtuner_adapter(tmp_path / "xtuner_adapter", fx.config())
+    ids = [1, 355, 369, 92543, 13, 415, 273, 92542]
+    _, model = _logits(internlm2_dir, ids)
+    model = load_adapter(model, adapter, _converted(internlm2_dir))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].double()
+    expected = fx.reference_logits(fx.reference_with_adapter(fx.weights(fx.config()), adapter), fx.config(), ids)
+    assert (ours - expected).abs().max() < 2e-5
+    without = fx.reference_logits(fx.weights(fx.config()), fx.config(), ids)
+    assert (expected - without).abs().max() > 1e-3  # the adapter does change the output
+
+
+@pytest.mark.slow
+def test_internlm2_workflow_through_the_cli(tmp_path, internlm2_dir):
+    """The built-in InternLM2 config, pointed at the tiny checkpoint: LoRA and QLoRA train with
+    packing and the evaluate hook, pth_to_hf, merge, chat (merged, adapter, XTuner adapter)."""
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": "Who are you?", "input": "", "output": "I am an assistant."},
+                                {"instruction": "What is 2 + 3?", "input": "", "output": "It is 5."}] * 8))
+    common = [f"model.path={internlm2_dir}", f"data.path={data}", "data.max_length=512", "train.max_steps=3",
+              "train.accumulative_counts=1", "train.batch_size=2", "train.dtype=fp32", "model.dtype=float32",
+              "evaluate.freq=2", "evaluate.max_new_tokens=4", "checkpoint.save_steps=3", "optim.lr=1e-3"]
+    for name, extra in (("lora", ["model.quantization=None"]), ("qlora", [])):
+        work = tmp_path / f"work_{name}"
+        run = tuner("train", "internlm2_1_8b_qlora_alpaca_e3", "--work-dir", work, "--cfg-options", *common, *extra)
+        assert "loaded as transformers' Llama (converted, no remote code)" in run.stderr
+        assert "attention tuner_packed" in run.stderr and "Training finished" in run.stderr
+        losses = [json.loads(line)["loss"] for d in work.iterdir() if d.is_dir()
+                  for line in (d / "vis_data" / "scalars.json").read_text().splitlines()]
+        assert len(losses) == 3 and all(loss == loss for loss in losses)
+        answers = (work / "eval_outputs_iter_2.txt").read_text().split("### A: ")[1:]  # generation worked
+        assert len(answers) == 2 and all(a.strip() for a in answers)
+
+    cfg = tmp_path / "work_lora" / "internlm2_1_8b_qlora_alpaca_e3.py"
+    options = ["--cfg-options", *common, "model.quantization=None"]
+    tuner("convert", "pth_to_hf", cfg, tmp_path / "work_lora" / "iter_3.pth", tmp_path / "adapter", *options)
+    tuner("convert", "merge", internlm2_dir, tmp_path / "adapter", tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["model_type"] == "llama" and "auto_map" not in merged
+    for model, extra in ((tmp_path / "merged", []), (internlm2_dir, ["--adapter", tmp_path / "adapter"]),
+                         (internlm2_dir, ["--adapter", fx.xtuner_adapter(tmp_path / "xtuner", fx.config())])):
+        chat = tuner("chat", model, *extra, "--prompt-template", "internlm2_chat", "--temperature", "0",
+                     "--max-new-tokens", "4", stdin="Who are you?\n\nEXIT\n")
+        assert chat.stdout.count(">>>") == 2, chat.stdout
+    tuner("convert", "merge", internlm2_dir, tmp_path / "xtuner", tmp_path / "merged_xtuner")
+    assert (tmp_path / "merged_xtuner" / "model.safetensors").exists()
