@@ -27,8 +27,9 @@ CORPUS = ["Hello world, this is a tiny corpus for a tiny tokenizer.", "你好，
 
 
 def sentencepiece_model(add_dummy_prefix: bool = False) -> bytes:
-    """A BPE SentencePiece model (byte fallback, like InternLM2's) grown to 92,544 pieces, the
-    last six being the special tokens at InternLM2's ids."""
+    """A BPE SentencePiece model (byte fallback, like InternLM2's) grown to 92,544 pieces. As in the
+    real one, ids 92538-92543 hold placeholders ([UNUSED_TOKEN_141] ...), which tokenizer_config's
+    added_tokens_decoder maps to the special tokens."""
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -44,9 +45,9 @@ def sentencepiece_model(add_dummy_prefix: bool = False) -> bytes:
     while len(proto.pieces) < VOCAB - len(SPECIAL):
         piece = proto.pieces.add()
         piece.piece, piece.score, piece.type = f"<unused{len(proto.pieces)}>", lowest - 1, piece.USER_DEFINED
-    for token in SPECIAL:
+    for number in range(141, 147):
         piece = proto.pieces.add()
-        piece.piece, piece.score, piece.type = token, 0.0, piece.USER_DEFINED
+        piece.piece, piece.score, piece.type = f"[UNUSED_TOKEN_{number}]", 0.0, piece.USER_DEFINED
     return proto.SerializeToString()
 
 

@@ -25,7 +25,7 @@ class TinyRemoteForCausalLM(LlamaForCausalLM):
     config_class = TinyRemoteConfig
 '''
 TOKENIZER_CODE = '''
-import tiktoken  # a package this environment lacks, as Qwen-1's tokenizer code needs it
+import jieba  # a package this environment lacks, as the CPM tokenizers' code needs it
 
 from transformers import PreTrainedTokenizerFast
 
@@ -86,7 +86,7 @@ def test_packing_is_refused_for_remote_code(remote_dir, tmp_path, data_file):
 def test_a_tokenizer_that_needs_a_missing_package_says_which(remote_dir, tmp_path):
     import shutil
 
-    folder = tmp_path / "needs-tiktoken"
+    folder = tmp_path / "needs-jieba"
     shutil.copytree(remote_dir, folder)
     (folder / "tokenization_tiny_remote.py").write_text(TOKENIZER_CODE)
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -95,4 +95,4 @@ def test_a_tokenizer_that_needs_a_missing_package_says_which(remote_dir, tmp_pat
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     run = tuner("chat", folder, "--trust-remote-code", stdin="Hi\n\n", check=False)
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert run.stderr.splitlines()[0] == f"tuner chat: error: loading {folder} needs the package tiktoken"
+    assert run.stderr.splitlines()[0] == f"tuner chat: error: loading {folder} needs the package jieba"

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n",
               user="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
-              suffix="<|im_end|>", sep="\n", stop_words=("<|im_end|>",))
+              suffix="<|im_end|>", sep="\n", stop_words=("<|im_end|>",), special_tokens=("<|im_start|>", "<|im_end|>"))
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions. {system}\n ")
+LLAMA3 = dict(prefix="{bos}", system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+              user="<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n",
+              suffix="<|eot_id|>", stop_words=("<|eot_id|>",), trim=True,
+              special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
 MISTRAL = dict(prefix="{bos}", system="[INST] {system} [/INST]\n", user="[INST] {input} [/INST]", suffix="{eos}")
 
 TEMPLATE_DATA: dict[str, dict] = {
@@ -33,12 +38,14 @@ TEMPLATE_DATA: dict[str, dict] = {
         user="[INST] {input} [/INST]", suffix="{eos}", sep="\n"),
     "code_llama_chat": dict(system="{system}\n", user="[INST] {input} [/INST]", suffix="{eos}", sep="\n"),
     "chatglm2": dict(system="{system}\n", user="[Round {round}]\n\n问：{input}\n\n答：", suffix="{eos}", sep="\n\n"),
-    "chatglm3": dict(system="<|system|>\n{system}", user="<|user|>\n{input}<|assistant|>\n", suffix="{eos}",
-                     sep="\n"),
+    # The official ChatGLM3 template: no end-of-reply token (the model stops by writing <|user|>).
+    "chatglm3": dict(prefix="[gMASK]sop", system="<|system|>\n {system}", user="<|user|>\n {input}<|assistant|>",
+                     reply_prefix="\n ", suffix="", stop_words=("<|user|>", "<|observation|>"),
+                     special_tokens=("[gMASK]", "sop", "<|user|>", "<|assistant|>")),
     "qwen_chat": dict(CHATML, stop_words=("<|im_end|>", "<|endoftext|>")),
     "qwen2_5_chat": dict(CHATML, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-                         stop_words=("<|im_end|>", "<|endoftext|>")),
-    "qwen3_chat": dict(CHATML, stop_words=("<|im_end|>", "<|endoftext|>")),
+                         stop_words=("<|im_end|>", "<|endoftext|>"), tool_arguments="json"),
+    "qwen3_chat": dict(CHATML, stop_words=("<|im_end|>", "<|endoftext|>"), think=True, tool_arguments="verbatim"),
     "chatml": dict(CHATML),
     "baichuan_chat": dict(system="{system}\n", user="<reserved_102>{input}<reserved_103>", suffix="{eos}", sep="\n"),
     "baichuan2_chat": dict(system="{system}\n", user="<reserved_106>{input}<reserved_107>", suffix="{eos}", sep="\n"),
@@ -62,15 +69,23 @@ TEMPLATE_DATA: dict[str, dict] = {
     "minicpm": dict(system="{system}\n", user="<用户> {input} <AI>", suffix="{eos}", sep="\n"),
     "gemma": dict(prefix="{bos}", system="<start_of_turn>system\n{system}<end_of_turn>\n",
                   user="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
-                  suffix="<end_of_turn>", sep="\n", stop_words=("<end_of_turn>",)),
+                  suffix="<end_of_turn>", sep="\n", stop_words=("<end_of_turn>",),
+                  special_tokens=("<start_of_turn>", "<end_of_turn>")),
     "cohere_chat": dict(
         system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{system}<|END_OF_TURN_TOKEN|>",
         user="<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{input}<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
         suffix="<|END_OF_TURN_TOKEN|>", stop_words=("<|END_OF_TURN_TOKEN|>",)),
-    "llama3_chat": dict(prefix="{bos}", system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-                        user="<|start_header_id|>user<|end_header_id|>\n\n{input}<|eot_id|>"
-                             "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                        suffix="<|eot_id|>", stop_words=("<|eot_id|>",)),
+    "llama3_chat": dict(LLAMA3),
+    "llama3_1_chat": dict(LLAMA3, default_system="", system="<|start_header_id|>system<|end_header_id|>\n\n"
+                          "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}<|eot_id|>"),
+    "gemma3": dict(prefix="{bos}", system="", system_in_user=True, trim=True,
+                   user="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
+                   suffix="<end_of_turn>", sep="\n", stop_words=("<end_of_turn>",),
+                   special_tokens=("<start_of_turn>", "<end_of_turn>")),
+    "deepseek_v3": dict(prefix="{bos}", system="{system}", user="<｜User｜>{input}<｜Assistant｜>",
+                        suffix="<｜end▁of▁sentence｜>", stop_words=("<｜end▁of▁sentence｜>",),
+                        special_tokens=("<｜User｜>", "<｜Assistant｜>")),
     "phi3_chat": dict(system="<|system|>\n{system}<|end|>\n", user="<|user|>\n{input}<|end|>\n<|assistant|>\n",
-                      suffix="<|end|>", sep="\n", end="{eos}", stop_words=("<|end|>",)),
+                      suffix="<|end|>", sep="\n", end="{eos}", stop_words=("<|end|>",),
+                      special_tokens=("<|user|>", "<|assistant|>", "<|end|>")),
 }

@@ -41,34 +41,57 @@ class PromptTemplate:
     end: str = ""  # written once after a conversation that ends with a reply (not in prompts)
     default_system: str | None = None
     stop_words: tuple[str, ...] = ()
+    reply_prefix: str = ""  # written (and trained) before each reply, after the generation prompt
+    trim: bool = False  # strip spaces and newlines around every message's content (Llama 3, Gemma 3)
+    system_in_user: bool = False  # the system prompt opens the first user turn, then a blank line (Gemma 3)
+    think: bool = False  # Qwen3: replies after the last user turn carry a <think> block, empty if none was given
+    special_tokens: tuple[str, ...] = ()  # tokens the tokenizer must have as single tokens
+    tool_arguments: str = "object"  # how string `arguments` of a tool call are written: 'object' (parsed),
+    # 'verbatim' (the string as it is, Qwen3), 'json' (JSON-encoded again, as Qwen2.5's tojson does)
 
     def bind(self, tokenizer) -> "PromptTemplate":
-        """Fill {bos} and {eos} with the tokenizer's tokens; stop words gain the EOS token."""
+        """Fill {bos}, {eos} with the tokenizer's tokens and {date} with today's ('01 Dec 2026', as
+        the official Llama 3.1 template does); stop words gain the EOS token."""
+        import time
+
         bos = (getattr(tokenizer, "bos_token", None) or "") if tokenizer is not None else ""
         eos = (getattr(tokenizer, "eos_token", None) or "") if tokenizer is not None else ""
-        fill = lambda text: text.replace("{bos}", bos).replace("{eos}", eos)  # noqa: E731
+        today = time.strftime("%d %b %Y")
+        fill = lambda text: text.replace("{bos}", bos).replace("{eos}", eos).replace("{date}", today)  # noqa: E731
         stop = tuple(dict.fromkeys(w for w in (*self.stop_words, eos) if w))
         return replace(self, system=fill(self.system), user=fill(self.user), suffix=fill(self.suffix),
                        sep=fill(self.sep), prefix=fill(self.prefix), end=fill(self.end), stop_words=stop)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> Rendered:
         out = Rendered(self.prefix)
+        messages = _group_tool_results(messages)
+        clean = (lambda text: text.strip()) if self.trim else (lambda text: text)  # noqa: E731
         has_system = bool(messages) and messages[0]["role"] == "system"
-        if not has_system and (self.default_system is not None or tools):
-            out.text += self.system.format(system=with_tools(self.default_system or "", tools))
+        first_user_prefix = ""
+        if self.system_in_user and has_system:
+            first_user_prefix = with_tools(messages[0].get("content") or "", tools) + "\n\n"
+            messages = messages[1:]
+        elif not has_system and (self.default_system is not None or tools):
+            out.text += self._system(with_tools(self.default_system or "", tools))
+        last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         round_number = 0
         for i, message in enumerate(messages):
             role, content = message["role"], message.get("content") or ""
             if role == "system":
-                out.text += self.system.format(system=with_tools(content, tools))
+                out.text += self._system(with_tools(clean(content), tools))
             elif role == "user":
                 round_number += 1
+                out.text += self.user.format(input=first_user_prefix + clean(content), round=round_number)
+                first_user_prefix = ""
+            elif role == "tool":  # a tool's results go back to the model as a user turn
                 out.text += self.user.format(input=content, round=round_number)
-            elif role == "tool":  # a tool's result goes back to the model as a user turn
-                out.text += self.user.format(input=tool_response_text(content), round=round_number)
             elif role == "assistant":
                 start = len(out.text)
-                out.text += content + tool_calls_text(message.get("tool_calls")) + self.suffix
+                body = clean(content)
+                if self.think and i > last_query:
+                    body = _think_block(message, body, last=i == len(messages) - 1)
+                out.text += (self.reply_prefix + body + tool_calls_text(message.get("tool_calls"), bool(body),
+                                                                        self.tool_arguments) + self.suffix)
                 if message.get("loss", True):
                     out.spans.append((start, len(out.text)))
                 out.text += self.sep
@@ -82,6 +105,48 @@ class PromptTemplate:
                 out.spans[-1] = (out.spans[-1][0], len(out.text))
         # The assistant header is part of `user`, so a prompt ending in a user turn is ready.
         return out
+
+    def check_tokens(self, tokenizer) -> None:
+        """Refuse a tokenizer that lacks the template's special tokens (llama3_chat on a Qwen tokenizer):
+        the markers would be split into ordinary text pieces and the model never learns its format."""
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in self.special_tokens if t not in vocab]
+        if missing:
+            raise TunerError(f"the prompt template {self.name!r} needs the special tokens {', '.join(missing)}, which "
+                             f"this tokenizer does not have", hint="use the template of the model's family, or "
+                             "prompt_template=None for the tokenizer's own")
+
+    def _system(self, text: str) -> str:
+        return self.system.replace("{system}", text)
+
+
+def _group_tool_results(messages: list[dict]) -> list[dict]:
+    """Consecutive tool results -> one 'tool' turn holding each in <tool_response> tags, as the
+    Qwen and Hermes templates write them (one user turn, not one per result)."""
+    grouped: list[dict] = []
+    for message in messages:
+        if message["role"] != "tool":
+            grouped.append(message)
+            continue
+        text = tool_response_text(message.get("content") or "")
+        if grouped and grouped[-1]["role"] == "tool":
+            grouped[-1] = {**grouped[-1], "content": grouped[-1]["content"] + "\n" + text}
+        else:
+            grouped.append({**message, "content": text})
+    return grouped
+
+
+def _think_block(message: dict, content: str, last: bool) -> str:
+    """Qwen3: '<think>\n{reasoning}\n</think>\n\n{answer}' for the last reply, or one that has
+    reasoning; reasoning comes from `reasoning_content` or a <think> block inside the content."""
+    reasoning = message.get("reasoning_content")
+    if reasoning is None and "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        content = content.split("</think>")[-1].lstrip("\n")
+    reasoning = reasoning or ""
+    if last or reasoning:
+        return "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+    return content
 
 
 class ChatTemplate:
@@ -173,20 +238,27 @@ def with_tools(system: str, tools: list | None) -> str:
             "\n</tool_call>")
 
 
-def tool_calls_text(calls: list | None) -> str:
-    """[{"function": {"name": "f", "arguments": {...}}}] -> '\n<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>'"""
-    text = ""
+def tool_calls_text(calls: list | None, after_content: bool = True, string_arguments: str = "object") -> str:
+    """[{"function": {"name": "f", "arguments": {...}}}] -> '\n<tool_call>\n{"name": "f", "arguments": {...}}\n</tool_call>'
+    (calls are separated by a newline, and the first from the reply's text when there is some)."""
+    pieces = []
     for call in calls or []:
         function = call.get("function", call)
         arguments = function.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
-        text += "\n<tool_call>\n" + json.dumps({"name": function["name"], "arguments": arguments},
-                                                ensure_ascii=False) + "\n</tool_call>"
-    return text
+        name = json.dumps(function["name"], ensure_ascii=False)
+        if isinstance(arguments, str) and string_arguments == "verbatim":
+            written = arguments
+        else:
+            if isinstance(arguments, str) and string_arguments == "object":
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass  # not JSON: kept as a string
+            written = json.dumps(arguments, ensure_ascii=False)
+        pieces.append('<tool_call>\n{"name": ' + name + ', "arguments": ' + written + '}\n</tool_call>')
+    if not pieces:
+        return ""
+    return ("\n" if after_content else "") + "\n".join(pieces)
 
 
 def tool_response_text(content: str) -> str:
@@ -215,4 +287,7 @@ def get_template(name: str | None, tokenizer=None) -> PromptTemplate | ChatTempl
     if name not in TEMPLATES:
         raise TunerError(f"unknown prompt template {name!r}; known templates: {', '.join(TEMPLATES)} "
                          "(or None for the tokenizer's own)")
-    return TEMPLATES[name].bind(tokenizer)
+    template = TEMPLATES[name].bind(tokenizer)
+    if tokenizer is not None:
+        template.check_tokens(tokenizer)
+    return template

