@@ -140,6 +140,17 @@ def cmd_log_dataset(args) -> int:
     return 0
 
 
+def cmd_check_template(args) -> int:
+    from tuner.config import DataConfig
+    from tuner.data.inspection import check_template, template_report_text
+    from tuner.model.load import load_tokenizer
+
+    data = DataConfig(path=args.data, format=args.format, template=args.template)
+    report = check_template(args.template, load_tokenizer(args.tokenizer, args.trust_remote_code), data)
+    print(template_report_text(report))
+    return 0 if report.ok else 1
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """How chat, serve and web load a model and render prompts."""
     p.add_argument("--adapter", help="a LoRA adapter folder to apply")
@@ -279,6 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=1, help="how many sequences")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_log_dataset)
+
+    p = sub.add_parser("check-template", help="does a named template render the data like the tokenizer's own "
+                                              "chat template? (token ids, row by row)")
+    p.add_argument("template", help="a named template, e.g. qwen2_5_chat")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL_OR_DIR", help="a model folder, hub id or "
+                   "smollm2-135m-instruct: its tokenizer and chat template")
+    p.add_argument("--data", required=True, help="a data file (or folder) in any format tuner reads")
+    p.add_argument("--format", default="auto", help="the data format (default: detected from the columns)")
+    add_trust_argument(p)
+    p.set_defaults(func=cmd_check_template)
 
     p = sub.add_parser("make-identity-data", help="write personal-assistant (identity) training data")
     p.add_argument("--name", required=True, help="the assistant's new name")

@@ -162,6 +162,9 @@ class DataConfig:
     """Several datasets mixed, each with its own format and repeats (replaces path/format/map_fn)"""
     template: Optional[str] = None
     """A named prompt template (see tuner.data.templates), or None for the tokenizer's own chat template"""
+    template_check: Literal["warn", "error", "off"] = "warn"
+    """With a named template and a tokenizer that has its own chat template, the first rows are rendered by
+    both at the start of training: 'warn' on a difference in token ids, 'error' to stop"""
     system: Optional[str] = None
     """System prompt added to conversations that have none (None: leave them as they are)"""
     max_length: int = 2048

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 
-from tuner.config import Config
+from tuner.config import Config, DataConfig
 from tuner.data.dataset import build_sequences
 from tuner.data.encode import IGNORE, encode_row
 from tuner.data.formats import FORMAT_COLUMNS, FORMATS, RowError
 from tuner.data.sources import BAD_ROW
+from tuner.data.template_check import TemplateReport, compare_templates
 from tuner.data.templates import get_template
 from tuner.data.tokenized import TokenStats, resolve_map_fns, rows_of
 from tuner.errors import TunerError
@@ -100,4 +101,42 @@ def log_dataset(cfg: Config, tokenizer, show: str = "all", num: int = 1) -> str:
                  "input_ids": str(sample.input_ids), "labels": str(sample.labels)}
         for name in SHOW if show == "all" else (show,):
             lines.append(f"=== sequence {k}: {name} ===\n{views[name]}")
+    return "\n".join(lines)
+
+
+def conversations(data: DataConfig, limit: int | None = None) -> list[dict]:
+    """The first `limit` rows of the data as {'messages', 'tools'}, through the configured formats
+    and map functions; rows that are not conversations (pretraining text) are left out. A bad row
+    is an error naming the file, line and field."""
+    from tuner.data.formats import check_messages
+
+    map_fns = resolve_map_fns(data, TokenStats())
+    found = []
+    for _, (place, line, row, key) in rows_of(data):
+        if BAD_ROW in row:
+            raise TunerError(f"{place}:{line}: {row[BAD_ROW]}")
+        try:
+            mapped = map_fns[key](row)
+            if "messages" not in mapped:
+                continue
+            found.append({"messages": check_messages(mapped["messages"]), "tools": mapped.get("tools") or row.get("tools")})
+        except RowError as e:
+            raise TunerError(f"{place}:{line}: {e}") from None
+        if limit and len(found) >= limit:
+            break
+    return found
+
+
+def check_template(template_name: str, tokenizer, data: DataConfig, limit: int | None = None) -> TemplateReport:
+    """The named template against the tokenizer's own chat template on the rows of `data`."""
+    rows = conversations(data, limit)
+    if not rows:
+        raise TunerError(f"{data.path}: no conversation rows to compare (pretraining text has no template)")
+    return compare_templates(get_template(template_name, tokenizer), tokenizer, rows)
+
+
+def template_report_text(report: TemplateReport) -> str:
+    lines = [report.summary()]
+    if report.differences:
+        lines.append(f"first difference: {report.differences[0].describe()}")
     return "\n".join(lines)

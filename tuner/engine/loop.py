@@ -109,6 +109,23 @@ class Trainer:
         self.compute_dtype = resolve_compute_dtype(cfg.train.dtype, self.device)
 
     # ---------------------------------------------------------------- setup
+    def _check_template(self, rows: int = 8) -> None:
+        """A named template against the tokenizer's own chat template, on the first rows."""
+        data = self.cfg.data
+        if data.template is None or data.template_check == "off" or not getattr(self.tokenizer, "chat_template", None):
+            return
+        from tuner.data.inspection import check_template, template_report_text
+
+        report = check_template(data.template, self.tokenizer, data, limit=rows)
+        if report.ok:
+            self.info(f"Data: template {data.template!r} equals the tokenizer's own chat template: {report.summary()}")
+            return
+        text = f"template {data.template!r} differs from the tokenizer's own chat template: " + template_report_text(report)
+        if data.template_check == "error":
+            raise TunerError(text, hint="set data.template=None to train with the tokenizer's own template, "
+                                        "or data.template_check='warn'")
+        self.info(f"Warning: {text}")
+
     def setup(self) -> None:
         cfg = self.cfg
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
@@ -130,6 +147,7 @@ class Trainer:
             model = self._setup_llava()
         else:
             self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+            self._check_template()
             started = time.perf_counter()
             self.sequences, report = build_sequences(cfg.data, self.tokenizer, cfg.train.seed, say=self.info)
             self.info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")

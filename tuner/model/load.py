@@ -23,7 +23,7 @@ def resolve_model_path(path: str) -> str:
         return str(embedded_model_dir())
     local = Path(path).expanduser()
     if local.exists():
-        if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
+        if not any((local / name).exists() for name in ("config.json", "adapter_config.json", "tokenizer_config.json")):
             raise TunerError(f"{path} is a folder but holds no config.json: not an HF model folder")
         return _native(local)
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
