@@ -54,3 +54,19 @@ def test_train_warns_or_stops_on_a_template_that_differs(tmp_path, tiny_model_di
                     check=False)
     assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
     assert "data.template=None" in stopped.stderr
+
+    # what was trained is what is served: the work dir, the adapter and the merged folder carry chatml
+    from transformers import AutoTokenizer
+
+    from tuner.data.templates import get_template
+
+    messages = CHATS[1]["messages"][:1]
+    chatml = get_template("chatml").render(messages, add_generation_prompt=True).text
+    assert chatml.startswith("<|im_start|>user")  # no default system prompt, unlike SmolLM2's own
+    assert (tmp_path / "w1" / "chat_template.jinja").exists()
+    tuner("convert", "pth_to_hf", cfg, (tmp_path / "w1" / "last_checkpoint").read_text(), tmp_path / "adapter")
+    tuner("convert", "merge", tiny_model_dir, tmp_path / "adapter", tmp_path / "merged")
+    for folder in (tmp_path / "adapter", tmp_path / "merged"):
+        served = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False,
+                                                                           add_generation_prompt=True)
+        assert served == chatml, folder

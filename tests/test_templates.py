@@ -122,3 +122,24 @@ def test_tool_calls_render_in_named_and_tokenizer_templates(tokenizer):
         assert "3 * 7 = 21." in trained and "21\n</tool_response>" not in trained
     assert '"name": "calculate"' in get_template("chatml", tokenizer).render(conversation, tools=tools).text.split(
         "<|im_start|>user")[0]  # the tools are listed in the system prompt
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_every_named_template_as_jinja_renders_like_itself(tokenizer, name):
+    """What pth_to_hf and merge write as the chat template renders exactly what training rendered."""
+    import copy
+
+    from real_tokenizers import CASES
+    from tuner.data.template_jinja import to_jinja
+
+    family = copy.deepcopy(tokenizer)
+    family.bos_token = family.bos_token or "<|endoftext|>"
+    template, jinja = TEMPLATES[name].bind(family), to_jinja(TEMPLATES[name])
+    for conversation in [*CASES.values(), {"messages": CONVERSATIONS[1]}]:
+        tools = conversation.get("tools")
+        for prompt in (False, True):
+            messages = conversation["messages"][:-1] if prompt else conversation["messages"]
+            ours = template.render(messages, add_generation_prompt=prompt, tools=tools).text
+            kwargs = {"tools": tools} if tools else {}
+            assert family.apply_chat_template(messages, chat_template=jinja, tokenize=False,
+                                              add_generation_prompt=prompt, **kwargs) == ours

@@ -82,6 +82,17 @@ def _write_adapter(cfg: Config, weights: dict, out: Path) -> None:
     peft_config.save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "adapter_model.safetensors"),
               metadata={"format": "pt"})
+    save_trained_tokenizer(cfg, out)  # chat and merge take the tokenizer, and the template trained with, from here
+
+
+def save_trained_tokenizer(cfg: Config, out: Path) -> None:
+    """The base's tokenizer, whose chat template is the one the model was trained with (a named
+    template written as Jinja), so what was trained is what is served."""
+    from tuner.data.template_jinja import trained_chat_template
+
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer.chat_template = trained_chat_template(cfg.data.template, tokenizer)
+    tokenizer.save_pretrained(out)
 
 
 def _write_full_model(cfg: Config, weights: dict, out: Path, max_shard_size: str) -> None:
@@ -93,7 +104,7 @@ def _write_full_model(cfg: Config, weights: dict, out: Path, max_shard_size: str
     if missing:
         raise TunerError(f"the checkpoint lacks weights of the model: {missing[:3]}")
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).save_pretrained(out)
+    save_trained_tokenizer(cfg, out)
 
 
 def pick_device(name: str) -> str:
@@ -106,7 +117,8 @@ def pick_device(name: str) -> str:
 
 def merge(base: str, adapter: str | Path, save_dir: str | Path, max_shard_size: str = "2GB",
           device: str = "auto", trust_remote_code: bool = False) -> Path:
-    """Base + adapter -> one model folder, in the base's own dtype, with tokenizer and chat template."""
+    """Base + adapter -> one model folder, in the base's own dtype, with the tokenizer and the chat
+    template trained with."""
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise TunerError(f"{adapter} is not an adapter folder (no adapter_config.json); "
@@ -116,5 +128,7 @@ def merge(base: str, adapter: str | Path, save_dir: str | Path, max_shard_size: 
         model = load_causal_lm(folder, trust_remote_code, dtype="auto", device_map=pick_device(device))
         model = load_adapter(model, adapter, folder).merge_and_unload()
         model.save_pretrained(out, max_shard_size=max_shard_size)
-        load_tokenizer(base, trust_remote_code).save_pretrained(out)
+        # the adapter's tokenizer carries the chat template trained with (pth_to_hf writes it); else the base's
+        has_tokenizer = (adapter / "tokenizer_config.json").exists()
+        load_tokenizer(str(adapter) if has_tokenizer else base, trust_remote_code).save_pretrained(out)
     return Path(save_dir)

@@ -104,24 +104,26 @@ def log_dataset(cfg: Config, tokenizer, show: str = "all", num: int = 1) -> str:
     return "\n".join(lines)
 
 
-def conversations(data: DataConfig, limit: int | None = None) -> list[dict]:
+def conversations(data: DataConfig, limit: int | None = None, skip_bad: bool = False) -> list[dict]:
     """The first `limit` rows of the data as {'messages', 'tools'}, through the configured formats
     and map functions; rows that are not conversations (pretraining text) are left out. A bad row
-    is an error naming the file, line and field."""
+    is an error naming the file, line and field (or left out: `skip_bad`)."""
     from tuner.data.formats import check_messages
 
     map_fns = resolve_map_fns(data, TokenStats())
     found = []
     for _, (place, line, row, key) in rows_of(data):
-        if BAD_ROW in row:
-            raise TunerError(f"{place}:{line}: {row[BAD_ROW]}")
         try:
+            if BAD_ROW in row:
+                raise RowError("", row[BAD_ROW])
             mapped = map_fns[key](row)
             if "messages" not in mapped:
                 continue
             found.append({"messages": check_messages(mapped["messages"]), "tools": mapped.get("tools") or row.get("tools")})
-        except RowError as e:
-            raise TunerError(f"{place}:{line}: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # RowError, or a map function tripping
+            if skip_bad:
+                continue
+            raise TunerError(f"{place}:{line}: {e if isinstance(e, RowError) else f'map function failed: {e!r}'}") from None
         if limit and len(found) >= limit:
             break
     return found

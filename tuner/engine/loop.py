@@ -114,9 +114,14 @@ class Trainer:
         data = self.cfg.data
         if data.template is None or data.template_check == "off" or not getattr(self.tokenizer, "chat_template", None):
             return
-        from tuner.data.inspection import check_template, template_report_text
+        from tuner.data.inspection import conversations, template_report_text
+        from tuner.data.template_check import compare_templates
+        from tuner.data.templates import get_template
 
-        report = check_template(data.template, self.tokenizer, data, limit=rows)
+        first = conversations(data, limit=rows, skip_bad=True)  # the data build reports bad rows
+        if not first:  # pretraining text: no template is applied
+            return
+        report = compare_templates(get_template(data.template, self.tokenizer), self.tokenizer, first)
         if report.ok:
             self.info(f"Data: template {data.template!r} equals the tokenizer's own chat template: {report.summary()}")
             return
@@ -125,6 +130,14 @@ class Trainer:
             raise TunerError(text, hint="set data.template=None to train with the tokenizer's own template, "
                                         "or data.template_check='warn'")
         self.info(f"Warning: {text}")
+
+    def _save_chat_template(self) -> None:
+        """The exact template trained with, as Jinja, in the work dir (pth_to_hf writes it into outputs)."""
+        from tuner.data.template_jinja import trained_chat_template
+
+        template = trained_chat_template(self.cfg.data.template, self.tokenizer)
+        if self.dist.is_main and template:
+            (self.work_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -148,6 +161,7 @@ class Trainer:
         else:
             self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
             self._check_template()
+            self._save_chat_template()
             started = time.perf_counter()
             self.sequences, report = build_sequences(cfg.data, self.tokenizer, cfg.train.seed, say=self.info)
             self.info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")

@@ -1,0 +1,119 @@
+"""A named template written as a Jinja chat template, so the folders tuner writes carry the
+template they were trained with: `tokenizer.apply_chat_template`, vLLM, llama.cpp and `tuner chat`
+then render prompts exactly as training did.
+
+    >>> print(to_jinja(get_template("chatml"))[:60])
+    {%- set ns = namespace(round=0, first_user_prefix='', ...
+
+The Jinja renders the same text as `PromptTemplate.render` (tests check every named template on
+conversations with and without a system prompt, tools, tool results, several turns). One
+approximation: a tool call whose `arguments` is a string is written as that string, where the
+Python side parses and re-dumps it (the same text whenever the string is plain JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tuner.data.templates import PromptTemplate
+
+_TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
+_TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _expression(fmt: str, values: dict[str, str]) -> str:
+    """'<|im_start|>user\\n{input}<|im_end|>' -> '"<|im_start|>user\\n" + content + "<|im_end|>"'."""
+    names = {"bos": "bos_token", "eos": "eos_token", "date": 'strftime_now("%d %b %Y")', **values}
+    parts = []
+    for piece in re.split(r"(\{(?:" + "|".join(names) + r")\})", fmt):
+        if not piece:
+            continue
+        parts.append(f"({names[piece[1:-1]]})" if piece[1:-1] in names and piece.startswith("{") else _literal(piece))
+    return " + ".join(parts) or '""'
+
+
+def to_jinja(t: PromptTemplate) -> str:
+    """The template (before `bind`: {bos}, {eos} stay the tokenizer's tokens) as Jinja."""
+    trim = "|trim" if t.trim else ""
+    with_tools = ("(ns.sys + ('\\n\\n' if ns.sys else '') + " + _literal(_TOOLS_INTRO) +
+                  " + (tools|map('tojson')|join('\\n')) + " + _literal(_TOOLS_OUTRO) + ") if tools else ns.sys")
+    system = _expression(t.system, {"system": "ns.sys"})
+    user = _expression(t.user, {"input": "ns.input", "round": "ns.round|string"})
+    call = ("'<tool_call>\\n{\"name\": ' + (f.name|tojson) + ', \"arguments\": ' + "
+            + ("(f.arguments|tojson)" if t.tool_arguments == "json" else
+               "(f.arguments if f.arguments is string else (f.arguments|tojson))") + " + '}\\n</tool_call>'")
+    return "".join([
+        "{%- set ns = namespace(round=0, first_user_prefix='', sys='', input='', body='', last_query=-1, items=[]) -%}",
+        # consecutive tool results -> one turn holding each in <tool_response> tags
+        "{%- for m in messages -%}",
+        "{%- if m.role == 'tool' -%}",
+        "{%- set text = '<tool_response>\\n' + (m.content or '') + '\\n</tool_response>' -%}",
+        "{%- if ns.items and ns.items[-1].role == 'tool' -%}",
+        "{%- set ns.items = ns.items[:-1] + [{'role': 'tool', 'content': ns.items[-1].content + '\\n' + text}] -%}",
+        "{%- else -%}{%- set ns.items = ns.items + [{'role': 'tool', 'content': text}] -%}{%- endif -%}",
+        "{%- else -%}{%- set ns.items = ns.items + [m] -%}{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- set items = ns.items -%}",
+        "{{- " + _expression(t.prefix, {}) + " -}}",
+        "{%- set has_system = items and items[0].role == 'system' -%}",
+        *(["{%- if has_system -%}{%- set ns.sys = items[0].content or '' -%}",
+           "{%- set ns.first_user_prefix = (" + with_tools + ") + '\\n\\n' -%}{%- set items = items[1:] -%}"]
+          if t.system_in_user else
+          ["{%- if false -%}"]),
+        "{%- elif not has_system and (" + ("true" if t.default_system is not None else "false") + " or tools) -%}",
+        "{%- set ns.sys = " + _literal(t.default_system or "") + " -%}",
+        "{{- " + system.replace("(ns.sys)", "(" + with_tools + ")") + " -}}",
+        "{%- endif -%}",
+        "{%- for m in items -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
+        "{%- endfor -%}",
+        "{%- for m in items -%}",
+        "{%- set content = m.content or '' -%}",
+        "{%- if m.role == 'system' -%}",
+        "{%- set ns.sys = content" + trim + " -%}",
+        "{{- " + system.replace("(ns.sys)", "(" + with_tools + ")") + " -}}",
+        "{%- elif m.role == 'user' -%}",
+        "{%- set ns.round = ns.round + 1 -%}{%- set ns.input = ns.first_user_prefix + (content" + trim + ") -%}",
+        "{%- set ns.first_user_prefix = '' -%}",
+        "{{- " + user + " -}}",
+        "{%- elif m.role == 'tool' -%}",
+        "{%- set ns.input = content -%}{{- " + user + " -}}",
+        "{%- elif m.role == 'assistant' -%}",
+        "{%- set ns.body = content" + trim + " -%}",
+        *(["{%- if loop.index0 > ns.last_query -%}",
+           "{%- set reasoning = m.reasoning_content if m.reasoning_content is defined and m.reasoning_content is not "
+           "none else none -%}",
+           "{%- if reasoning is none and '</think>' in ns.body -%}",
+           "{%- set reasoning = ns.body.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}",
+           "{%- set ns.body = ns.body.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}",
+           "{%- set reasoning = reasoning or '' -%}",
+           "{%- if loop.last or reasoning -%}",
+           "{%- set ns.body = '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + ns.body.lstrip('\\n') -%}",
+           "{%- endif -%}{%- endif -%}"] if t.think else []),
+        "{{- " + _literal(t.reply_prefix) + " + ns.body -}}",
+        "{%- for c in m.tool_calls or [] -%}{%- set f = c.function if c.function is defined else c -%}",
+        "{{- ('\\n' if (ns.body or not loop.first) else '') + " + call + " -}}",
+        "{%- endfor -%}",
+        "{{- " + _expression(t.suffix, {}) + " + " + _expression(t.sep, {}) + " -}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if not add_generation_prompt and items and items[-1].role == 'assistant' -%}{{- "
+        + _expression(t.end, {}) + " -}}{%- endif -%}",
+    ])
+
+
+def trained_chat_template(template_name: str | None, tokenizer) -> str | None:
+    """The chat template a model trained with `data.template = template_name` should carry: the
+    named template as Jinja, or the tokenizer's own when no name is given."""
+    from tuner.data.templates import TEMPLATES
+
+    if template_name is None:
+        return getattr(tokenizer, "chat_template", None)
+    return to_jinja(TEMPLATES[template_name])
