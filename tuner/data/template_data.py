@@ -21,6 +21,13 @@ LLAMA3 = dict(prefix="{bos}", system="<|start_header_id|>system<|end_header_id|>
               special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
 MISTRAL = dict(prefix="{bos}", system="[INST] {system} [/INST]\n", user="[INST] {input} [/INST]", suffix="{eos}")
 
+_DEEPSEEK_CODER = dict(
+    system="You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeek"
+           "Company, and you only answer questions related to computer science. For politically sensitive "
+           "questions, security and privacy issues, and other non-computer science questions, you will refuse "
+           "to answer. {system}\n",
+    user="### Instruction:\n{input}\n### Response:\n", suffix="{eos}", sep="\n")
+
 TEMPLATE_DATA: dict[str, dict] = {
     "default": dict(system="<|System|>:{system}\n", user="<|User|>:{input}\n<|Bot|>:", suffix="{eos}", sep="\n"),
     "zephyr": dict(system="<|system|>\n{system}\n", user="<|user|>\n{input}\n<|assistant|>\n", suffix="{eos}",
@@ -36,7 +43,7 @@ TEMPLATE_DATA: dict[str, dict] = {
                "toxic, dangerous, or illegal content. Please ensure that your responses are socially unbiased and "
                "positive in nature.\n{system}\n<</SYS>>\n [/INST] ",
         user="[INST] {input} [/INST]", suffix="{eos}", sep="\n"),
-    "code_llama_chat": dict(system="{system}\n", user="[INST] {input} [/INST]", suffix="{eos}", sep="\n"),
+    "code_llama_chat": dict(system="{system}\n", user="[INST] {input} [/INST]", suffix="{eos}"),
     "chatglm2": dict(system="{system}\n", user="[Round {round}]\n\n问：{input}\n\n答：", suffix="{eos}", sep="\n\n"),
     # The official ChatGLM3 template: no end-of-reply token (the model stops by writing <|user|>).
     "chatglm3": dict(prefix="[gMASK]sop", system="<|system|>\n {system}", user="<|user|>\n {input}<|assistant|>",
@@ -55,17 +62,14 @@ TEMPLATE_DATA: dict[str, dict] = {
                "request.\n\n{system}\n ",
         user="### Instruction:\n{input}\n\n### Response:", suffix="{eos}", sep="\n\n"),
     "vicuna": dict(system=VICUNA_SYSTEM, user="USER: {input} ASSISTANT:", suffix="{eos}", sep="\n"),
-    "deepseek_coder": dict(
-        system="You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeek"
-               "Company, and you only answer questions related to computer science. For politically sensitive "
-               "questions, security and privacy issues, and other non-computer science questions, you will refuse "
-               "to answer. {system}\n",
-        user="### Instruction:\n{input}\n### Response:\n", suffix="{eos}", sep="\n"),
+    "deepseek_coder": dict(_DEEPSEEK_CODER),
+    "deepseekcoder": dict(_DEEPSEEK_CODER),  # XTuner's second name for it
     "deepseek_moe": dict(system="[INST] {system} [/INST]\n", user="[INST] {input} [/INST]", suffix="{eos}", sep="\n"),
     "deepseek_v2": dict(system="{system}\n\n", user="User: {input}\n\nAssistant: ", suffix="<｜end▁of▁sentence｜>",
                         stop_words=("<｜end▁of▁sentence｜>",)),
     "mistral": dict(MISTRAL),
     "mixtral": dict(MISTRAL),
+    "minicpm3": dict(CHATML, stop_words=("<|im_end|>", "<|endoftext|>")),
     "minicpm": dict(system="{system}\n", user="<用户> {input} <AI>", suffix="{eos}", sep="\n"),
     "gemma": dict(prefix="{bos}", system="<start_of_turn>system\n{system}<end_of_turn>\n",
                   user="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
@@ -78,10 +82,18 @@ TEMPLATE_DATA: dict[str, dict] = {
     "llama3_chat": dict(LLAMA3),
     "llama3_1_chat": dict(LLAMA3, default_system="", system="<|start_header_id|>system<|end_header_id|>\n\n"
                           "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}<|eot_id|>"),
-    "gemma3": dict(prefix="{bos}", system="", system_in_user=True, trim=True,
+    "gemma3": dict(prefix="{bos}", system="", system_in="first_user", trim=True,
                    user="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
                    suffix="<end_of_turn>", sep="\n", stop_words=("<end_of_turn>",),
                    special_tokens=("<start_of_turn>", "<end_of_turn>")),
+    # Mistral's own encoder (mistral-common) is the reference: v3 (Mistral 7B v0.3, Mixtral 8x22B), v7 (Mistral
+    # Large 2411, Small 3), tekken (Nemo). The system prompt goes before the last user turn in v3 and tekken.
+    "mistral_v3": dict(prefix="{bos}", system="", system_in="last_user", user="[INST] {input}[/INST]",
+                       reply_prefix=" ", suffix="{eos}", special_tokens=("[INST]", "[/INST]")),
+    "mistral_v7": dict(prefix="{bos}", system="[SYSTEM_PROMPT] {system}[/SYSTEM_PROMPT]", user="[INST] {input}[/INST]",
+                       reply_prefix=" ", suffix="{eos}", special_tokens=("[INST]", "[/INST]", "[SYSTEM_PROMPT]")),
+    "mistral_tekken": dict(prefix="{bos}", system="", system_in="last_user", user="[INST]{input}[/INST]",
+                           suffix="{eos}", special_tokens=("[INST]", "[/INST]")),
     "deepseek_v3": dict(prefix="{bos}", system="{system}", user="<｜User｜>{input}<｜Assistant｜>",
                         suffix="<｜end▁of▁sentence｜>", stop_words=("<｜end▁of▁sentence｜>",),
                         special_tokens=("<｜User｜>", "<｜Assistant｜>")),

@@ -3,7 +3,7 @@ template they were trained with: `tokenizer.apply_chat_template`, vLLM, llama.cp
 then render prompts exactly as training did.
 
     >>> print(to_jinja(get_template("chatml"))[:60])
-    {%- set ns = namespace(round=0, first_user_prefix='', ...
+    {%- set ns = namespace(round=0, user_prefix='', prefixed=-1, ...
 
 The Jinja renders the same text as `PromptTemplate.render` (tests check every named template on
 conversations with and without a system prompt, tools, tool results, several turns). One
@@ -51,7 +51,8 @@ def to_jinja(t: PromptTemplate) -> str:
             + ("(f.arguments|tojson)" if t.tool_arguments == "json" else
                "(f.arguments if f.arguments is string else (f.arguments|tojson))") + " + '}\\n</tool_call>'")
     return "".join([
-        "{%- set ns = namespace(round=0, first_user_prefix='', sys='', input='', body='', last_query=-1, items=[]) -%}",
+        "{%- set ns = namespace(round=0, user_prefix='', prefixed=-1, sys='', input='', body='', last_query=-1, "
+        "items=[]) -%}",
         # consecutive tool results -> one turn holding each in <tool_response> tags
         "{%- for m in messages -%}",
         "{%- if m.role == 'tool' -%}",
@@ -65,8 +66,11 @@ def to_jinja(t: PromptTemplate) -> str:
         "{{- " + _expression(t.prefix, {}) + " -}}",
         "{%- set has_system = items and items[0].role == 'system' -%}",
         *(["{%- if has_system -%}{%- set ns.sys = items[0].content or '' -%}",
-           "{%- set ns.first_user_prefix = (" + with_tools + ") + '\\n\\n' -%}{%- set items = items[1:] -%}"]
-          if t.system_in_user else
+           "{%- set ns.user_prefix = (" + with_tools + ") + '\\n\\n' -%}{%- set items = items[1:] -%}",
+           "{%- for m in items -%}{%- if m.role == 'user' and (ns.prefixed < 0 or "
+           + ("false" if t.system_in == "first_user" else "true") + ") -%}{%- set ns.prefixed = loop.index0 -%}"
+           "{%- endif -%}{%- endfor -%}"]
+          if t.system_in != "turn" else
           ["{%- if false -%}"]),
         "{%- elif not has_system and (" + ("true" if t.default_system is not None else "false") + " or tools) -%}",
         "{%- set ns.sys = " + _literal(t.default_system or "") + " -%}",
@@ -80,8 +84,8 @@ def to_jinja(t: PromptTemplate) -> str:
         "{%- set ns.sys = content" + trim + " -%}",
         "{{- " + system.replace("(ns.sys)", "(" + with_tools + ")") + " -}}",
         "{%- elif m.role == 'user' -%}",
-        "{%- set ns.round = ns.round + 1 -%}{%- set ns.input = ns.first_user_prefix + (content" + trim + ") -%}",
-        "{%- set ns.first_user_prefix = '' -%}",
+        "{%- set ns.round = ns.round + 1 -%}",
+        "{%- set ns.input = (ns.user_prefix if loop.index0 == ns.prefixed else '') + (content" + trim + ") -%}",
         "{{- " + user + " -}}",
         "{%- elif m.role == 'tool' -%}",
         "{%- set ns.input = content -%}{{- " + user + " -}}",

@@ -43,7 +43,8 @@ class PromptTemplate:
     stop_words: tuple[str, ...] = ()
     reply_prefix: str = ""  # written (and trained) before each reply, after the generation prompt
     trim: bool = False  # strip spaces and newlines around every message's content (Llama 3, Gemma 3)
-    system_in_user: bool = False  # the system prompt opens the first user turn, then a blank line (Gemma 3)
+    system_in: str = "turn"  # where a system prompt goes: a turn of its own ('turn'), or before the content of
+    # the first user turn ('first_user', Gemma 3) or of the last one ('last_user', Mistral v3), then a blank line
     think: bool = False  # Qwen3: replies after the last user turn carry a <think> block, empty if none was given
     special_tokens: tuple[str, ...] = ()  # tokens the tokenizer must have as single tokens
     tool_arguments: str = "object"  # how string `arguments` of a tool call are written: 'object' (parsed),
@@ -67,10 +68,12 @@ class PromptTemplate:
         messages = _group_tool_results(messages)
         clean = (lambda text: text.strip()) if self.trim else (lambda text: text)  # noqa: E731
         has_system = bool(messages) and messages[0]["role"] == "system"
-        first_user_prefix = ""
-        if self.system_in_user and has_system:
-            first_user_prefix = with_tools(messages[0].get("content") or "", tools) + "\n\n"
+        user_prefix, prefixed = "", -1  # the system prompt written before one user turn's content
+        if self.system_in != "turn" and has_system:
+            user_prefix = with_tools(messages[0].get("content") or "", tools) + "\n\n"
             messages = messages[1:]
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            prefixed = (users[0] if self.system_in == "first_user" else users[-1]) if users else -1
         elif not has_system and (self.default_system is not None or tools):
             out.text += self._system(with_tools(self.default_system or "", tools))
         last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
@@ -81,8 +84,8 @@ class PromptTemplate:
                 out.text += self._system(with_tools(clean(content), tools))
             elif role == "user":
                 round_number += 1
-                out.text += self.user.format(input=first_user_prefix + clean(content), round=round_number)
-                first_user_prefix = ""
+                out.text += self.user.format(input=(user_prefix if i == prefixed else "") + clean(content),
+                                             round=round_number)
             elif role == "tool":  # a tool's results go back to the model as a user turn
                 out.text += self.user.format(input=content, round=round_number)
             elif role == "assistant":
