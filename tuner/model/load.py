@@ -129,8 +129,9 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = Fals
 
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_training: bool = True):
     """The base model in `cfg.dtype`, quantized with bitsandbytes when `cfg.quantization` is set."""
-    attention = cfg.attn_implementation if cfg.attn_implementation not in ("auto", "tuner_packed") else "sdpa"
-    kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention)
+    kwargs = dict(dtype=DTYPES[cfg.dtype])
+    if cfg.attn_implementation not in ("auto", "tuner_packed"):  # else transformers' default: sdpa where the
+        kwargs["attn_implementation"] = cfg.attn_implementation  # family supports it, eager otherwise (Gemma 2)
     if cfg.quantization:
         kwargs["quantization_config"] = _bnb_config(cfg)
     model = load_causal_lm(cfg.path, cfg.trust_remote_code, **kwargs)

@@ -100,13 +100,15 @@ def choose(requested: str, device: torch.device) -> str:
 
 
 def use_for_training(model, requested: str, device: torch.device) -> str:
-    """Switch a loaded model (loaded with sdpa) to the training attention; models whose code does
-    not go through transformers' AttentionInterface (remote code) keep sdpa. Returns the one used."""
+    """Switch a loaded model (loaded with transformers' default attention) to the training attention;
+    models whose code does not go through transformers' AttentionInterface (remote code) keep theirs.
+    Returns the one used."""
     chosen = choose(requested, device)
     config = getattr(model.config, "text_config", None) or model.config
     if chosen == NAME and (getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None)
                            or getattr(config, "attn_logit_softcapping", None)):
-        chosen = "sdpa"  # windows and soft-capping are not done per sample here: keep transformers' own
+        chosen = model.config._attn_implementation  # windows and soft-capping are not done per sample here:
+        # keep what transformers chose for the family (sdpa, or eager where sdpa cannot soft-cap: Gemma 2)
     if chosen == NAME:
         register()
     if chosen == model.config._attn_implementation or not model._can_set_attn_implementation():
