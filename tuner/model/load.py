@@ -16,12 +16,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(path: str) -> str:
-    """'smollm2-135m-instruct' -> its cached folder; a local folder -> itself; else a hub id.
+    """'smollm2-135m-instruct' or a .gguf file -> its cached folder; a local folder -> itself; else a hub id.
     An InternLM2 folder (local or from the hub) -> its Llama conversion in tuner's cache."""
     if path == EMBEDDED_MODEL:
         from tuner.model.embedded import embedded_model_dir
         return str(embedded_model_dir())
     local = Path(path).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        from tuner.model.embedded import gguf_model_dir
+        return str(gguf_model_dir(local))
     if local.exists():
         if not any((local / name).exists() for name in ("config.json", "adapter_config.json", "tokenizer_config.json")):
             raise TunerError(f"{path} is a folder but holds no config.json: not an HF model folder")
