@@ -191,3 +191,44 @@ def test_internlm2_workflow_through_the_cli(tmp_path, internlm2_dir):
         assert chat.stdout.count(">>>") == 2, chat.stdout
     tuner("convert", "merge", internlm2_dir, tmp_path / "xtuner", tmp_path / "merged_xtuner")
     assert (tmp_path / "merged_xtuner" / "model.safetensors").exists()
+
+
+def test_llava_with_an_internlm2_llm_trains_and_exports(tmp_path, internlm2_dir):
+    """The LLaVA-InternLM2 configs' shape on the tiny checkpoint: the LLM is the converted Llama
+    (its head found as the output embeddings), the projector trains, the HF export loads."""
+    import random
+
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
+
+    from test_llava import colour_rows
+    from tuner.config import load_config
+    from tuner.convert.hf import pth_to_hf
+    from tuner.engine.loop import Trainer
+
+    random.seed(0)
+    torch.manual_seed(0)
+    size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8, projection_dim=32)
+    CLIPVisionModel(CLIPVisionConfig(**size)).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    data = tmp_path / "llava.json"
+    data.write_text(json.dumps(colour_rows(tmp_path, 8, seed=1)))
+    config = tmp_path / "llava_internlm2.py"
+    config.write_text(f"""from tuner.config import *
+model = ModelConfig(path={str(internlm2_dir)!r}, dtype='float32')
+llava = LlavaConfig(visual_encoder={str(tmp_path / 'clip')!r}, freeze_llm=True)
+data = DataConfig(path={str(data)!r}, template='internlm2_chat', max_length=256, pack=True)
+optim = OptimConfig(lr=1e-2)
+train = TrainConfig(batch_size=4, accumulative_counts=1, max_epochs=3, warmup_ratio=0.0, dtype='fp32')
+checkpoint = CheckpointConfig(save_steps=1000)
+evaluate = EvaluateConfig(inputs=[])
+""")
+    cfg = load_config(config)
+    trainer = Trainer(cfg, work_dir=tmp_path / "work")
+    losses = trainer.train()
+    assert losses[-1] < losses[0] and all(loss == loss for loss in losses), losses
+    out = pth_to_hf(cfg, tmp_path / "work" / f"iter_{len(losses)}.pth", tmp_path / "llava_hf", save_format="hf")
+    model = LlavaForConditionalGeneration.from_pretrained(out)  # plain transformers
+    assert model.config.text_config.model_type == "llama"
+    assert model.get_output_embeddings().weight.shape[0] == 92545  # InternLM2's 92,544 tokens + <image>
