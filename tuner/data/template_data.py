@@ -81,7 +81,9 @@ TEMPLATE_DATA: dict[str, dict] = {
         suffix="<|END_OF_TURN_TOKEN|>", stop_words=("<|END_OF_TURN_TOKEN|>",)),
     "llama3_chat": dict(LLAMA3),
     "llama3_1_chat": dict(LLAMA3, default_system="", system="<|start_header_id|>system<|end_header_id|>\n\n"
-                          "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}<|eot_id|>"),
+                          "{environment}Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}<|eot_id|>",
+                          tool_style="llama3_1", tool="<|start_header_id|>ipython<|end_header_id|>\n\n{input}<|eot_id|>"
+                                                      "<|start_header_id|>assistant<|end_header_id|>\n\n"),
     "gemma3": dict(prefix="{bos}", system="", system_in="first_user", trim=True,
                    user="<start_of_turn>user\n{input}<end_of_turn>\n<start_of_turn>model\n",
                    suffix="<end_of_turn>", sep="\n", stop_words=("<end_of_turn>",),

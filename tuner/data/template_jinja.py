@@ -31,7 +31,8 @@ def _literal(text: str) -> str:
 
 def _expression(fmt: str, values: dict[str, str]) -> str:
     """'<|im_start|>user\\n{input}<|im_end|>' -> '"<|im_start|>user\\n" + content + "<|im_end|>"'."""
-    names = {"bos": "bos_token", "eos": "eos_token", "date": 'strftime_now("%d %b %Y")', **values}
+    names = {"bos": "bos_token", "eos": "eos_token", "date": 'strftime_now("%d %b %Y")', "environment": "''",
+             **values}
     parts = []
     for piece in re.split(r"(\{(?:" + "|".join(names) + r")\})", fmt):
         if not piece:
@@ -42,18 +43,21 @@ def _expression(fmt: str, values: dict[str, str]) -> str:
 
 def to_jinja(t: PromptTemplate) -> str:
     """The template (before `bind`: {bos}, {eos} stay the tokenizer's tokens) as Jinja."""
+    from tuner.data.templates import LLAMA3_1_TOOLS
+
+    llama_tools = t.tool_style == "llama3_1"
     trim = "|trim" if t.trim else ""
-    with_tools = ("(ns.sys + ('\\n\\n' if ns.sys else '') + " + _literal(_TOOLS_INTRO) +
-                  " + (tools|map('tojson')|join('\\n')) + " + _literal(_TOOLS_OUTRO) + ") if tools else ns.sys")
-    system = _expression(t.system, {"system": "ns.sys"})
+    with_tools = "ns.sys" if llama_tools else (
+        "(ns.sys + ('\\n\\n' if ns.sys else '') + " + _literal(_TOOLS_INTRO) +
+        " + (tools|map('tojson')|join('\\n')) + " + _literal(_TOOLS_OUTRO) + ") if tools else ns.sys")
+    system = _expression(t.system, {"system": "ns.sys", "environment": "'Environment: ipython\\n' if tools else ''"})
+    system = system.replace("(ns.sys)", "(" + with_tools + ")")
     user = _expression(t.user, {"input": "ns.input", "round": "ns.round|string"})
+    tool_turn = _expression(t.tool or t.user, {"input": "ns.input", "round": "ns.round|string"})
     call = ("'<tool_call>\\n{\"name\": ' + (f.name|tojson) + ', \"arguments\": ' + "
             + ("(f.arguments|tojson)" if t.tool_arguments == "json" else
                "(f.arguments if f.arguments is string else (f.arguments|tojson))") + " + '}\\n</tool_call>'")
-    return "".join([
-        "{%- set ns = namespace(round=0, user_prefix='', prefixed=-1, sys='', input='', body='', last_query=-1, "
-        "items=[]) -%}",
-        # consecutive tool results -> one turn holding each in <tool_response> tags
+    grouping = [  # consecutive tool results -> one turn holding each in <tool_response> tags
         "{%- for m in messages -%}",
         "{%- if m.role == 'tool' -%}",
         "{%- set text = '<tool_response>\\n' + (m.content or '') + '\\n</tool_response>' -%}",
@@ -62,7 +66,23 @@ def to_jinja(t: PromptTemplate) -> str:
         "{%- else -%}{%- set ns.items = ns.items + [{'role': 'tool', 'content': text}] -%}{%- endif -%}",
         "{%- else -%}{%- set ns.items = ns.items + [m] -%}{%- endif -%}",
         "{%- endfor -%}",
-        "{%- set items = ns.items -%}",
+        "{%- set items = ns.items -%}"] if not llama_tools else ["{%- set items = messages -%}"]
+    if llama_tools:
+        calls = ["{%- if m.tool_calls -%}{%- set ns.body = '' -%}",
+                 "{%- for c in m.tool_calls -%}{%- set f = c.function if c.function is defined else c -%}",
+                 "{%- set ns.body = ns.body + ('\\n' if not loop.first else '') + '{\"name\": \"' + f.name + "
+                 "'\", \"parameters\": ' + (f.arguments|tojson) + '}' -%}",
+                 "{%- endfor -%}{%- endif -%}",
+                 "{{- " + _literal(t.reply_prefix) + " + ns.body -}}"]
+    else:
+        calls = ["{{- " + _literal(t.reply_prefix) + " + ns.body -}}",
+                 "{%- for c in m.tool_calls or [] -%}{%- set f = c.function if c.function is defined else c -%}",
+                 "{{- ('\\n' if (ns.body or not loop.first) else '') + " + call + " -}}",
+                 "{%- endfor -%}"]
+    return "".join([
+        "{%- set ns = namespace(round=0, user_prefix='', prefixed=-1, sys='', input='', body='', last_query=-1, "
+        "first_user=-1, items=[]) -%}",
+        *grouping,
         "{{- " + _expression(t.prefix, {}) + " -}}",
         "{%- set has_system = items and items[0].role == 'system' -%}",
         *(["{%- if has_system -%}{%- set ns.sys = items[0].content or '' -%}",
@@ -72,23 +92,28 @@ def to_jinja(t: PromptTemplate) -> str:
            "{%- endif -%}{%- endfor -%}"]
           if t.system_in != "turn" else
           ["{%- if false -%}"]),
-        "{%- elif not has_system and (" + ("true" if t.default_system is not None else "false") + " or tools) -%}",
+        "{%- elif not has_system and (" + ("true" if t.default_system is not None else "false") +
+        (" or tools" if not llama_tools else "") + ") -%}",
         "{%- set ns.sys = " + _literal(t.default_system or "") + " -%}",
-        "{{- " + system.replace("(ns.sys)", "(" + with_tools + ")") + " -}}",
+        "{{- " + system + " -}}",
         "{%- endif -%}",
-        "{%- for m in items -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
+        "{%- for m in items -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}"
+        "{%- if ns.first_user < 0 -%}{%- set ns.first_user = loop.index0 -%}{%- endif -%}{%- endif -%}"
         "{%- endfor -%}",
         "{%- for m in items -%}",
         "{%- set content = m.content or '' -%}",
         "{%- if m.role == 'system' -%}",
         "{%- set ns.sys = content" + trim + " -%}",
-        "{{- " + system.replace("(ns.sys)", "(" + with_tools + ")") + " -}}",
+        "{{- " + system + " -}}",
         "{%- elif m.role == 'user' -%}",
         "{%- set ns.round = ns.round + 1 -%}",
         "{%- set ns.input = (ns.user_prefix if loop.index0 == ns.prefixed else '') + (content" + trim + ") -%}",
+        *(["{%- if tools and loop.index0 == ns.first_user -%}{%- set ns.input = " + _literal(LLAMA3_1_TOOLS) +
+           " + (tools|map('tojson', indent=4)|join('\\n\\n')) + '\\n\\n' + ns.input -%}{%- endif -%}"]
+          if llama_tools else []),
         "{{- " + user + " -}}",
         "{%- elif m.role == 'tool' -%}",
-        "{%- set ns.input = content -%}{{- " + user + " -}}",
+        "{%- set ns.input = " + ("content|tojson" if llama_tools else "content") + " -%}{{- " + tool_turn + " -}}",
         "{%- elif m.role == 'assistant' -%}",
         "{%- set ns.body = content" + trim + " -%}",
         *(["{%- if loop.index0 > ns.last_query -%}",
@@ -101,10 +126,7 @@ def to_jinja(t: PromptTemplate) -> str:
            "{%- if loop.last or reasoning -%}",
            "{%- set ns.body = '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + ns.body.lstrip('\\n') -%}",
            "{%- endif -%}{%- endif -%}"] if t.think else []),
-        "{{- " + _literal(t.reply_prefix) + " + ns.body -}}",
-        "{%- for c in m.tool_calls or [] -%}{%- set f = c.function if c.function is defined else c -%}",
-        "{{- ('\\n' if (ns.body or not loop.first) else '') + " + call + " -}}",
-        "{%- endfor -%}",
+        *calls,
         "{{- " + _expression(t.suffix, {}) + " + " + _expression(t.sep, {}) + " -}}",
         "{%- endif -%}",
         "{%- endfor -%}",

@@ -47,6 +47,9 @@ class PromptTemplate:
     # the first user turn ('first_user', Gemma 3) or of the last one ('last_user', Mistral v3), then a blank line
     think: bool = False  # Qwen3: replies after the last user turn carry a <think> block, empty if none was given
     special_tokens: tuple[str, ...] = ()  # tokens the tokenizer must have as single tokens
+    tool_style: str = "hermes"  # 'hermes': tools in the system prompt, <tool_call> blocks, <tool_response> results;
+    # 'llama3_1': tools in the first user turn, a call as {"name", "parameters"}, results in `tool` turns
+    tool: str | None = None  # how a tool result turn is written ({input}); None: as a user turn
     tool_arguments: str = "object"  # how string `arguments` of a tool call are written: 'object' (parsed),
     # 'verbatim' (the string as it is, Qwen3), 'json' (JSON-encoded again, as Qwen2.5's tojson does)
 
@@ -65,36 +68,47 @@ class PromptTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> Rendered:
         out = Rendered(self.prefix)
-        messages = _group_tool_results(messages)
+        llama_tools = self.tool_style == "llama3_1"
+        messages = messages if llama_tools else _group_tool_results(messages)
+        system_tools = None if llama_tools else tools  # where the tool list goes
         clean = (lambda text: text.strip()) if self.trim else (lambda text: text)  # noqa: E731
         has_system = bool(messages) and messages[0]["role"] == "system"
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), -1)
         user_prefix, prefixed = "", -1  # the system prompt written before one user turn's content
         if self.system_in != "turn" and has_system:
-            user_prefix = with_tools(messages[0].get("content") or "", tools) + "\n\n"
+            user_prefix = with_tools(messages[0].get("content") or "", system_tools) + "\n\n"
             messages = messages[1:]
             users = [i for i, m in enumerate(messages) if m["role"] == "user"]
             prefixed = (users[0] if self.system_in == "first_user" else users[-1]) if users else -1
-        elif not has_system and (self.default_system is not None or tools):
-            out.text += self._system(with_tools(self.default_system or "", tools))
+            first_user -= 1
+        elif not has_system and (self.default_system is not None or system_tools):
+            out.text += self._system(with_tools(self.default_system or "", system_tools), tools)
         last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         round_number = 0
         for i, message in enumerate(messages):
             role, content = message["role"], message.get("content") or ""
             if role == "system":
-                out.text += self._system(with_tools(clean(content), tools))
+                out.text += self._system(with_tools(clean(content), system_tools), tools)
             elif role == "user":
                 round_number += 1
-                out.text += self.user.format(input=(user_prefix if i == prefixed else "") + clean(content),
-                                             round=round_number)
-            elif role == "tool":  # a tool's results go back to the model as a user turn
-                out.text += self.user.format(input=content, round=round_number)
+                text = (user_prefix if i == prefixed else "") + clean(content)
+                if llama_tools and tools and i == first_user:
+                    text = llama3_1_tools_text(tools) + text
+                out.text += self.user.format(input=text, round=round_number)
+            elif role == "tool":  # a tool's results go back to the model (as a user turn unless `tool` says)
+                if llama_tools:  # the official template JSON-encodes the content, even a string
+                    content = json.dumps(content, ensure_ascii=False)
+                out.text += (self.tool or self.user).format(input=content, round=round_number)
             elif role == "assistant":
                 start = len(out.text)
                 body = clean(content)
                 if self.think and i > last_query:
                     body = _think_block(message, body, last=i == len(messages) - 1)
-                out.text += (self.reply_prefix + body + tool_calls_text(message.get("tool_calls"), bool(body),
-                                                                        self.tool_arguments) + self.suffix)
+                if llama_tools and message.get("tool_calls"):  # the call is the whole reply
+                    body = "\n".join(llama3_1_call_text(c) for c in message["tool_calls"])
+                else:
+                    body += tool_calls_text(message.get("tool_calls"), bool(body), self.tool_arguments)
+                out.text += self.reply_prefix + body + self.suffix
                 if message.get("loss", True):
                     out.spans.append((start, len(out.text)))
                 out.text += self.sep
@@ -119,8 +133,9 @@ class PromptTemplate:
                              f"this tokenizer does not have", hint="use the template of the model's family, or "
                              "prompt_template=None for the tokenizer's own")
 
-    def _system(self, text: str) -> str:
-        return self.system.replace("{system}", text)
+    def _system(self, text: str, tools: list | None = None) -> str:
+        return (self.system.replace("{environment}", "Environment: ipython\n" if tools else "")
+                .replace("{system}", text))
 
 
 def _group_tool_results(messages: list[dict]) -> list[dict]:
@@ -262,6 +277,25 @@ def tool_calls_text(calls: list | None, after_content: bool = True, string_argum
     if not pieces:
         return ""
     return ("\n" if after_content else "") + "\n".join(pieces)
+
+
+LLAMA3_1_TOOLS = ("Given the following functions, please respond with a JSON for a function call with its proper "
+                  "arguments that best answers the given prompt.\n\nRespond in the format {\"name\": function name, "
+                  "\"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n")
+
+
+def llama3_1_tools_text(tools: list) -> str:
+    """What Llama 3.1 writes before the first user message when tools are given (each tool as JSON,
+    indented by 4, then a blank line)."""
+    return LLAMA3_1_TOOLS + "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools)
+
+
+def llama3_1_call_text(call: dict) -> str:
+    """{"function": {"name": "f", "arguments": {...}}} -> '{"name": "f", "parameters": {...}}'
+    (string arguments are JSON-encoded again, as the official template's tojson does)."""
+    function = call.get("function", call)
+    return ('{"name": "' + function["name"] + '", "parameters": ' +
+            json.dumps(function.get("arguments", {}), ensure_ascii=False) + "}")
 
 
 def tool_response_text(content: str) -> str:
