@@ -96,3 +96,19 @@ def test_a_tokenizer_that_needs_a_missing_package_says_which(remote_dir, tmp_pat
     run = tuner("chat", folder, "--trust-remote-code", stdin="Hi\n\n", check=False)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.splitlines()[0] == f"tuner chat: error: loading {folder} needs the package jieba"
+
+
+def test_an_architecture_tuner_cannot_handle_is_one_line(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "foobar", "architectures": ["FoobarForCausalLM"]}))
+    vision = tmp_path / "vision"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(vision)
+    for folder, what in ((unknown, "is model type 'foobar'"), (vision, "is a CLIPVisionConfig (not a causal LM)")):
+        run = tuner("chat", folder, stdin="Hi\n\n", check=False)
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert run.stderr.startswith(f"tuner chat: error: {folder} {what}, which tuner cannot train or run")
+        assert "InternLM2 (loaded as Llama)" in run.stderr  # what is supported

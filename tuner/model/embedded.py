@@ -30,7 +30,7 @@ def embedded_model_dir() -> Path:
     target = cache_root() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():  # converted before: the package itself is not needed
         return target
-    return _converted(_gguf_dir() / GGUF_FILE, target)
+    return convert_once(target, lambda folder: _convert_gguf(_gguf_dir() / GGUF_FILE, folder))
 
 
 def gguf_model_dir(file: Path) -> Path:
@@ -39,16 +39,19 @@ def gguf_model_dir(file: Path) -> Path:
     file = Path(file).resolve()
     stat = file.stat()
     key = hashlib.sha256(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return _converted(file, cache_root() / "models" / "gguf" / f"{file.stem}-{key}")
+    return convert_once(cache_root() / "models" / "gguf" / f"{file.stem}-{key}",
+                        lambda folder: _convert_gguf(file, folder))
 
 
-def _converted(file: Path, target: Path) -> Path:
-    if (target / "config.json").exists():
+def convert_once(target: Path, convert, done: str = "config.json") -> Path:
+    """`target`, made by `convert(target)` unless it holds `done` already; one process converts
+    while the others wait (torchrun starts several at once, and so do tests)."""
+    if (target / done).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):  # several processes may start at once (torchrun, tests)
-        if not (target / "config.json").exists():
-            _convert_gguf(file, target)
+    with FileLock(str(target) + ".lock"):
+        if not (target / done).exists():
+            convert(target)
     return target
 
 

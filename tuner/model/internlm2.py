@@ -124,19 +124,11 @@ def convert_weights(weights: dict[str, torch.Tensor], cfg: dict) -> dict[str, to
 # ------------------------------------------------------------------ the folder, once, into the cache
 def converted_dir(source: str | Path) -> Path:
     """The Llama folder for the InternLM2 folder `source`, converting it on first use."""
-    from filelock import FileLock
-
-    from tuner.model.embedded import cache_root
+    from tuner.model.embedded import cache_root, convert_once
 
     source = Path(source).resolve()
     target = cache_root() / "models" / "internlm2-as-llama" / f"{source.name}-{_fingerprint(source)}"
-    if (target / MARK_FILE).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):  # several processes may start at once (torchrun)
-        if not (target / MARK_FILE).exists():
-            convert_folder(source, target)
-    return target
+    return convert_once(target, lambda folder: convert_folder(source, folder), done=MARK_FILE)
 
 
 def _fingerprint(source: Path) -> str:

@@ -3,6 +3,7 @@ embedded model, with InternLM2 converted to Llama on the way."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,9 @@ import torch
 from tuner.config import EMBEDDED_MODEL, ModelConfig
 from tuner.errors import TunerError
 
+SUPPORTED = ("tuner takes the causal LMs transformers knows (Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3, Mixtral, "
+             "Qwen3-MoE, DeepSeek, ...), InternLM2 (loaded as Llama), GGUF files, and models that bring their "
+             "own code with --trust-remote-code")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -41,6 +45,7 @@ def _native(folder: Path) -> str:
     return str(internlm2.converted_dir(folder)) if internlm2.is_internlm2(folder) else str(folder)
 
 
+@functools.lru_cache(maxsize=None)  # one look at the hub per id and process (resolve runs for model, tokenizer, ...)
 def _hub_internlm2_folder(repo_id: str) -> Path | None:
     """A hub model whose config says internlm2, downloaded (its weights, config and tokenizer; no
     code) so it can be converted; None for any other model, or when the hub cannot be reached
@@ -73,10 +78,17 @@ def call_loader(loader, path: str, **kwargs):
         raise TunerError(f"loading {path} needs the package {missing or str(e).splitlines()[0]}",
                          hint=f"pip install {missing}" if missing else None) from None
     except ValueError as e:
-        if "trust_remote_code" in str(e):
+        text = str(e)
+        if "trust_remote_code" in text:
             raise TunerError(f"{path} runs its own code from the model folder (remote code); tuner does not run it "
                              "unless told to", hint="pass --trust-remote-code (model.trust_remote_code=True in a "
                              "config) if you trust that code") from None
+        unknown = re.search(r"has model type `([^`]+)` but Transformers does not recognize", text)
+        not_causal = re.search(r"Unrecognized configuration class <class '[\w.]+\.(\w+)'> for this kind of AutoModel",
+                               text)
+        if unknown or not_causal:
+            what = f"model type {unknown.group(1)!r}" if unknown else f"a {not_causal.group(1)} (not a causal LM)"
+            raise TunerError(f"{path} is {what}, which tuner cannot train or run", hint=SUPPORTED) from None
         raise
     except OSError as e:
         if Path(path).exists():
