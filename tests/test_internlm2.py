@@ -192,6 +192,18 @@ def test_internlm2_workflow_through_the_cli(tmp_path, internlm2_dir):
     tuner("convert", "merge", internlm2_dir, tmp_path / "xtuner", tmp_path / "merged_xtuner")
     assert (tmp_path / "merged_xtuner" / "model.safetensors").exists()
 
+    # full fine-tuning: pth_to_hf writes a plain Llama folder with the tokenizer and the template trained with
+    work = tmp_path / "work_full"
+    tuner("train", "internlm2_1_8b_full_alpaca_e3", "--work-dir", work, "--cfg-options", *common)
+    tuner("convert", "pth_to_hf", work / "internlm2_1_8b_full_alpaca_e3.py", work / "iter_3.pth", tmp_path / "full",
+          "--cfg-options", *common)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full", trust_remote_code=False)
+    assert type(full).__name__ == "LlamaForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "full")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True) == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
 
 def test_llava_with_an_internlm2_llm_trains_and_exports(tmp_path, internlm2_dir):
     """The LLaVA-InternLM2 configs' shape on the tiny checkpoint: the LLM is the converted Llama
