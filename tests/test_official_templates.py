@@ -95,3 +95,19 @@ def test_named_templates_equal_xtuners_own_definitions():
                 ours.suffix == suffix and ours.sep == theirs.get("SEP", "") and
                 set(theirs.get("STOP_WORDS", [])) <= set(ours.stop_words))
         assert same != (name in OFFICIAL_WINS), name
+
+
+def test_qwen3_reasoning_content_is_trained_in_its_think_block():
+    """A row's `reasoning_content` reaches the template: the think block equals the official one and is trained."""
+    from tuner.data.formats import check_messages
+
+    tokenizer = real_tokenizer("qwen3")
+    messages = check_messages([{"role": "user", "content": "2 + 3?"},
+                               {"role": "assistant", "content": "5.", "reasoning_content": "Two plus three is five."}])
+    template = get_template("qwen3_chat", tokenizer)
+    sample, _ = encode(messages, tokenizer, template, max_length=10_000)
+    official = tokenizer.apply_chat_template([{k: v for k, v in m.items() if k != "loss"} for m in messages],
+                                             tokenize=True, return_dict=True)["input_ids"]
+    assert sample.input_ids == official
+    trained = tokenizer.decode([t for t in sample.labels if t != IGNORE])
+    assert trained == "<think>\nTwo plus three is five.\n</think>\n\n5.<|im_end|>"

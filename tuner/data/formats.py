@@ -224,6 +224,11 @@ def check_messages(messages) -> list[dict]:
         item = {"role": role, "content": content, "loss": bool(loss)}
         if calls:
             item["tool_calls"] = calls
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None:  # Qwen3's think block (qwen3_chat writes it)
+            if role != "assistant" or not isinstance(reasoning, str):
+                raise RowError(f"{where}.reasoning_content", "must be a string, on an assistant message")
+            item["reasoning_content"] = reasoning
         checked.append(item)
     turns = [m["role"] for m in checked if m["role"] != "system"]
     if not turns or turns[0] != "user":
