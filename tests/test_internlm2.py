@@ -244,3 +244,38 @@ evaluate = EvaluateConfig(inputs=[])
     model = LlavaForConditionalGeneration.from_pretrained(out)  # plain transformers
     assert model.config.text_config.model_type == "llama"
     assert model.get_output_embeddings().weight.shape[0] == 92545  # InternLM2's 92,544 tokens + <image>
+
+
+@pytest.mark.slow
+def test_tuner_serve_internlm2_with_an_xtuner_adapter_to_the_openai_client(tmp_path, internlm2_dir):
+    """`tuner serve` on the InternLM2 checkpoint plus an XTuner adapter: the official client gets the
+    greedy reply that chat computes in-process from the same converted model and adapter."""
+    import subprocess
+    import sys
+
+    import openai
+
+    from test_serve import KEY, free_port, wait_for
+    from tuner.chat.generate import Generator
+    from tuner.chat.model import load_chat_model
+
+    adapter = fx.xtuner_adapter(tmp_path / "xtuner", fx.config())
+    model, tokenizer, compute = load_chat_model(str(internlm2_dir), str(adapter), "fp32")
+    generator = Generator(model, tokenizer, "internlm2_chat", compute_dtype=compute)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tuner.cli", "serve", str(internlm2_dir), "--adapter",
+                                str(adapter), "--prompt-template", "internlm2_chat", "--port", str(port),
+                                "--api-key", KEY, "--torch-dtype", "fp32", "--served-model-name", "internlm2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, process)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        reply = client.chat.completions.create(model="internlm2", messages=[{"role": "user", "content": "Hi"}],
+                                               temperature=0, max_tokens=6).choices[0].message.content
+    finally:
+        process.terminate()
+        process.wait(10)
+    from tuner.chat.generate import GenerationSettings
+    expected = generator.reply([{"role": "user", "content": "Hi"}], GenerationSettings(max_new_tokens=6))
+    assert reply == expected and expected  # the same non-empty reply
