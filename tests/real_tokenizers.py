@@ -136,6 +136,14 @@ CASES: dict[str, dict] = {
         {"role": "assistant", "content": "Sunny in Paris, rainy in Rome."}]},
 }
 TOOL_CASES = {"tool_call", "tool_calls_string_arguments"}
+# Mistral's format names each call and result by an id of 9 characters
+MISTRAL_TOOL_CASE = {"tools": [WEATHER], "messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": "", "tool_calls": [dict(CALL, id="call00001"), dict(CALL_STR, id="call00002")]},
+    {"role": "tool", "content": "Sunny", "tool_call_id": "call00001"},
+    {"role": "tool", "content": "Rainy", "tool_call_id": "call00002"},
+    {"role": "assistant", "content": "Sunny in Paris, rainy in Rome."}]}
 
 # Mistral's own encoder (PyPI mistral-common) is the reference for the Mistral names: named template ->
 # (its tokenizer file in mistral_common/data, the HF tokenizer with the same ids: built from that
@@ -171,13 +179,26 @@ def mistral_tokenizers(name: str):
     return reference, AutoTokenizer.from_pretrained(str(folder))
 
 
-def mistral_ids(reference, messages: list[dict]) -> list[int]:
+def mistral_ids(reference, messages: list[dict], tools: list | None = None) -> list[int]:
     """Token ids of a conversation as Mistral's own encoder writes it."""
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    import json
 
-    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-    request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+
+    def convert(m):
+        if m["role"] == "tool":
+            return ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"])
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["function"]["name"], arguments=(
+                a if isinstance(a := c["function"]["arguments"], str) else json.dumps(a)))) for c in m["tool_calls"]]
+            return AssistantMessage(content=m["content"] or None, tool_calls=calls)
+        return {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}[m["role"]](
+            content=m["content"])
+
+    request = ChatCompletionRequest(messages=[convert(m) for m in messages],
+                                    tools=[Tool(function=Function(**t["function"])) for t in tools or []] or None)
     mode = "finetuning" if messages[-1]["role"] == "assistant" else "test"
     return reference[mode].encode_chat_completion(request).tokens
 

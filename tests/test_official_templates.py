@@ -42,6 +42,21 @@ def test_mistral_templates_equal_mistral_commons_encoder(name, case, request):
     assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == mistral_ids(reference, messages[:-1])
 
 
+def test_mistral_tekken_tool_calls_equal_mistral_commons_encoder():
+    """[AVAILABLE_TOOLS] before the last user turn, two calls with ids, two results with their call ids."""
+    from real_tokenizers import MISTRAL_TOOL_CASE
+
+    reference, tokenizer = mistral_tokenizers("mistral_tekken")
+    template = get_template("mistral_tekken", tokenizer)
+    messages, tools = MISTRAL_TOOL_CASE["messages"], MISTRAL_TOOL_CASE["tools"]
+    from tuner.data.encode import encode_conversation
+
+    ids = encode_conversation([dict(m, loss=True) for m in messages], tokenizer, template, 10_000, tools).ids.tolist()
+    assert ids == mistral_ids(reference, messages, tools)
+    prompt = template.render(messages[:-1], add_generation_prompt=True, tools=tools).text
+    assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == mistral_ids(reference, messages[:-1], tools)
+
+
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_trained_tokens_are_exactly_the_replies_on_the_real_tokenizer(name):
     tokenizer = real_tokenizer(PAIRS[name])

@@ -129,13 +129,13 @@ def test_every_named_template_as_jinja_renders_like_itself(tokenizer, name):
     """What pth_to_hf and merge write as the chat template renders exactly what training rendered."""
     import copy
 
-    from real_tokenizers import CASES
+    from real_tokenizers import CASES, MISTRAL_TOOL_CASE
     from tuner.data.template_jinja import to_jinja
 
     family = copy.deepcopy(tokenizer)
     family.bos_token = family.bos_token or "<|endoftext|>"
     template, jinja = TEMPLATES[name].bind(family), to_jinja(TEMPLATES[name])
-    for conversation in [*CASES.values(), {"messages": CONVERSATIONS[1]}]:
+    for conversation in [*CASES.values(), MISTRAL_TOOL_CASE, {"messages": CONVERSATIONS[1]}]:
         tools = conversation.get("tools")
         for prompt in (False, True):
             messages = conversation["messages"][:-1] if prompt else conversation["messages"]

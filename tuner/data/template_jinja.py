@@ -45,9 +45,9 @@ def to_jinja(t: PromptTemplate) -> str:
     """The template (before `bind`: {bos}, {eos} stay the tokenizer's tokens) as Jinja."""
     from tuner.data.templates import LLAMA3_1_TOOLS
 
-    llama_tools = t.tool_style == "llama3_1"
+    llama_tools, mistral_tools = t.tool_style == "llama3_1", t.tool_style == "mistral"
     trim = "|trim" if t.trim else ""
-    with_tools = "ns.sys" if llama_tools else (
+    with_tools = "ns.sys" if llama_tools or mistral_tools else (
         "(ns.sys + ('\\n\\n' if ns.sys else '') + " + _literal(_TOOLS_INTRO) +
         " + (tools|map('tojson')|join('\\n')) + " + _literal(_TOOLS_OUTRO) + ") if tools else ns.sys")
     system = _expression(t.system, {"system": "ns.sys", "environment": "'Environment: ipython\\n' if tools else ''"})
@@ -66,8 +66,16 @@ def to_jinja(t: PromptTemplate) -> str:
         "{%- else -%}{%- set ns.items = ns.items + [{'role': 'tool', 'content': text}] -%}{%- endif -%}",
         "{%- else -%}{%- set ns.items = ns.items + [m] -%}{%- endif -%}",
         "{%- endfor -%}",
-        "{%- set items = ns.items -%}"] if not llama_tools else ["{%- set items = messages -%}"]
-    if llama_tools:
+        "{%- set items = ns.items -%}"] if not (llama_tools or mistral_tools) else ["{%- set items = messages -%}"]
+    if mistral_tools:  # arguments given as a JSON string are parsed by Mistral's encoder: written as they are here
+        calls = ["{%- if m.tool_calls -%}{%- set ns.body = '[TOOL_CALLS][' -%}",
+                 "{%- for c in m.tool_calls -%}{%- set f = c.function if c.function is defined else c -%}",
+                 "{%- set ns.body = ns.body + (', ' if not loop.first else '') + '{\"name\": ' + (f.name|tojson) + "
+                 "', \"arguments\": ' + (f.arguments if f.arguments is string else (f.arguments|tojson)) + "
+                 "((', \"id\": ' + (c.id|tojson)) if c.id is defined else '') + '}' -%}",
+                 "{%- endfor -%}{%- set ns.body = ns.body + ']' -%}{%- endif -%}",
+                 "{{- " + _literal(t.reply_prefix) + " + ns.body -}}"]
+    elif llama_tools:
         calls = ["{%- if m.tool_calls -%}{%- set ns.body = '' -%}",
                  "{%- for c in m.tool_calls -%}{%- set f = c.function if c.function is defined else c -%}",
                  "{%- set ns.body = ns.body + ('\\n' if not loop.first else '') + '{\"name\": \"' + f.name + "
@@ -111,9 +119,13 @@ def to_jinja(t: PromptTemplate) -> str:
         *(["{%- if tools and loop.index0 == ns.first_user -%}{%- set ns.input = " + _literal(LLAMA3_1_TOOLS) +
            " + (tools|map('tojson', indent=4)|join('\\n\\n')) + '\\n\\n' + ns.input -%}{%- endif -%}"]
           if llama_tools else []),
+        *(["{%- if tools and loop.index0 == ns.last_query -%}{{- '[AVAILABLE_TOOLS]' + (tools|tojson) + "
+           "'[/AVAILABLE_TOOLS]' -}}{%- endif -%}"] if mistral_tools else []),
         "{{- " + user + " -}}",
         "{%- elif m.role == 'tool' -%}",
-        "{%- set ns.input = " + ("content|tojson" if llama_tools else "content") + " -%}{{- " + tool_turn + " -}}",
+        "{%- set ns.input = " + ("content|tojson" if llama_tools else
+                                 "({'content': content, 'call_id': m.tool_call_id if m.tool_call_id is defined else "
+                                 "none}|tojson)" if mistral_tools else "content") + " -%}{{- " + tool_turn + " -}}",
         "{%- elif m.role == 'assistant' -%}",
         "{%- set ns.body = content" + trim + " -%}",
         *(["{%- if loop.index0 > ns.last_query -%}",

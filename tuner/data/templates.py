@@ -48,7 +48,8 @@ class PromptTemplate:
     think: bool = False  # Qwen3: replies after the last user turn carry a <think> block, empty if none was given
     special_tokens: tuple[str, ...] = ()  # tokens the tokenizer must have as single tokens
     tool_style: str = "hermes"  # 'hermes': tools in the system prompt, <tool_call> blocks, <tool_response> results;
-    # 'llama3_1': tools in the first user turn, a call as {"name", "parameters"}, results in `tool` turns
+    # 'llama3_1': tools in the first user turn, a call as {"name", "parameters"}, results in `tool` turns;
+    # 'mistral': [AVAILABLE_TOOLS] before the last user turn, [TOOL_CALLS] with ids, results with their call ids
     tool: str | None = None  # how a tool result turn is written ({input}); None: as a user turn
     tool_arguments: str = "object"  # how string `arguments` of a tool call are written: 'object' (parsed),
     # 'verbatim' (the string as it is, Qwen3), 'json' (JSON-encoded again, as Qwen2.5's tojson does)
@@ -68,9 +69,9 @@ class PromptTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> Rendered:
         out = Rendered(self.prefix)
-        llama_tools = self.tool_style == "llama3_1"
-        messages = messages if llama_tools else _group_tool_results(messages)
-        system_tools = None if llama_tools else tools  # where the tool list goes
+        llama_tools, mistral_tools = self.tool_style == "llama3_1", self.tool_style == "mistral"
+        messages = messages if llama_tools or mistral_tools else _group_tool_results(messages)
+        system_tools = None if llama_tools or mistral_tools else tools  # where the tool list goes
         clean = (lambda text: text.strip()) if self.trim else (lambda text: text)  # noqa: E731
         has_system = bool(messages) and messages[0]["role"] == "system"
         first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), -1)
@@ -85,6 +86,7 @@ class PromptTemplate:
             out.text += self._system(with_tools(self.default_system or "", system_tools), tools)
         last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         round_number = 0
+        mistral_tools = mistral_tools and bool(tools)
         for i, message in enumerate(messages):
             role, content = message["role"], message.get("content") or ""
             if role == "system":
@@ -94,10 +96,15 @@ class PromptTemplate:
                 text = (user_prefix if i == prefixed else "") + clean(content)
                 if llama_tools and tools and i == first_user:
                     text = llama3_1_tools_text(tools) + text
+                if mistral_tools and i == last_query:
+                    out.text += "[AVAILABLE_TOOLS]" + json.dumps(tools, ensure_ascii=False) + "[/AVAILABLE_TOOLS]"
                 out.text += self.user.format(input=text, round=round_number)
             elif role == "tool":  # a tool's results go back to the model (as a user turn unless `tool` says)
                 if llama_tools:  # the official template JSON-encodes the content, even a string
                     content = json.dumps(content, ensure_ascii=False)
+                elif self.tool_style == "mistral":
+                    content = json.dumps({"content": content, "call_id": message.get("tool_call_id")},
+                                         ensure_ascii=False)
                 out.text += (self.tool or self.user).format(input=content, round=round_number)
             elif role == "assistant":
                 start = len(out.text)
@@ -106,6 +113,8 @@ class PromptTemplate:
                     body = _think_block(message, body, last=i == len(messages) - 1)
                 if llama_tools and message.get("tool_calls"):  # the call is the whole reply
                     body = "\n".join(llama3_1_call_text(c) for c in message["tool_calls"])
+                elif self.tool_style == "mistral" and message.get("tool_calls"):
+                    body = "[TOOL_CALLS]" + mistral_calls_text(message["tool_calls"])
                 else:
                     body += tool_calls_text(message.get("tool_calls"), bool(body), self.tool_arguments)
                 out.text += self.reply_prefix + body + self.suffix
@@ -296,6 +305,22 @@ def llama3_1_call_text(call: dict) -> str:
     function = call.get("function", call)
     return ('{"name": "' + function["name"] + '", "parameters": ' +
             json.dumps(function.get("arguments", {}), ensure_ascii=False) + "}")
+
+
+def mistral_calls_text(calls: list) -> str:
+    """[{"id": "abc123def", "function": {"name": "f", "arguments": '{"x": 1}'}}] ->
+    '[{"name": "f", "arguments": {"x": 1}, "id": "abc123def"}]' (Mistral's own encoder parses string arguments)."""
+    written = []
+    for call in calls:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        written.append({"name": function["name"], "arguments": arguments, **({"id": call["id"]} if "id" in call else {})})
+    return json.dumps(written, ensure_ascii=False)
 
 
 def tool_response_text(content: str) -> str:
