@@ -19,7 +19,7 @@ import torch
 from tuner.config import Config
 from tuner.engine.checkpoint import load_checkpoint
 from tuner.errors import TunerError
-from tuner.model.adapt import load_adapter
+from tuner.model.adapt import load_adapter, read_adapter_config
 from tuner.model.load import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
 
 
@@ -120,9 +120,7 @@ def merge(base: str, adapter: str | Path, save_dir: str | Path, max_shard_size: 
     """Base + adapter -> one model folder, in the base's own dtype, with the tokenizer and the chat
     template trained with."""
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise TunerError(f"{adapter} is not an adapter folder (no adapter_config.json); "
-                         "make one with `tuner convert pth_to_hf`")
+    read_adapter_config(adapter)  # before any output folder is made or the base is loaded
     with fresh_output_dir(save_dir) as out:
         folder = resolve_model_path(base)
         model = load_causal_lm(folder, trust_remote_code, dtype="auto", device_map=pick_device(device))

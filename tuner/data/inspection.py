@@ -129,9 +129,9 @@ def conversations(data: DataConfig, limit: int | None = None, skip_bad: bool = F
     return found
 
 
-def check_template(template_name: str, tokenizer, data: DataConfig, limit: int | None = None) -> TemplateReport:
-    """The named template against the tokenizer's own chat template on the rows of `data`."""
-    rows = conversations(data, limit)
+def check_template(template_name: str, tokenizer, data: DataConfig) -> TemplateReport:
+    """The named template against the tokenizer's own chat template on every row of `data`."""
+    rows = conversations(data)
     if not rows:
         raise TunerError(f"{data.path}: no conversation rows to compare (pretraining text has no template)")
     return compare_templates(get_template(template_name, tokenizer), tokenizer, rows)

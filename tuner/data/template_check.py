@@ -24,7 +24,7 @@ class Difference:
     token: int  # index of the first differing token
 
     def describe(self, context: int = 40) -> str:
-        at = _first_char_difference(self.ours, self.official)
+        at = first_difference(self.ours, self.official)
         show = lambda text: repr(text[max(0, at - context):at + context])  # noqa: E731
         return (f"row {self.row + 1}, {self.where}: first difference at token {self.token} (character {at})\n"
                 f"  named template: {show(self.ours)}\n  tokenizer's:    {show(self.official)}")
@@ -56,13 +56,13 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def compare_templates(template, tokenizer, conversations: list[dict], limit: int | None = None) -> TemplateReport:
+def compare_templates(template, tokenizer, conversations: list[dict]) -> TemplateReport:
     """Each conversation ({'messages': [...], 'tools': [...]}) rendered whole and as a prompt for its
     last assistant reply, by `template` and by the tokenizer's own, compared as token ids."""
     if not getattr(tokenizer, "chat_template", None):
         raise TunerError("the tokenizer has no chat template of its own to compare with")
     report = TemplateReport()
-    for row, conversation in enumerate(conversations[:limit] if limit else conversations):
+    for row, conversation in enumerate(conversations):
         messages, tools = conversation["messages"], conversation.get("tools")
         clean = [{k: v for k, v in m.items() if k != "loss"} for m in messages]
         report.rows += 1
@@ -83,13 +83,13 @@ def compare_templates(template, tokenizer, conversations: list[dict], limit: int
             ours = template.render(part, add_generation_prompt=prompt, tools=tools).text
             a, b = _ids(tokenizer, ours), _ids(tokenizer, theirs)
             if a != b:
-                token = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                report.differences.append(Difference(row, where, ours, theirs, token))
+                report.differences.append(Difference(row, where, ours, theirs, first_difference(a, b)))
                 break
         else:
             report.identical += 1
     return report
 
 
-def _first_char_difference(a: str, b: str) -> int:
+def first_difference(a, b) -> int:
+    """Where two sequences (texts, token ids) first differ: the shorter one's length if one starts the other."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

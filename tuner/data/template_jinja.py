@@ -16,13 +16,7 @@ from __future__ import annotations
 import json
 import re
 
-from tuner.data.templates import PromptTemplate
-
-_TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
-_TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-                "<args-json-object>}\n</tool_call>")
+from tuner.data.templates import HERMES_TOOLS_INTRO, HERMES_TOOLS_OUTRO, LLAMA3_1_TOOLS, PromptTemplate
 
 
 def _literal(text: str) -> str:
@@ -43,13 +37,11 @@ def _expression(fmt: str, values: dict[str, str]) -> str:
 
 def to_jinja(t: PromptTemplate) -> str:
     """The template (before `bind`: {bos}, {eos} stay the tokenizer's tokens) as Jinja."""
-    from tuner.data.templates import LLAMA3_1_TOOLS
-
     llama_tools, mistral_tools = t.tool_style == "llama3_1", t.tool_style == "mistral"
     trim = "|trim" if t.trim else ""
     with_tools = "ns.sys" if llama_tools or mistral_tools else (
-        "(ns.sys + ('\\n\\n' if ns.sys else '') + " + _literal(_TOOLS_INTRO) +
-        " + (tools|map('tojson')|join('\\n')) + " + _literal(_TOOLS_OUTRO) + ") if tools else ns.sys")
+        "(ns.sys + ('\\n\\n' if ns.sys else '') + " + _literal(HERMES_TOOLS_INTRO) +
+        " + (tools|map('tojson')|join('\\n')) + " + _literal(HERMES_TOOLS_OUTRO) + ") if tools else ns.sys")
     system = _expression(t.system, {"system": "ns.sys", "environment": "'Environment: ipython\\n' if tools else ''"})
     system = system.replace("(ns.sys)", "(" + with_tools + ")")
     user = _expression(t.user, {"input": "ns.input", "round": "ns.round|string"})

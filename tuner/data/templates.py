@@ -252,17 +252,19 @@ class ChatTemplate:
         return end
 
 
+HERMES_TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                      "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n")
+HERMES_TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                      "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                      "\"arguments\": <args-json-object>}\n</tool_call>")
+
+
 def with_tools(system: str, tools: list | None) -> str:
     """A system prompt that lists the tools, in the Hermes / Qwen format."""
     if not tools:
         return system
     listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return ((system + "\n\n" if system else "") +
-            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{listed}\n</tools>"
-            "\n\nFor each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
-            "\n</tool_call>")
+    return (system + "\n\n" if system else "") + HERMES_TOOLS_INTRO + listed + HERMES_TOOLS_OUTRO
 
 
 def tool_calls_text(calls: list | None, after_content: bool = True, string_arguments: str = "object") -> str:

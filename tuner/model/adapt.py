@@ -51,7 +51,6 @@ def load_adapter(model, adapter: str | Path, base_folder: str | Path | None = No
     """A saved PEFT adapter on `model` (a PeftModel). An adapter trained on InternLM2 (target modules
     wqkv, wo, w1, w2, w3, as XTuner trains them) is converted to the Llama names of the converted
     base first (the wqkv LoRA split into q/k/v)."""
-    import json
     import tempfile
 
     from peft import PeftModel
@@ -59,13 +58,21 @@ def load_adapter(model, adapter: str | Path, base_folder: str | Path | None = No
     from tuner.model import internlm2
 
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise TunerError(f"{adapter} holds no adapter_config.json: not a LoRA adapter folder",
-                         hint="convert a training checkpoint first: tuner convert pth_to_hf CONFIG iter_N.pth DIR")
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config = read_adapter_config(adapter)
     source = internlm2.converted_from(base_folder) if base_folder else None
     if source and internlm2.is_internlm2_adapter(adapter_config):
         with tempfile.TemporaryDirectory(prefix="tuner-adapter-") as tmp:
             converted = internlm2.convert_adapter(adapter, internlm2.read_config(Path(source)), Path(tmp))
             return PeftModel.from_pretrained(model, str(converted))
     return PeftModel.from_pretrained(model, str(adapter))
+
+
+def read_adapter_config(adapter: Path) -> dict:
+    """The adapter_config.json of a PEFT adapter folder, or a clear error for any other folder."""
+    import json
+
+    file = Path(adapter) / "adapter_config.json"
+    if not file.is_file():
+        raise TunerError(f"{adapter} is not an adapter folder (no adapter_config.json)",
+                         hint="make one from a training checkpoint: tuner convert pth_to_hf CONFIG iter_N.pth DIR")
+    return json.loads(file.read_text())

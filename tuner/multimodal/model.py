@@ -69,8 +69,6 @@ def tokenizer_with_image_token(path: str, trust_remote_code: bool = False):
 
 def encoder_vision_config(name: str):
     """The vision half's config of a CLIP or SigLIP model (a full model or its vision tower)."""
-    from transformers import AutoConfig
-
     config = load_config(name)
     vision_config = getattr(config, "vision_config", config)
     if vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
