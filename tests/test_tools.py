@@ -97,6 +97,31 @@ def test_parse_json_and_react_tool_calls():
     assert parse_tool_calls(text) == (text, [])
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_chat", "qwen3_chat", "llama3_1_chat", "mistral_v3", "mistral_v7",
+                                  "mistral_tekken", "deepseek_v3"])
+def test_the_calls_a_template_trains_are_read_back(name):
+    """What a model trained with each tool format writes (the trained reply, as generated) is parsed back into
+    the same calls by `tuner chat` and `tuner serve`: Hermes blocks, Llama 3.1's JSON, [TOOL_CALLS], DeepSeek's."""
+    from tuner.data.templates import get_template
+
+    calls = [{"id": "abcDEF123", "type": "function",
+              "function": {"name": "calculate", "arguments": {"expression": "2+2"}}},
+             {"id": "ghiJKL456", "type": "function", "function": {"name": "solve", "arguments": '{"equation": "x=1"}'}}]
+    if name == "llama3_1_chat":
+        calls = calls[:1]  # Llama 3.1 calls one tool per reply
+    template = get_template(name)
+    rendered = template.render([{"role": "user", "content": "Go"},
+                                {"role": "assistant", "content": "", "tool_calls": calls}])
+    a, b = rendered.spans[0]
+    reply = rendered.text[a:b].removesuffix(template.suffix)
+    content, parsed = parse_tool_calls(reply)
+    assert content == ("<think>\n\n</think>" if template.think else "")  # Qwen3's (empty) reasoning stays
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed] == \
+        [("calculate", {"expression": "2+2"}), ("solve", {"equation": "x=1"})][:len(calls)]
+    if name.startswith("mistral"):  # Mistral's calls carry their ids, which the results must name
+        assert [c["id"] for c in parsed] == ["abcDEF123", "ghiJKL456"]
+
+
 def test_toolbox_runs_calls_and_reports_errors_to_the_model():
     box = Toolbox(["calculate", "solve"])
     call = lambda name, args: {"function": {"name": name, "arguments": args}}  # noqa: E731

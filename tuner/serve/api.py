@@ -19,11 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from tuner.chat.generate import GenerationSettings, Generator, partial_suffix
-from tuner.chat.tools import parse_tool_calls
+from tuner.chat.tools import TOOL_CALL_STARTS, parse_tool_calls
 from tuner.errors import TunerError
 from tuner.serve.engine import BatchEngine, Job
-
-TOOL_CALL_START = "<tool_call>"
 
 
 class ApiError(Exception):
@@ -297,10 +295,11 @@ class Handler(BaseHTTPRequestHandler):
                     reply = stop.value
                     break
                 # With tools, hold back a (possibly half-written) tool call; it is sent whole at the end.
-                visible = text[:text.find(TOOL_CALL_START)] if tools and TOOL_CALL_START in text else (
-                    text[:len(text) - partial_suffix(text, [TOOL_CALL_START])] if tools else text)
-                if tools:  # whitespace before a tool call is not content
-                    visible = visible.rstrip()
+                starts = [text.find(w) for w in TOOL_CALL_STARTS if w in text] if tools else []
+                visible = text[:min(starts)] if starts else (
+                    text[:len(text) - partial_suffix(text, TOOL_CALL_STARTS)] if tools else text)
+                if tools:  # whitespace before a tool call is not content; a reply that opens with '{' may be
+                    visible = "" if visible.lstrip().startswith("{") else visible.rstrip()  # Llama 3.1's call
                 if len(visible) > streamed:
                     emit({"index": 0, "delta": {"content": visible[streamed:]}, "finish_reason": None})
                     streamed = len(visible)
