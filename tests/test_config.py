@@ -41,10 +41,28 @@ def test_method_follows_config():
     assert load_config("smollm2_135m_instruct_lora_personal_assistant_e3").method == "lora"
 
 
-def test_map_fn_written_in_config_works():
+def test_map_fn_written_in_config_works(tmp_path):
+    from pathlib import Path
+
+    import configs
+
+    source = Path(configs.__file__).parent / "smollm2" / "smollm2_135m_instruct_lora_personal_assistant_e3.py"
+    cfg_file = tmp_path / "my_config.py"
+    cfg_file.write_text(source.read_text() + "\n\ndef qa_map_fn(row):\n    return {'messages': [{'role': 'user', "
+                        "'content': row['q']}, {'role': 'assistant', 'content': row['a']}]}\n\n\n"
+                        "data = DataConfig(path='qa.jsonl', map_fn=qa_map_fn)\n")
+    cfg = load_config(str(cfg_file))
+    assert cfg.data.map_fn({"q": "Hi", "a": "Hello"})["messages"] == [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+def test_the_oasst1_config_reads_guanaco_rows_with_the_built_in_format():
+    from tuner.data.formats import FORMATS
+
     cfg = load_config("internlm2_chat_7b_qlora_oasst1_e3")
     row = {"text": "### Human: Hi there### Assistant: Hello! How can I help?### Human: Bye### Assistant: Bye!"}
-    assert cfg.data.map_fn(row)["messages"] == [
+    assert cfg.data.map_fn is None and cfg.data.format == "oasst1"
+    assert FORMATS[cfg.data.format](row)["messages"] == [
         {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
         {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
 

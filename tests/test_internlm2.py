@@ -279,3 +279,34 @@ def test_tuner_serve_internlm2_with_an_xtuner_adapter_to_the_openai_client(tmp_p
     from tuner.chat.generate import GenerationSettings
     expected = generator.reply([{"role": "user", "content": "Hi"}], GenerationSettings(max_new_tokens=6))
     assert reply == expected and expected  # the same non-empty reply
+
+
+def test_a_hub_id_of_internlm2_is_converted_from_the_hub_cache(tmp_path, internlm2_dir):
+    """`tuner chat internlm/internlm2-chat-1_8b`: the hub id goes through huggingface_hub (offline, from a
+    cache laid out as the hub writes one), the config says internlm2, and the converted Llama is what loads."""
+    import os
+    import subprocess
+    import sys
+
+    from tuner.model.internlm2 import converted_dir
+
+    snapshot = tmp_path / "hub" / "models--internlm--internlm2-chat-1_8b" / "snapshots" / ("0" * 40)
+    shutil.copytree(internlm2_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("from tuner.model.load import resolve_model_path, describe_conversion, load_causal_lm;"
+            "p = resolve_model_path('internlm/internlm2-chat-1_8b'); print(p);"
+            "print(describe_conversion('internlm/internlm2-chat-1_8b'));"
+            "print(type(load_causal_lm('internlm/internlm2-chat-1_8b')).__name__)")
+    try:
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        folder, described, loaded = run.stdout.strip().splitlines()
+        assert folder == str(converted_dir(snapshot)) and loaded == "LlamaForCausalLM"
+        assert "loaded as transformers' Llama (converted, no remote code)" in described
+        chat = tuner("chat", "internlm/internlm2-chat-1_8b", "--prompt-template", "internlm2_chat", "--temperature",
+                     "0", "--max-new-tokens", "4", stdin="Who are you?\n\nEXIT\n", env=env)
+        assert chat.stdout.count(">>>") == 2 and "converted" in chat.stderr, chat.stderr
+    finally:
+        shutil.rmtree(converted_dir(snapshot), ignore_errors=True)

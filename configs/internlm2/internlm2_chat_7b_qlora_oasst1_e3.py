@@ -11,6 +11,7 @@ pretrained_model_name_or_path = 'internlm/internlm2-chat-7b'
 
 # Data
 data_path = 'data/openassistant_best_replies_train.jsonl'
+dataset_format = 'oasst1'  # '### Human: ... ### Assistant: ...' -> user / assistant turns
 prompt_template = 'internlm2_chat'
 max_length = 2048
 pack_to_max_length = True
@@ -33,16 +34,6 @@ SYSTEM = None
 evaluation_inputs = ['请给我介绍五个上海的景点', 'Please tell me five scenic spots in Shanghai']
 
 
-def oasst1_map_fn(row):
-    """{"text": "### Human: Hi### Assistant: Hello### Human: ..."} -> alternating user/assistant messages."""
-    messages = []
-    for chunk in row['text'].split('### ')[1:]:
-        speaker, _, content = chunk.partition(':')
-        role = {'Human': 'user', 'Assistant': 'assistant'}[speaker.strip()]
-        messages.append({'role': role, 'content': content.strip()})
-    return {'messages': messages}
-
-
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
@@ -52,7 +43,7 @@ lora = LoraConfig(r=64, alpha=16, dropout=0.1, target_modules='all-linear')
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
-data = DataConfig(path=data_path, map_fn=oasst1_map_fn, template=prompt_template, system=SYSTEM,
+data = DataConfig(path=data_path, format=dataset_format, template=prompt_template, system=SYSTEM,
                   max_length=max_length, pack=pack_to_max_length)
 
 #######################################################################

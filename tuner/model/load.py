@@ -128,12 +128,16 @@ def load_config(path: str, trust_remote_code: bool = False):
     return call_loader(AutoConfig.from_pretrained, resolve_model_path(path), trust_remote_code=trust_remote_code)
 
 
-def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = False, **kwargs):
+def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = False, announce: bool = True, **kwargs):
     """The one place a causal LM is loaded (training, chat, serve, merge, LLaVA): a local folder,
-    the hub, the embedded model, InternLM2 as Llama. `meta`: the structure only, no weights read."""
+    the hub, the embedded model, InternLM2 as Llama. `meta`: the structure only, no weights read.
+    `announce`: say on stderr when the model is a conversion (training logs it itself)."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model_path(path)
+    if announce and not meta and (converted := describe_conversion(path)):
+        from rich.console import Console
+        Console(stderr=True).print(f"[tuner] {path}: {converted}", markup=False, soft_wrap=True)
     if meta:
         config = load_config(resolved, trust_remote_code)
         with torch.device("meta"):
@@ -149,7 +153,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
         kwargs["attn_implementation"] = cfg.attn_implementation  # family supports it, eager otherwise (Gemma 2)
     if cfg.quantization:
         kwargs["quantization_config"] = _bnb_config(cfg)
-    model = load_causal_lm(cfg.path, cfg.trust_remote_code, **kwargs)
+    model = load_causal_lm(cfg.path, cfg.trust_remote_code, announce=not for_training, **kwargs)
     if cfg.quantization:
         _guard_cpu_4bit(model)
     elif str(device) != "cpu":
