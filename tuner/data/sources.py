@@ -50,14 +50,6 @@ def iter_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, int
         yield from reader(file)
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise TunerError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-
-
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """Lines of a text file, streamed, with UTF-8 errors reported by line."""
     with open(path, "rb") as f:
@@ -81,35 +73,108 @@ def _jsonl_rows(path: Path):
         yield str(path), number, row
 
 
-def _json_array_rows(path: Path):
-    """A JSON array of objects; decoded element by element to know each one's line."""
-    text = _read_text(path)
-    decoder = json.JSONDecoder()
-    pos = _skip_space(text, 0)
-    if pos >= len(text) or text[pos] != "[":
-        raise TunerError(f"{path}:1: a .json data file must hold an array of objects (or use .jsonl)")
-    pos = _skip_space(text, pos + 1)
-    while pos < len(text) and text[pos] != "]":
-        line = text.count("\n", 0, pos) + 1
+class _JsonText:
+    """A .json file read in chunks: `text[pos:]` is what is not consumed yet, and `line` the line of
+    `text[pos]`. The buffer is compacted only when more is read, so each byte is copied a bounded
+    number of times; memory stays at about one element plus a chunk."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: Path):
+        import codecs
+
+        self.path, self.file = path, open(path, "rb")
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.pos, self.line, self.read_bytes, self.eof = "", 0, 1, 0, False
+
+    def more(self, at_least: int = 0) -> bool:
+        """Read at least `at_least` more bytes of the file; False at its end."""
+        if self.eof:
+            return False
+        raw = self.file.read(max(at_least, self.CHUNK))
         try:
-            row, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise TunerError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise TunerError(f"{path}:{line}: each element must be a JSON object, got {type(row).__name__}")
-        yield str(path), line, row
-        pos = _skip_space(text, pos)
-        if pos < len(text) and text[pos] == ",":
-            pos = _skip_space(text, pos + 1)
-        elif pos < len(text) and text[pos] != "]":
-            line = text.count("\n", 0, pos) + 1
-            raise TunerError(f"{path}:{line}: malformed JSON: expected ',' or ']'")
+            decoded = self.decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            offset = self.read_bytes + e.start
+            raise TunerError(f"{self.path}:{_line_of_byte(self.path, offset)}: not valid UTF-8 ({e.reason} at "
+                             f"byte {offset})") from None
+        self.read_bytes += len(raw)
+        if not raw:  # the end: positions stay as they are (an error found before may name them)
+            self.eof = True
+            self.text += decoded
+            return False
+        self.text, self.pos = self.text[self.pos:] + decoded, 0
+        return True
+
+    def consume(self, end: int) -> None:
+        """Move past text[pos:end]."""
+        self.line += self.text.count("\n", self.pos, end)
+        self.pos = end
+
+    def peek(self) -> str:
+        """Skip whitespace; the next character, or '' at the end of the file."""
+        while True:
+            end = self.pos
+            while end < len(self.text) and self.text[end] in " \t\r\n":
+                end += 1
+            self.consume(end)
+            if self.pos < len(self.text) or not self.more():
+                return self.text[self.pos:self.pos + 1]
+
+    def close(self) -> None:
+        self.file.close()
 
 
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
+def _line_of_byte(path: Path, offset: int) -> int:
+    line = 1
+    with open(path, "rb") as f:
+        while offset > 0:
+            block = f.read(min(offset, 1 << 20))
+            if not block:
+                break
+            line, offset = line + block.count(b"\n"), offset - len(block)
+    return line
+
+
+def _json_array_rows(path: Path):
+    """A JSON array of objects, streamed: decoded element by element (so each one's line is known),
+    in time linear in the file and memory of about one element."""
+    decoder = json.JSONDecoder()
+    source = _JsonText(path)
+    try:
+        if source.peek() != "[":
+            raise TunerError(f"{path}:1: a .json data file must hold an array of objects (or use .jsonl)")
+        source.consume(source.pos + 1)
+        while source.peek() not in ("]", ""):
+            wanted = _JsonText.CHUNK
+            while True:
+                try:
+                    row, end = decoder.raw_decode(source.text, source.pos)
+                    break
+                except json.JSONDecodeError as e:
+                    # Cut by the end of the buffer (the error is at its end, or a string runs into it): read
+                    # more, in doubling chunks so a long element stays linear; else the element is malformed.
+                    cut = e.pos >= len(source.text) - 8 or e.msg.startswith("Unterminated string")
+                    if not (cut and source.more(wanted)):
+                        line = source.line + source.text.count("\n", source.pos, e.pos)
+                        raise TunerError(f"{path}:{line}: malformed JSON: {e.msg}") from None
+                    wanted *= 2
+            line = source.line
+            if not isinstance(row, dict):
+                raise TunerError(f"{path}:{line}: each element must be a JSON object, got {type(row).__name__}")
+            source.consume(end)
+            yield str(path), line, row
+            following = source.peek()
+            if following == ",":
+                source.consume(source.pos + 1)
+            elif following == "":
+                raise TunerError(f"{path}:{source.line}: malformed JSON: the array is not closed with ']'")
+            elif following != "]":
+                raise TunerError(f"{path}:{source.line}: malformed JSON: expected ',' or ']'")
+        if source.peek() != "]":
+            raise TunerError(f"{path}:{source.line}: malformed JSON: the array is not closed with ']'")
+    finally:
+        source.close()
 
 
 def _parquet_rows(path: Path):
