@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,10 +155,18 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, tiny
     ddp_cfg = write_config(tmp_path, tiny_model_dir, data_file, lora=lora, batch_size=1, name="two_processes", **MULTI)
     monkeypatch.setenv("NPROC_PER_NODE", "2")
     monkeypatch.setenv("PORT", str(29500 + 2 * lora + (strategy == "fsdp")))
+    # Every all_reduce of tuner's is checked to be on the training device and counted (tests/collective_check)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent / "collective_check"),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("TUNER_COLLECTIVE_LOG", str(tmp_path / "collectives"))
     run = tuner("train", ddp_cfg, "--work-dir", tmp_path / "two", *(["--fsdp"] if strategy == "fsdp" else []))
     assert f"2 processes ({strategy.upper()})" in run.stderr
     one, two = scalars(one_work), scalars(tmp_path / "two")
     assert len(one) == len(two) >= 4
+    for rank in (0, 1):  # two per step, both of float64 on the device: the tokens and stop flag, the loss and tokens
+        calls = (tmp_path / f"collectives.{rank}").read_text().splitlines()
+        assert calls == ["cpu torch.float64 2"] * (2 * len(two)), calls
+    monkeypatch.delenv("TUNER_COLLECTIVE_LOG")
     # Same data per step; only the order of float additions differs (the all-reduce): 1e-4 is
     # far below what one step changes (several percent here) and far above float32 rounding.
     assert [s["loss"] for s in two] == pytest.approx([s["loss"] for s in one], rel=1e-4)

@@ -61,6 +61,12 @@ def _first_host(nodelist: str) -> str:
     return head
 
 
+def process_group_backend(cuda: bool) -> str:
+    """NCCL for GPU tensors and gloo for CPU ones (NCCL has none: an all-reduce of a CPU tensor, or
+    all_gather_object of the RNG states, would stop a GPU run); gloo alone without GPUs."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 class Distributed:
     """Rank, world size and the process group of this run (a single process is world size 1)."""
 
@@ -69,11 +75,10 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.world_size > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
             if torch.cuda.is_available():
                 torch.cuda.set_device(self.local_rank)
             # Long timeout: rank 0 may be answering evaluation questions while the others wait.
-            dist.init_process_group(backend, timeout=timedelta(hours=2))
+            dist.init_process_group(process_group_backend(torch.cuda.is_available()), timeout=timedelta(hours=2))
 
     @property
     def enabled(self) -> bool:
@@ -86,12 +91,16 @@ class Distributed:
     def device(self) -> torch.device:
         return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
-    def sum(self, value: float) -> float:
+    def sum(self, *values: float | torch.Tensor) -> list[float]:
+        """Each value summed over the processes, in one all-reduce of a tensor on this process's
+        device (NCCL reduces GPU tensors only)."""
         if not self.enabled:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+            return [float(v) for v in values]
+        device = self.device()
+        tensor = torch.stack([v.detach().to(device, torch.float64).reshape(()) if isinstance(v, torch.Tensor) else
+                              torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
         dist.all_reduce(tensor)
-        return float(tensor.item())
+        return tensor.tolist()
 
     def gather(self, obj) -> list:
         if not self.enabled:

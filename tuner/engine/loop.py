@@ -360,8 +360,12 @@ class Trainer:
             # Token-weighted loss: every trained token of the whole step (all micro-batches, all
             # processes) counts the same. DDP averages gradients over processes, hence * world_size.
             local_tokens = sum(w * int((b["labels"][:, 1:] != IGNORE).sum()) for w, b in zip(weights, batches))
-            n_tokens = max(self.dist.sum(local_tokens), 1)
-            loss_sum = 0.0
+            # With it, whether a signal asks to stop: decided together, so every process stops after the same step.
+            n_tokens, stopping = self.dist.sum(local_tokens, 1.0 if stop else 0.0)
+            if stopping and step > self.start_step:
+                self._stop(step, stop.get("signal", signal.SIGTERM))
+            n_tokens = max(n_tokens, 1)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
             for j, (weight, batch) in enumerate(zip(weights, batches)):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 if self.strategy == "deepspeed":  # DeepSpeed syncs, clips and steps at the last micro-batch
@@ -375,8 +379,12 @@ class Trainer:
                     with strategies.no_sync(self.model, self.strategy, last=j == len(batches) - 1):
                         loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
                         loss.backward()
-                loss_sum += loss.item() / self.dist.world_size
-            loss_sum = self.dist.sum(loss_sum)
+                loss_sum += loss.detach().double() / self.dist.world_size
+            # One all-reduce for what the step's end needs from every process: the loss and the real tokens
+            # (padding is not throughput).
+            real_tokens = sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)
+            loss_sum, real_tokens = self.dist.sum(loss_sum, real_tokens)
+            real_tokens = int(real_tokens)
             if not math.isfinite(loss_sum):
                 self._bad_loss(step + 1, loss_sum)  # raises, or skips this update
                 losses.append(loss_sum)
@@ -390,8 +398,6 @@ class Trainer:
             self.scheduler.step()
 
             elapsed = time.perf_counter() - started
-            # Real tokens only: padding is not throughput.
-            real_tokens = int(self.dist.sum(sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)))
             tokens_per_s = real_tokens / elapsed
             mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size or 1)
             metrics = {"loss": loss_sum, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
@@ -399,9 +405,6 @@ class Trainer:
             losses.append(loss_sum)
             for hook in self.hooks:
                 hook.after_iter(self, step + 1, metrics)
-            # Decided together, so that every process stops after the same step.
-            if self.dist.sum(1.0 if stop else 0.0) and step + 1 < self.total_steps:
-                self._stop(step + 1, stop.get("signal", signal.SIGTERM))
         for hook in self.hooks:
             hook.after_train(self)
         return losses
