@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -67,8 +69,8 @@ def flops_per_token(model, lora: bool) -> float:
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The measured matmul peak of this machine in FLOP/s, cached after the first measurement."""
     key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}:{dtype}"
-    path = cache_root() / "peak_flops.json"
-    cached = json.loads(path.read_text()) if path.exists() else {}
+    path = peak_flops_file()
+    cached = _read_peak_flops(path)
     if key in cached:
         return cached[key]
     n = 4096 if device.type == "cuda" else 1024
@@ -85,9 +87,30 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - started) / 4)
     peak = 2 * n**3 / best
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**cached, key: peak}))
+    try:  # written whole under another name, then renamed: two runs at once never leave half a file
+        from tuner.engine.checkpoint import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**_read_peak_flops(path), key: peak}))
+    except OSError:
+        pass  # a read-only cache: measured again next time
     return peak
+
+
+def peak_flops_file() -> Path:
+    return cache_root() / "peak_flops.json"
+
+
+def _read_peak_flops(path: Path) -> dict[str, float]:
+    """The cached figures that make sense (positive, finite numbers); anything else is measured again."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, unreadable, truncated, not JSON
+        return {}
+    if not isinstance(cached, dict):
+        return {}
+    return {k: float(v) for k, v in cached.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
 
 
 def text_config(model):

@@ -16,19 +16,40 @@ from tuner.errors import TunerError
 LAST = "last_checkpoint"
 
 
+def _fsync_and_replace(tmp: Path, path: Path) -> None:
+    """Rename a fully written file into place: its bytes reach the disk first (fsync), then the
+    rename, then the folder's entry, so a power loss leaves the old file or the new one, never an empty one."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a filesystem that cannot open folders: the rename itself is still atomic
+        return
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
+
+
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        _fsync_and_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _fsync_and_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -79,8 +100,6 @@ def find_resume(resume: str, work_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    try:
-        # Our own files; they hold RNG states and plain Python objects besides tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
-        raise TunerError(f"cannot read checkpoint {path}: {e}") from None
+    from tuner.model.load import load_pth
+
+    return load_pth(path)

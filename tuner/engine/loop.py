@@ -144,7 +144,11 @@ class Trainer:
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         self.run_dir = self.work_dir / stamp
         if self.dist.is_main:  # one process writes the logs and the work dir
-            (self.run_dir / "vis_data").mkdir(parents=True, exist_ok=True)
+            try:
+                (self.run_dir / "vis_data").mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TunerError(f"cannot write the work dir {self.work_dir}: {e.strerror or e}",
+                                 hint="choose another --work-dir, or make this one writable") from None
             self.logger = file_logger(self.run_dir / f"{stamp}.log")
             config_copy = self.work_dir / f"{cfg.name}.py"
             if cfg.path.resolve() != config_copy.resolve():

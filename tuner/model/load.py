@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -187,3 +188,26 @@ def _guard_cpu_4bit(model) -> None:
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def load_pth(path: Path | str) -> dict:
+    """A checkpoint holds tensors, numbers, strings and containers only, so it loads with
+    `weights_only=True`: a crafted .pth (a pickle that runs code) is refused, never run. Memory-mapped:
+    each process reads only the tensors it uses."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).split("\n")[0]
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise TunerError(f"{path} holds Python objects beyond tensors and numbers, which tuner does not "
+                             f"unpickle (loading it could run code): {_unsupported_global(str(e)) or first}",
+                             hint="use a checkpoint written by tuner train; if you trust the file, load and "
+                                  "re-save its tensors yourself") from None
+        raise TunerError(f"cannot read checkpoint {path}: {first}") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise TunerError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
+def _unsupported_global(message: str) -> str | None:
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return f"it refers to {match.group(1)}" if match else None

@@ -198,7 +198,8 @@ def load_projector(model, source: str) -> int:
             raise TunerError(f"{source} holds no projector.safetensors: not a LLaVA pth_to_hf folder")
         weights = {f"multi_modal_projector.{k}": v for k, v in load_file(str(file)).items()}
     elif path.exists():
-        weights = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        from tuner.model.load import load_pth
+        weights = load_pth(path)["model"]
     else:
         raise TunerError(f"pretrained_pth {source} not found")
     projector = {k.split("multi_modal_projector.", 1)[1]: v for k, v in weights.items()
