@@ -62,17 +62,25 @@ def no_sync(model, strategy: str, last: bool):
 
 
 def _saved_key_map(raw_model) -> dict[str, str]:
-    """{parameter name in the model: key in the checkpoint} - PEFT's adapter key names for LoRA."""
+    """{parameter name in the model: key in the checkpoint} - PEFT's adapter key names for LoRA.
+    Worked out once per model with one call into PEFT (names do not change while training)."""
+    cached = getattr(raw_model, "_tuner_saved_keys", None)
+    if cached is not None:
+        return cached
     names = [n for n, p in raw_model.named_parameters() if p.requires_grad]
     if not hasattr(raw_model, "peft_config"):
         return {n: n for n in names}
     from peft import get_peft_model_state_dict
 
-    mapping = {}
-    for name in names:
-        converted = get_peft_model_state_dict(raw_model, state_dict={name: torch.empty(0)})
-        # Trainable weights PEFT does not know (LLaVA's projector) keep their own names.
-        mapping[name] = next(iter(converted)) if converted else name
+    # A distinct placeholder per name: PEFT renames the keys and keeps the values, so each saved key is
+    # traced back to its parameter by the placeholder it holds.
+    placeholders = {name: torch.empty(0) for name in names}
+    by_placeholder = {id(t): name for name, t in placeholders.items()}
+    mapping = {name: name for name in names}  # trainable weights PEFT does not know (LLaVA's projector)
+    for key, value in get_peft_model_state_dict(raw_model, state_dict=placeholders).items():
+        if id(value) in by_placeholder:
+            mapping[by_placeholder[id(value)]] = key
+    raw_model._tuner_saved_keys = mapping
     return mapping
 
 
@@ -96,10 +104,11 @@ def model_state(raw_model, sharded: bool) -> dict[str, torch.Tensor]:
         state = {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
     else:
         state = raw_model.state_dict()
+    # Copied to CPU tensor by tensor: a full fine-tune never holds a second copy of its weights on the GPU.
     if not lora:
-        return {k: v.detach().clone() for k, v in state.items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
     mapping = _saved_key_map(raw_model)
-    return {mapping[k]: v.detach().clone() for k, v in state.items() if k in mapping}
+    return {mapping[k]: v.detach().to("cpu", copy=True) for k, v in state.items() if k in mapping}
 
 
 def load_model_state(raw_model, saved: dict[str, torch.Tensor], sharded: bool) -> None:
