@@ -300,3 +300,85 @@ def test_checkpoint_keys_are_worked_out_with_one_call_into_peft(tiny_model_dir, 
     assert strategy._saved_key_map(model) == one_by_one and len(one_by_one) > 4
     assert set(state) == set(one_by_one.values()) and all(v.device.type == "cpu" for v in state.values())
     assert set(state) == set(real(model))  # the keys PEFT itself saves
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """The loss as it is, its gradient infinite: a finite loss whose update would be garbage."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("fault", ["nan_loss", "inf_gradient"])
+@pytest.mark.parametrize("strategy", ["single", "deepspeed"])
+def test_a_skipped_step_leaves_the_weights_as_they_were(tmp_path, tiny_model_dir, data_file, monkeypatch, fault,
+                                                        strategy):
+    """nan_policy='skip': a step whose loss is not finite, or whose gradient norm is not, changes no weight
+    (DeepSpeed included: its update must not be applied before the check)."""
+    from tuner.engine.hooks import FunctionHook
+
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": "29531"}.items():
+            monkeypatch.setenv(key, value)
+    real_loss, real_train, calls, after_step = Trainer.loss_sum, Trainer._train, {"n": 0}, {}
+
+    def faulty(self, batch):  # the second step's loss (one micro-batch a step)
+        calls["n"] += 1
+        loss = real_loss(self, batch)
+        if calls["n"] != 2:
+            return loss
+        return loss * float("nan") if fault == "nan_loss" else _InfiniteGradient.apply(loss)
+
+    def watched(self, stop):
+        calls["n"] = 0
+        after_step[0] = {n: p.detach().clone() for n, p in self.raw_model.named_parameters() if p.requires_grad}
+        self.hooks.append(FunctionHook(lambda t, step, metrics: after_step.__setitem__(step, {
+            n: p.detach().clone() for n, p in t.raw_model.named_parameters() if p.requires_grad})))
+        return real_train(self, stop)
+
+    monkeypatch.setattr(Trainer, "loss_sum", faulty)
+    monkeypatch.setattr(Trainer, "_train", watched)
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_model_dir, data_file, epochs=1),
+                                  ["train.nan_policy=skip", "train.max_steps=2"]), work_dir=tmp_path / "skip",
+                      deepspeed="deepspeed_zero2" if strategy == "deepspeed" else None)
+    losses = trainer.train()
+    assert len(losses) == 2 and math.isfinite(losses[0]) and sorted(after_step) == [0, 1]  # step 2: no hook
+    assert any(not torch.equal(after_step[0][n], after_step[1][n]) for n in after_step[0])  # step 1 trained
+    final = {n: p.detach() for n, p in trainer.raw_model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(after_step[1][n], final[n]) for n in final), "the skipped step changed weights"
+
+
+def test_fp16_scales_the_loss_and_skips_an_overflow(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    """train.dtype='fp16': the loss is scaled (a GradScaler), unscaled before clipping, an overflowing step
+    is skipped with the scale halved, not stopped; the scaler's state is in the checkpoint and resumes."""
+    from tuner.engine.checkpoint import load_checkpoint
+
+    real_loss, calls = Trainer.loss_sum, {"n": 0}
+
+    def overflow_on_second(self, batch):
+        calls["n"] += 1
+        loss = real_loss(self, batch)
+        return _InfiniteGradient.apply(loss) if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(Trainer, "loss_sum", overflow_on_second)
+    monkeypatch.setattr("tuner.engine.loop.matmul_peak_flops", lambda *a: 1e11)  # fp16 matmuls are slow on CPUs
+    trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1, save_steps=3,
+                   options=["train.dtype=fp16", "train.max_steps=3"])
+    losses = trainer.train()
+    assert trainer.scaler.is_enabled() and len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert trainer.scaler.get_scale() == 2.0**16 / 2  # halved once, at the overflow
+    log = next((tmp_path / "work").glob("*/*.log")).read_text()
+    assert "step 2: fp16 gradients overflowed; update skipped, loss scale now 32768" in log
+    state = load_checkpoint(tmp_path / "work" / "iter_3.pth")
+    assert state["scaler"]["scale"] == 32768.0
+    resumed = make(tmp_path, tiny_model_dir, data_file, epochs=1, options=["train.dtype=fp16", "train.max_steps=4"])
+    resumed.resume = str(tmp_path / "work" / "iter_3.pth")
+    resumed.setup()
+    assert resumed.scaler.get_scale() == 32768.0

@@ -391,3 +391,22 @@ def test_pad_to_square_uses_the_mean_colour(towers):
     vision.pad_to_square = False
     stretched = vision.pixel_values([wide])[0]
     assert stretched[0, 0, 16] > 1.5  # resized and centre-cropped: red everywhere
+
+
+def test_a_full_llm_finetune_keeps_float32_master_weights():
+    """LLaVA finetune with the LLM unfrozen, loaded in bf16: what trains becomes float32, the frozen
+    vision tower stays bf16."""
+    import torch
+
+    from tuner.config import LlavaConfig
+    from tuner.multimodal.model import set_trainable
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    for part in ("language_model", "vision_tower", "multi_modal_projector"):
+        setattr(model.model, part, torch.nn.Linear(4, 4).to(torch.bfloat16))
+    llava = LlavaConfig(visual_encoder="openai/clip-vit-base-patch16", freeze_llm=False, freeze_visual_encoder=True)
+    set_trainable(model, llava, llm_lora=False, vision_lora=False)
+    dtypes = {name.split(".")[1]: (p.dtype, p.requires_grad) for name, p in model.named_parameters()}
+    assert dtypes == {"language_model": (torch.float32, True), "vision_tower": (torch.bfloat16, False),
+                      "multi_modal_projector": (torch.float32, True)}

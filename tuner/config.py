@@ -233,7 +233,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """Also send scalars to 'tensorboard' and/or 'wandb' (optional extras)"""
     nan_policy: Literal["stop", "skip"] = "stop"
-    """On a NaN/inf loss: stop with a message naming the step, or skip that step's update"""
+    """On a NaN/inf loss or gradient norm: stop with a message naming the step, or skip that step's update"""
     chunked_loss: bool = True
     """Output head + cross-entropy in chunks, never holding the full logits (one process or DDP)"""
     fused_lora: bool = True

@@ -211,6 +211,7 @@ class Trainer:
         self._budget()
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, cfg.optim, self.device)
+        self.scaler = strategies.grad_scaler(self.device, self.compute_dtype, self.strategy)
         if self.strategy == "deepspeed":
             self.model = zero.initialize(self.raw_model, self.optimizer,
                                          zero.ds_config(self.deepspeed, cfg, self.compute_dtype, self.info))
@@ -311,8 +312,8 @@ class Trainer:
             model = strategies.model_state(self.raw_model, sharded=self.strategy == "fsdp")
             optimizer = strategies.optimizer_state(self.raw_model, self.optimizer)
         return {"step": step, "method": self.cfg.method, "config": self.cfg.name, "model": model,
-                "optimizer": optimizer,
-                "scheduler": self.scheduler.state_dict(), "rng": rng, "world_size": self.dist.world_size}
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng, "world_size": self.dist.world_size}
 
     def _resume(self) -> None:
         path = ckpt.find_resume(self.resume, self.work_dir)
@@ -334,6 +335,8 @@ class Trainer:
             strategies.load_model_state(self.raw_model, state["model"], sharded=self.strategy == "fsdp")
             strategies.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rng) != self.dist.world_size:
             self.info(f"the checkpoint was written by {len(rng)} processes and this run has "
@@ -382,7 +385,7 @@ class Trainer:
                 else:
                     with strategies.no_sync(self.model, self.strategy, last=j == len(batches) - 1):
                         loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
-                        loss.backward()
+                        self.scaler.scale(loss).backward()  # fp16: scaled so small gradients do not underflow
                 loss_sum += loss.detach().double() / self.dist.world_size
             # One all-reduce for what the step's end needs from every process: the loss and the real tokens
             # (padding is not throughput).
@@ -390,14 +393,29 @@ class Trainer:
             loss_sum, real_tokens = self.dist.sum(loss_sum, real_tokens)
             real_tokens = int(real_tokens)
             if not math.isfinite(loss_sum):
-                self._bad_loss(step + 1, loss_sum)  # raises, or skips this update
+                self._bad_step(step + 1, f"the loss is {loss_sum}")  # raises, or skips this update
                 losses.append(loss_sum)
                 continue
-            if self.strategy == "deepspeed":
+            if self.strategy == "deepspeed":  # ZeRO has stepped already, skipping a non-finite gradient itself
                 grad_norm = float(self.model.get_global_grad_norm() or 0.0)
             else:
+                self.scaler.unscale_(self.optimizer)  # fp16: clip and report the true gradient
                 grad_norm = self.clip_gradients()
-                self.optimizer.step()
+            if not math.isfinite(grad_norm):
+                if self.scaler.is_enabled():  # an fp16 overflow: the scaler skips the update and lowers its scale
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()
+                    self.info(f"step {step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
+                              f"{self.scaler.get_scale():g}")
+                else:
+                    self._bad_step(step + 1, f"the gradient norm is {grad_norm} (the loss, {loss_sum:.4g}, is finite)")
+                losses.append(loss_sum)
+                continue
+            if self.strategy != "deepspeed":
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
 
@@ -413,15 +431,15 @@ class Trainer:
             hook.after_train(self)
         return losses
 
-    def _bad_loss(self, step: int, loss: float) -> None:
+    def _bad_step(self, step: int, what: str) -> None:
         if self.cfg.train.nan_policy == "stop":
-            raise TunerError(f"the loss is {loss} at step {step}; training stopped",
+            raise TunerError(f"{what} at step {step}; training stopped",
                              hint="lower optim.lr or check the data (tuner log-dataset CFG); "
                                   "resume from the last good checkpoint with --resume auto, or set "
                                   "train.nan_policy=skip to skip such steps")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # the schedule stays aligned with the data
-        self.info(f"step {step}: the loss is {loss}; this update was skipped (train.nan_policy=skip)")
+        self.info(f"step {step}: {what}; this update was skipped (train.nan_policy=skip)")
 
     def _stop(self, step: int, signal_number: int) -> None:
         """A signal arrived: keep the work done so far, then exit saying how to go on."""

@@ -133,3 +133,14 @@ def optimizer_state(raw_model, optimizer) -> dict:
 def load_optimizer_state(raw_model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(raw_model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def grad_scaler(device: torch.device, compute_dtype: torch.dtype, strategy: str):
+    """Loss scaling for fp16 (its small gradients underflow without it); a no-op scaler otherwise, and
+    under DeepSpeed (which runs with fp32 weights and its own checks). FSDP's shards need the sharded
+    scaler, which agrees on overflow across processes."""
+    enabled = compute_dtype == torch.float16 and strategy != "deepspeed"
+    if enabled and strategy == "fsdp":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type, enabled=enabled)

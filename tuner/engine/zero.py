@@ -58,6 +58,13 @@ def ds_config(name_or_path: str, cfg: Config, compute_dtype: torch.dtype, say) -
     config["bf16"] = {"enabled": False}
     config["fp16"] = {"enabled": False}
     config["zero_force_ds_cpu_optimizer"] = False  # offload works with torch's AdamW too
+    stage = config.setdefault("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise TunerError(f"--deepspeed {name_or_path}: ZeRO stage {stage}; tuner runs DeepSpeed with stage 1, 2 or 3",
+                         hint="stage 0 is plain data parallelism: run without --deepspeed (DDP)")
+    # ZeRO computes the gradient norm and skips an update whose norm is not finite, before applying it
+    # (what train.nan_policy='skip' needs; a JSON that turns the norm off would apply NaN updates).
+    config["zero_optimization"]["compute_grad_norm"] = True
     config.setdefault("steps_per_print", 10**9)
     return config
 

@@ -154,6 +154,9 @@ def set_trainable(model, llava: LlavaConfig, llm_lora: bool, vision_lora: bool) 
             parameter.requires_grad = not llava.freeze_visual_encoder and not vision_lora
         else:  # the LLM and its head
             parameter.requires_grad = not llava.freeze_llm and not llm_lora
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            # float32 master weights for what trains, as in every full fine-tune (bf16 updates barely move)
+            parameter.data = parameter.data.float()
 
 
 def lora_targets(model, llm_lora, vision_lora) -> list[str]:
