@@ -21,18 +21,25 @@ def test_chat_page_streams_a_reply_and_clears_history(tiny_model_dir, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     port = free_port()
+    # With a key (as serve): the page's address carries it in the fragment, which the page sends.
     server = subprocess.Popen([sys.executable, "-m", "tuner.cli", "web", str(tiny_model_dir), "--port", str(port),
                                "--torch-dtype", "fp32", "--max-new-tokens", "64"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "TUNER_API_KEY": "sk-web-test"})
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for(url.rstrip("/"), server)
+        printed = next(line for line in server.stdout if "Chat page" in line)
+        assert f"{url}#key=sk-web-test" in printed, printed
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1100, "height": 700})
-            page.goto(url)
+            page.goto(url)  # without the key the API refuses the page
+            expect(page.locator("#model")).to_have_text("server not reachable")
+            page.goto(url + "#key=sk-web-test")
+            page.reload()
             expect(page.locator("#model")).to_have_text(tiny_model_dir.name)
             page.fill("#system", "You are a test.")
             page.fill("#max-tokens", "40")

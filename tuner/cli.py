@@ -271,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=512, help="when a request gives no max_tokens")
         p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together")
         add_llava_arguments(p)
-        if name == "serve":
-            p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNER_API_KEY)")
+        p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNER_API_KEY)" +
+                       ("; the page's address then carries it as #key=KEY" if name == "web" else ""))
+        p.add_argument("--max-body-mb", type=float, default=16, help="largest request body, in MiB (413 above)")
         p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("list-dataset-format", help="list the dataset formats and the columns they read")

@@ -6,22 +6,35 @@
     GET  /                      the chat page (tuner web only)
 
 Every error has an OpenAI-shaped body, {"error": {"message", "type", "param", "code"}},
-and the right status; the server keeps serving after it.
+and the right status; the server keeps serving after it. What it guarantees against hostile
+clients (docs/serve.md): the key is checked before the body is read, bodies are capped
+(413), prompts too long for the context are refused before they are tokenized, idle and
+stalled connections time out, a client that leaves cancels its generation, cross-origin
+requests are refused.
 """
+
 
 from __future__ import annotations
 
+import hmac
 import json
+import select
+import socket
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from urllib.parse import urlsplit
 
 from tuner.chat.generate import GenerationSettings, Generator, partial_suffix
 from tuner.chat.tools import TOOL_CALL_STARTS, parse_tool_calls
 from tuner.errors import TunerError
 from tuner.serve.engine import BatchEngine, Job
+
+MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) unread; images are in the body
+IDLE_SECONDS = 30  # a connection that sends nothing (headers, body, next request) for this long is closed
+BACKLOG = 128  # connections waiting to be accepted (Python's default of 5 resets bursts of clients)
 
 
 class ApiError(Exception):
@@ -99,12 +112,26 @@ def parse_messages(raw) -> list[dict]:
         if images:
             message["images"] = images
         if m.get("tool_calls"):
-            message["tool_calls"] = m["tool_calls"]
+            message["tool_calls"] = _tool_calls(m["tool_calls"], i)
         for key in ("name", "tool_call_id"):
             if m.get(key):
                 message[key] = m[key]
         messages.append(message)
     return messages
+
+
+def _tool_calls(calls, index: int) -> list[dict]:
+    """An assistant message's tool_calls, checked: [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    param = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{param} must be a list", param=param)
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not isinstance(
+                function.get("arguments", ""), (str, dict)):
+            raise ApiError(400, f"{param}[{j}] must be {{'type': 'function', 'function': {{'name': str, "
+                                "'arguments': str}}}", param=param)
+    return calls
 
 
 class Api:
@@ -118,7 +145,8 @@ class Api:
         self.created = int(time.time())
 
     def check_key(self, header: str | None) -> None:
-        if self.api_key and header != f"Bearer {self.api_key}":
+        # constant time: how long the comparison takes says nothing about how much of the key was right
+        if self.api_key and not hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode()):
             raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.",
                            code="invalid_api_key")
 
@@ -130,8 +158,16 @@ class Api:
         if body.get("model") != self.model_name:
             raise ApiError(404, f"The model {body.get('model')!r} does not exist; this server has "
                                 f"{self.model_name!r}", code="model_not_found", param="model")
-        if body.get("n", 1) != 1:
+        n = body.get("n", 1)
+        if n is not None and (isinstance(n, bool) or n != 1):
             raise ApiError(400, "only n=1 is supported", param="n")
+        if not isinstance(body.get("stream", False), bool):
+            raise ApiError(400, f"'stream' must be true or false, got {body['stream']!r}", param="stream")
+        for name in ("logprobs", "top_logprobs", "echo"):
+            if body.get(name):
+                raise ApiError(400, f"'{name}' is not supported by this server", param=name)
+        if body.get("best_of") not in (None, 1):
+            raise ApiError(400, "'best_of' is not supported by this server", param="best_of")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         max_new = _number({"max_tokens": limit}, "max_tokens", self.max_new_tokens, 1, self.generator.context_length,
                           integer=True)
@@ -148,11 +184,24 @@ class Api:
     def _job(self, prompt: list[int], settings: GenerationSettings, pixel_values=None) -> Job:
         room = self.generator.context_length - settings.max_new_tokens
         if len(prompt) > room:
-            raise ApiError(400, f"This model's maximum context length is {self.generator.context_length} tokens. "
-                                f"However, you requested {len(prompt) + settings.max_new_tokens} tokens "
-                                f"({len(prompt)} in the prompt, {settings.max_new_tokens} for the completion).",
-                           code="context_length_exceeded", param="messages")
+            raise self._too_long(len(prompt), settings)
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
         return self.engine.submit(Job(prompt, settings, pixel_values))
+
+    def _too_long(self, prompt_tokens: int | None, settings: GenerationSettings) -> ApiError:
+        context = self.generator.context_length
+        asked = (f"However, you requested {prompt_tokens + settings.max_new_tokens} tokens ({prompt_tokens} in the "
+                 f"prompt, {settings.max_new_tokens} for the completion)." if prompt_tokens is not None else
+                 "However, your prompt alone is longer than that (refused before tokenizing).")
+        return ApiError(400, f"This model's maximum context length is {context} tokens. {asked}",
+                        code="context_length_exceeded", param="messages")
+
+    def _check_length_before_tokenizing(self, characters: int, settings: GenerationSettings) -> None:
+        """A text of more characters than the context holds tokens of the longest token surely does not fit:
+        refused before the tokenizer spends seconds and gigabytes on it (a 50 MB message took 62 s, +4 GB)."""
+        if characters > self.generator.context_length * _longest_token(self.generator.tokenizer):
+            raise self._too_long(None, settings)
 
     def chat_job(self, body: dict) -> tuple[Job, list | None]:
         settings = self._settings(body)
@@ -160,6 +209,8 @@ class Api:
         tools = body.get("tools") if body.get("tool_choice") != "none" else None
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise ApiError(400, "'tools' must be a list of tool objects", param="tools")
+        self._check_length_before_tokenizing(sum(len(m["content"]) for m in messages) +
+                                             len(json.dumps(tools or [], ensure_ascii=False)), settings)
         try:
             pixel_values = self.generator.pixel_values(messages)
         except TunerError as e:
@@ -173,11 +224,23 @@ class Api:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        self._check_length_before_tokenizing(len(prompt), settings)
         return self._job(self.generator.tokenizer(prompt)["input_ids"], settings)
 
     def usage(self, reply) -> dict:
         return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters in the tokenizer's longest token (at least 1), worked out once per tokenizer."""
+    cached = getattr(tokenizer, "_tuner_longest_token", None)
+    if cached is None:
+        cached = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+        tokenizer._tuner_longest_token = cached
+    return cached
 
 
 def _chunk(kind: str, request_id: str, model: str, choice: dict) -> dict:
@@ -187,8 +250,11 @@ def _chunk(kind: str, request_id: str, model: str, choice: dict) -> dict:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "tuner"
+    timeout = IDLE_SECONDS  # socket timeout: a stalled or idle connection is closed, not held by a thread
     api: Api
     page: bool
+    max_body_bytes: int = MAX_BODY_BYTES
+    streaming: bool = False
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass  # one line per request would drown the console
@@ -209,13 +275,52 @@ class Handler(BaseHTTPRequestHandler):
     def _parse_body(raw: bytes) -> dict:
         try:
             body = json.loads(raw)
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate ('\\ud800') cannot be text
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from None
+        except UnicodeEncodeError:
+            raise ApiError(400, "the JSON body holds a lone surrogate (\\ud800-\\udfff): not valid text") from None
+        except RecursionError:
+            raise ApiError(400, "the JSON body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object")
         return body
 
+    def _body_length(self) -> int:
+        """Content-Length, checked before anything is read or reserved (never trusted for memory)."""
+        header = self.headers.get("Content-Length")
+        if header is None:
+            if self.headers.get("Transfer-Encoding"):
+                raise ApiError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
+            return 0
+        if not header.strip().isdigit():
+            raise ApiError(400, f"Content-Length must be a number of bytes, got {header!r}")
+        length = int(header)
+        if length > self.max_body_bytes:
+            raise ApiError(413, f"the request body is {length} bytes; this server takes at most "
+                                f"{self.max_body_bytes} (tuner serve --max-body-mb)", code="request_too_large")
+        return length
+
+    def _check_origin(self) -> None:
+        """Refuse what a web page the user visits could send to this loopback server: a request from another
+        origin (Origin header), or a Host that is not this server's name (DNS rebinding)."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host and not _allowed_host(host, self.server.server_address):
+            raise ApiError(403, f"Host {host!r} is not this server's address", code="forbidden_host")
+        origin = self.headers.get("Origin")
+        if origin and origin != "null" and urlsplit(origin).netloc.lower() != host:
+            raise ApiError(403, f"cross-origin requests are refused (Origin {origin})", code="forbidden_origin")
+
+    def _client_gone(self) -> bool:
+        """True once the client has closed its end (readable with no bytes)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _start_stream(self) -> None:
+        self.streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -255,25 +360,49 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         routes = {"/v1/chat/completions": self._chat, "/v1/completions": self._completion}
-        # Read the body first: bytes left unread would spoil the next request on this connection.
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.streaming = False
         try:
-            if self.path not in routes:
-                raise ApiError(404, f"no route POST {self.path}", code="not_found")
-            self.api.check_key(self.headers.get("Authorization"))
+            # Everything that can refuse the request does so before the body is read: an unread body
+            # spoils the connection, so it is closed after the answer.
+            try:
+                self._check_origin()
+                if self.path not in routes:
+                    raise ApiError(404, f"no route POST {self.path}", code="not_found")
+                self.api.check_key(self.headers.get("Authorization"))
+                length = self._body_length()
+            except ApiError:
+                self.close_connection = True
+                raise
+            raw = self.rfile.read(length)
+            if len(raw) < length:
+                self.close_connection = True
+                raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes")
             routes[self.path](self._parse_body(raw))
         except ApiError as e:
-            self._send_error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; its job was cancelled
+            self._fail(e)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away (its job was cancelled) or stalled
         except Exception as e:  # noqa: BLE001 - a bug must not take the server down
-            self._send_error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+            self._fail(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+
+    def _fail(self, error: ApiError) -> None:
+        """An error as the client can read it: its own response, or, once an event stream has started,
+        an error event that ends the stream (a second HTTP response inside it reads as a broken connection)."""
+        try:
+            if self.streaming:
+                self._event(error.body())
+                self._end_stream()
+                self.close_connection = True
+            else:
+                self._send_error(error)
+        except OSError:
+            self.close_connection = True
 
     def _chat(self, body: dict) -> None:
         job, tools = self.api.chat_job(body)
         request_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.api.model_name
         if not body.get("stream"):
-            reply = job.wait()
+            reply = self._wait(job)
             content, calls = parse_tool_calls(reply.text) if tools else (reply.text, [])
             message = {"role": "assistant", "content": content or (None if calls else "")}
             if calls:
@@ -321,11 +450,20 @@ class Handler(BaseHTTPRequestHandler):
             job.cancelled.set()
             raise
 
+    def _wait(self, job: Job):
+        """The job's reply; if the client disconnects while it waits, the job is cancelled (its rows stop
+        generating) and the wait ends."""
+        try:
+            return job.wait(gone=self._client_gone)
+        except ConnectionResetError:
+            job.cancelled.set()
+            raise
+
     def _completion(self, body: dict) -> None:
         job = self.api.completion_job(body)
         request_id, model = f"cmpl-{uuid.uuid4().hex}", self.api.model_name
         if not body.get("stream"):
-            reply = job.wait()
+            reply = self._wait(job)
             self._send_json(200, {**_chunk("text_completion", request_id, model, {
                 "index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}),
                 "usage": self.api.usage(reply)})
@@ -349,11 +487,37 @@ class Handler(BaseHTTPRequestHandler):
             raise
 
 
-def make_server(api: Api, host: str, port: int, page: bool) -> ThreadingHTTPServer:
-    handler = type("TunerHandler", (Handler,), {"api": api, "page": page})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+def _allowed_host(host: str, address) -> bool:
+    """The Host header names this server: a loopback name, or the address it listens on, with its port."""
+    name, _, port = host.rpartition(":") if host.rsplit(":", 1)[-1].isdigit() else (host, "", "")
+    name = name.strip("[]")
+    if port and int(port) != address[1]:
+        return False
+    bound = str(address[0])
+    if bound in ("0.0.0.0", "::"):  # every interface: any name that reaches it (a key protects it)
+        return True
+    return name in ("localhost", "127.0.0.1", "::1", bound)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = BACKLOG
+
+    def handle_error(self, request, client_address):
+        """A client that disconnects or stalls is normal: no traceback in the log (one line for anything else)."""
+        import sys
+
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError, OSError)):
+            return
+        print(f"[tuner] request from {client_address[0]} failed: {type(error).__name__}: {error}", file=sys.stderr)
+
+
+def make_server(api: Api, host: str, port: int, page: bool, max_body_bytes: int = MAX_BODY_BYTES,
+                idle_seconds: float = IDLE_SECONDS) -> Server:
+    handler = type("TunerHandler", (Handler,), {"api": api, "page": page, "max_body_bytes": max_body_bytes,
+                                                "timeout": idle_seconds})
+    return Server((host, port), handler)
 
 
 def serve_forever(server: ThreadingHTTPServer) -> None:

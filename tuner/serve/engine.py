@@ -39,13 +39,24 @@ class Job:
             else:
                 raise value
 
-    def wait(self) -> Reply:
-        pieces = self.texts_then_reply()
+    def wait(self, gone=None, poll_seconds: float = 0.25) -> Reply:
+        """The reply. `gone()`: asked every `poll_seconds`; once true the job is cancelled (its row stops
+        generating at the next token) and ConnectionResetError is raised."""
+        checked = time.monotonic()
         while True:
             try:
-                next(pieces)
-            except StopIteration as stop:
-                return stop.value
+                kind, value = self.events.get(timeout=poll_seconds if gone else None)
+            except queue.Empty:
+                kind = value = None
+            if gone and time.monotonic() - checked >= poll_seconds:  # text events may never let the queue empty
+                checked = time.monotonic()
+                if gone():
+                    self.cancelled.set()
+                    raise ConnectionResetError("the client disconnected")
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
 
 
 class BatchEngine:
