@@ -134,3 +134,26 @@ def test_toolbox_runs_calls_and_reports_errors_to_the_model():
     with pytest.raises(TunerError, match="unknown plugin"):
         Toolbox(["weather"])
     assert "Action Input" in react_system("Be brief.", box.specs) and "solve" in react_system("", box.specs)
+
+
+def test_tool_calls_run_bounded_and_every_failure_is_a_result(monkeypatch):
+    """Inputs that ended `tuner chat` with a traceback (ValueError, NotImplementedError, RecursionError) or
+    hung it for minutes: each call runs in a worker process with time and memory limits, and comes back
+    as text for the model, within the limit."""
+    import time
+
+    monkeypatch.setenv("TUNER_TOOL_SECONDS", "3")
+    box = Toolbox(["calculate", "solve"])
+    call = lambda name, args: {"function": {"name": name, "arguments": args}}  # noqa: E731
+    cases = [("calculate", "10**5000", "1.0000000000e+5000"), ("calculate", "factorial(3000)", "4.1493596034e+9130"),
+             ("calculate", "(9**9999)**9999", "error: the result is too large"),
+             ("calculate", "factorial(10**9)", "error: factorial(1000000000) is too large"),
+             ("solve", "sin(x) = x", "error: NotImplementedError"),
+             ("solve", "x**10000 = 1", "error: solve ran longer than 3 s and was stopped"),
+             ("solve", ";".join(f"x{i} = x{i + 1} + 1" for i in range(2000)), "error: "),
+             ("solve", "x/0 = 1", "error: 'x/0' is undefined"), ("solve", "2*x = 6", "x = 3")]
+    for name, argument, expected in cases:
+        started = time.perf_counter()
+        result = box.run(call(name, {"equations" if name == "solve" else "expression": argument}))
+        assert result.startswith(expected), (argument[:40], result)
+        assert time.perf_counter() - started < 8, argument[:40]

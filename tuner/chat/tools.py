@@ -56,8 +56,23 @@ _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _NUMERIC = {"sqrt": math.sqrt, "exp": math.exp, "log": math.log, "log10": math.log10, "log2": math.log2,
             "sin": math.sin, "cos": math.cos, "tan": math.tan, "asin": math.asin, "acos": math.acos,
             "atan": math.atan, "abs": abs, "round": round, "floor": math.floor, "ceil": math.ceil,
-            "factorial": math.factorial, "pi": math.pi, "e": math.e}
+            "factorial": lambda n: _factorial(n), "pi": math.pi, "e": math.e}
 _MAX_EXPONENT = 10_000  # 9**9**9 would hang the process
+_MAX_BITS = 100_000  # an integer result larger than this (about 30,000 digits) is refused before it is computed
+
+
+def _scientific(value: int) -> str:
+    """A huge integer as '4.0238726008e+2567' (Python refuses str() beyond 4,300 digits)."""
+    shift = value.bit_length() - 60
+    exponent10 = math.log10(abs(value) >> shift) + shift * math.log10(2)
+    whole = math.floor(exponent10)
+    return f"{'-' if value < 0 else ''}{10 ** (exponent10 - whole):.10f}e+{whole}"
+
+
+def _factorial(n):
+    if isinstance(n, int) and n > 5_000:
+        raise ToolError(f"factorial({n}) is too large")
+    return math.factorial(n)
 
 
 class ToolError(Exception):
@@ -110,10 +125,17 @@ def calculate(expression: str) -> str:
     def power(base, exponent):
         if abs(exponent) > _MAX_EXPONENT:
             raise ToolError("exponent too large")
+        if isinstance(base, int) and isinstance(exponent, int) and abs(base) > 1 and \
+                base.bit_length() * exponent > _MAX_BITS:  # (9**9999)**9999: the exponent alone looks small
+            raise ToolError("the result is too large")
         return base ** exponent
 
     try:
         value = _walk(_parse(expression), name, lambda v: v, call, power)
+        if isinstance(value, int) and value.bit_length() > _MAX_BITS:
+            raise ToolError("the result is too large")
+        if isinstance(value, int) and value.bit_length() > 1000:  # 300+ digits: what the model can use
+            return _scientific(value)
     except (ZeroDivisionError, ValueError, OverflowError, TypeError) as e:
         raise ToolError(f"cannot evaluate {expression!r}: {e}") from None
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
@@ -143,7 +165,10 @@ def solve(equations: str) -> str:
         return base ** exponent
 
     def expression(text):
-        return _walk(_parse(text), name, lambda v: sympy.nsimplify(v), call, power)
+        value = _walk(_parse(text), name, lambda v: sympy.nsimplify(v), call, power)
+        if value.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):  # x/0 is zoo*x, which sympy 'solves' as x = 0
+            raise ToolError(f"{text.strip()!r} is undefined (a division by zero?)")
+        return value
 
     system = []
     for part in filter(None, (p.strip() for p in re.split(r"[;\n]", equations))):
@@ -213,10 +238,31 @@ class Toolbox:
         value = arguments.get(argument) if isinstance(arguments, dict) else None
         if not isinstance(value, str):
             return f"error: {function['name']} needs a string argument {argument!r}"
-        try:
-            return runner(value)
-        except ToolError as e:
-            return f"error: {e}"
+        return run_bounded(function["name"], value)
+
+
+TOOL_SECONDS = float(os.environ.get("TUNER_TOOL_SECONDS", "10"))  # a call running longer is stopped
+TOOL_MEMORY = 2 << 30  # address space of the worker process
+
+
+def run_bounded(name: str, value: str, seconds: float | None = None, memory: int = TOOL_MEMORY) -> str:
+    """Run one call in a worker process (tuner.chat.tool_worker) with a time and a memory limit; any
+    failure, a crash or the time running out is a result the model reads, never the end of the chat."""
+    import subprocess
+    import sys
+
+    seconds = seconds if seconds is not None else float(os.environ.get("TUNER_TOOL_SECONDS", TOOL_SECONDS))
+    request = json.dumps({"name": name, "value": value, "seconds": max(1, int(seconds)), "memory": memory})
+    try:
+        done = subprocess.run([sys.executable, "-m", "tuner.chat.tool_worker"], input=request, capture_output=True,
+                              text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return f"error: {name} ran longer than {seconds:g} s and was stopped"
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return f"error: {name} failed (the worker exited with {done.returncode}; out of memory or time?)"
+    return answer["result"] if "result" in answer else f"error: {answer['error']}"
 
 
 _JSON_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
