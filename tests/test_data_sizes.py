@@ -92,3 +92,41 @@ def test_invalid_utf8_in_a_json_array_names_the_line(tmp_path, monkeypatch):
     path.write_bytes(b'[\n  {"a": "ok"},\n  {"a": "ok"},\n  {"a": "bad \xff byte"}\n]')
     with pytest.raises(TunerError, match=r"data.json:4: not valid UTF-8"):
         list(iter_rows(path))
+
+
+def test_a_huge_row_is_cut_before_tokenizing_with_the_same_tokens(tokenizer):
+    """A 4 MB conversation with max_length 256: the text is cut to what 256 tokens could cover before the
+    tokenizer sees it, and the kept ids and trained flags equal those of tokenizing it whole."""
+    from tuner.data.encode import longest_token, prepare, tokenize
+    from tuner.data.templates import get_template
+
+    row = {"messages": [{"role": "user", "content": "Summarize: " + "The quick brown fox jumps. " * 150_000},
+                        {"role": "assistant", "content": "A fox jumps."}]}
+    prepared = prepare(row, get_template("chatml", tokenizer), None)
+    assert len(prepared.text) > 4_000_000
+    seen = []
+    backend = tokenizer.backend_tokenizer
+    real = backend.encode_batch
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def encode_batch(self, texts, **kwargs):
+            seen.extend(len(t) for t in texts)
+            return real(texts, **kwargs)
+
+    class Wrapped:
+        backend_tokenizer = Recording()
+        eos_token_id = tokenizer.eos_token_id
+
+        def get_vocab(self):
+            return tokenizer.get_vocab()
+
+    started = time.perf_counter()
+    cut = tokenize([prepared], Wrapped(), max_length=256)[0]
+    elapsed = time.perf_counter() - started
+    assert seen == [256 * longest_token(tokenizer) + 1] and cut.truncated
+    whole = tokenize([prepared], tokenizer, max_length=None)[0]
+    assert cut.ids.tolist() == whole.ids[:256].tolist() and cut.trained.tolist() == whole.trained[:256].tolist()
+    assert elapsed < 1.0, f"{elapsed:.2f} s"

@@ -53,11 +53,24 @@ def prepare(mapped: dict, template, system: str | None) -> Prepared:
     return Prepared(rendered.text, rendered.spans, messages)
 
 
+def longest_token(tokenizer) -> int:
+    """Characters in the tokenizer's longest token (at least 1), worked out once per tokenizer: no
+    token covers more text than this, so a text of n * longest_token characters has at least n tokens."""
+    cached = getattr(tokenizer, "_tuner_longest_token", None)
+    if cached is None:
+        cached = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+        tokenizer._tuner_longest_token = cached
+    return cached
+
+
 def tokenize(batch: list[Prepared], tokenizer, max_length: int | None, keep_stages: bool = False) -> list[Encoded]:
-    """Tokenize rendered rows in one call; a token is trained when it starts inside a span."""
+    """Tokenize rendered rows in one call; a token is trained when it starts inside a span. A text longer
+    than `max_length` tokens could possibly be is cut first (a 50 MB row took 91 s and 12 GB to tokenize
+    whole, to keep its first 2,048 tokens): the kept tokens lie far before the cut, so they are the same."""
     if not batch:
         return []
-    texts = [p.text for p in batch]
+    limit = max_length * longest_token(tokenizer) + 1 if max_length else None
+    texts = [p.text if limit is None or len(p.text) <= limit else p.text[:limit] for p in batch]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # straight to the Rust tokenizer: the Python wrapping costs as much as tokenizing
         encodings = backend.encode_batch(texts, add_special_tokens=False)

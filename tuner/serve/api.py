@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from tuner.chat.generate import GenerationSettings, Generator, partial_suffix
 from tuner.chat.tools import TOOL_CALL_STARTS, parse_tool_calls
+from tuner.data.encode import longest_token
 from tuner.errors import TunerError
 from tuner.serve.engine import BatchEngine, Job
 
@@ -200,7 +201,7 @@ class Api:
     def _check_length_before_tokenizing(self, characters: int, settings: GenerationSettings) -> None:
         """A text of more characters than the context holds tokens of the longest token surely does not fit:
         refused before the tokenizer spends seconds and gigabytes on it (a 50 MB message took 62 s, +4 GB)."""
-        if characters > self.generator.context_length * _longest_token(self.generator.tokenizer):
+        if characters > self.generator.context_length * longest_token(self.generator.tokenizer):
             raise self._too_long(None, settings)
 
     def chat_job(self, body: dict) -> tuple[Job, list | None]:
@@ -232,15 +233,6 @@ class Api:
     def usage(self, reply) -> dict:
         return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
-
-
-def _longest_token(tokenizer) -> int:
-    """Characters in the tokenizer's longest token (at least 1), worked out once per tokenizer."""
-    cached = getattr(tokenizer, "_tuner_longest_token", None)
-    if cached is None:
-        cached = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
-        tokenizer._tuner_longest_token = cached
-    return cached
 
 
 def _chunk(kind: str, request_id: str, model: str, choice: dict) -> dict:
