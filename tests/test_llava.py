@@ -115,14 +115,15 @@ def test_image_tokens_and_label_masks_with_one_and_two_images(tmp_path, towers, 
     sequences = build_image_sequences(DataConfig(path=str(data), max_length=512, pack=False), llava, tok, vision,
                                       say=lambda _: None)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    for sample, row in zip(sequences.samples, rows):
+    samples = [sequences[k] for k in range(len(sequences))]  # unpacked, in the data's order
+    for sample, row in zip(samples, rows):
         n_images = len(row.get("images") or ([row["image"]] if "image" in row else []))
         assert sample.input_ids.count(image_id) == 16 * n_images
         assert all(label == IGNORE for token, label in zip(sample.input_ids, sample.labels) if token == image_id)
         trained = tok.decode([t for t in sample.labels if t != IGNORE])
         replies = [t["value"] for t in row["conversations"] if t["from"] == "gpt"]
         assert trained == "".join(f"{r}<|im_end|>\n" for r in replies)
-    assert len(sequences.samples[1].images) == 2 and sequences.samples[1].images[1].endswith("b.png")
+    assert len(samples[1].images) == 2 and samples[1].images[1].endswith("b.png")
 
     # The features of image k land on the k-th block of image tokens.
     from tuner.multimodal.model import build_llava
@@ -410,3 +411,40 @@ def test_a_full_llm_finetune_keeps_float32_master_weights():
     dtypes = {name.split(".")[1]: (p.dtype, p.requires_grad) for name, p in model.named_parameters()}
     assert dtypes == {"language_model": (torch.float32, True), "vision_tower": (torch.bfloat16, False),
                       "multi_modal_projector": (torch.float32, True)}
+
+
+def test_llava_data_goes_through_the_token_cache_with_repeats_and_map_fn(tmp_path, towers):
+    """LLaVA rows are tokenized once into the memory-mapped store (the next build reads it), with the
+    repeats of each source and a map_fn honoured; pack_split is refused rather than ignored."""
+    from tuner.config import DatasetSource
+    from tuner.multimodal.data import build_image_sequences
+    from tuner.multimodal.model import tokenizer_with_image_token, vision_info
+
+    rng = random.Random(1)
+    shape_image("red", rng).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Red."}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]
+    (tmp_path / "llava.json").write_text(json.dumps(rows))
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"q": "2+2?", "a": "4.", "picture": "a.png"}) + "\n")
+
+    def qa_map_fn(row):
+        return {"messages": [{"role": "user", "content": "<image>\n" + row["q"]},
+                             {"role": "assistant", "content": row["a"]}], "images": [row["picture"]]}
+
+    tok = tokenizer_with_image_token(str(towers / "llm"))
+    llava = LlavaConfig(visual_encoder=str(towers / "clip"))
+    vision = vision_info(llava, tok)
+    cfg = DataConfig(sources=[DatasetSource(path=str(tmp_path / "llava.json"), repeats=2.0),
+                              DatasetSource(path=str(tmp_path / "qa.jsonl"), map_fn=qa_map_fn)],
+                     max_length=256, pack=False)
+    said = []
+    first = build_image_sequences(cfg, llava, tok, vision, say=said.append)
+    assert len(first) == 5 and "(from cache)" not in said[0]  # 2 rows x 2 repeats + 1
+    assert [len(first[k].images) for k in range(5)] == [1, 0, 1, 0, 1]
+    assert "3 with 3 images" not in said[0] and "2 with 2 images" in said[0]  # the store holds 3 samples
+    again = build_image_sequences(cfg, llava, tok, vision, say=said.append)
+    assert "(from cache)" in said[-2] and again.store.folder == first.store.folder
+    assert [again[k].input_ids for k in range(5)] == [first[k].input_ids for k in range(5)]
+    with pytest.raises(TunerError, match="pack_split"):
+        build_image_sequences(DataConfig(path=str(tmp_path / "llava.json"), pack_split=True), llava, tok, vision,
+                              say=lambda _: None)

@@ -2,6 +2,7 @@
 
     pip install -c constraints.txt trl==1.16.0   # only for this benchmark
     python tools/bench_data.py [--rows 100000] [--max-length 2048] [--num-proc 2]
+    python tools/bench_data.py --rows 1000000 --kind alpaca-json|jsonl|parquet|llava   # cold, cached, peak RSS
 
 Generates alpaca-style rows (instruction / input / output of varied lengths), then times,
 side by side in one run:
@@ -81,9 +82,82 @@ def time_trl(rows: list[dict], tokenizer, max_length: int, num_proc: int, workdi
     return times[0], times[1]
 
 
+def write_rows(rows: list[dict], path: Path, kind: str) -> Path:
+    """The rows as a .json array (indent 4, like alpaca_data.json), .jsonl, or .parquet."""
+    if kind == "alpaca-json":
+        path = path.with_suffix(".json")
+        path.write_text(json.dumps(rows, indent=4, ensure_ascii=False))
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        path = path.with_suffix(".parquet")
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path = path.with_suffix(".jsonl")
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def llava_rows(n: int, images: int, seed: int = 0) -> list[dict]:
+    """LLaVA-style rows naming one of `images` image files (or none, one row in ten), as in the 665k mix."""
+    rng = random.Random(seed)
+    base = make_rows(min(n, 20_000), seed)
+    rows = []
+    for i in range(n):
+        r = base[i % len(base)]
+        row = {"id": str(i), "conversations": [{"from": "human", "value": r["instruction"]},
+                                               {"from": "gpt", "value": r["output"]}]}
+        if i % 10:
+            row["image"] = f"images/{rng.randrange(images)}.png"
+        rows.append(row)
+    return rows
+
+
+def peak_rss_gib() -> tuple[float, float]:
+    """Peak resident memory of this process and of its largest finished child (the tokenizing workers)."""
+    import resource
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20)
+
+
+def bench_store(path: Path, tokenizer, kind: str, max_length: int, num_proc: int, workdir: Path) -> tuple[float, float]:
+    """Seconds to prepare the data cold and to read it from the cache, with tuner's own entry points."""
+    from tuner.config import DataConfig
+    from tuner.data.dataset import build_sequences
+
+    if kind == "llava":
+        from tuner.data.tokenized import ImageSettings
+        from tuner.multimodal.data import expanded_lengths
+        from tuner.data.dataset import pack_best_fit
+        from tuner.data.tokenized import load_token_store
+
+        cfg = DataConfig(path=str(path), max_length=max_length, num_proc=num_proc, template="chatml")
+        images = ImageSettings(None, 576)
+
+        def build():
+            store, cached = load_token_store(cfg, tokenizer, lambda _: None, images=images)
+            lengths = store.lengths + store.n_images * (images.tokens_per_image - 1)
+            pack_best_fit(lengths.tolist(), max_length)
+            return cached
+    else:
+        cfg = DataConfig(path=str(path), format="alpaca", max_length=max_length, num_proc=num_proc)
+
+        def build():
+            return build_sequences(cfg, tokenizer, say=lambda _: None)[1].from_cache
+    times = []
+    for expect_cached in (False, True):
+        started = time.perf_counter()
+        assert build() == expect_cached
+        times.append(time.perf_counter() - started)
+    return times[0], times[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--kind", choices=["alpaca-json", "jsonl", "parquet", "llava", "trl"], default="trl",
+                        help="the file tuner reads, timed cold and cached with peak memory; 'trl': the "
+                             "side-by-side run against TRL on .jsonl")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -92,6 +166,34 @@ def main() -> int:
     from tuner.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(embedded_model_dir()))
+    if args.kind != "trl":
+        if args.kind == "llava":
+            tokenizer.add_tokens(["<image>"], special_tokens=True)
+        base_rss = peak_rss_gib()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            os.environ["TUNER_DATA_CACHE"] = str(workdir / "tuner_cache")
+            if args.kind == "llava":
+                (workdir / "images").mkdir()
+                from PIL import Image
+                for i in range(1000):
+                    Image.new("RGB", (4, 4)).save(workdir / "images" / f"{i}.png")
+                rows = llava_rows(args.rows, 1000)
+            else:
+                rows = make_rows(args.rows)
+            path = write_rows(rows, workdir / "data", "jsonl" if args.kind == "llava" else args.kind)
+            size = path.stat().st_size
+            del rows
+            cold, cached = bench_store(path, tokenizer, args.kind, args.max_length, args.num_proc, workdir)
+        own, child = peak_rss_gib()
+        print(f"{args.rows} rows, {args.kind} ({size / 2**20:.0f} MiB), max_length {args.max_length}, "
+              f"{args.num_proc} processes, SmolLM2 tokenizer")
+        print(f"cold    {cold:8.1f} s  {args.rows / cold:9.0f} rows/s")
+        print(f"cached  {cached:8.1f} s  {args.rows / cached:9.0f} rows/s")
+        print(f"peak RSS: {own:.2f} GiB in this process ({own - base_rss:+.2f} GiB over the loaded tokenizer, "
+              f"the generated rows included), {child:.2f} GiB in the largest worker")
+        return 0
+
     rows = make_rows(args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -130,7 +130,7 @@ class LoraConfig:
             raise TunerError(f"LoraConfig.r must be positive, got {self.r}")
 
 
-FORMAT_NAMES = Literal["auto", "openai", "alpaca", "alpaca_zh", "sharegpt", "oasst1", "pretrain", "msagent"]
+FORMAT_NAMES = Literal["auto", "openai", "alpaca", "alpaca_zh", "sharegpt", "oasst1", "pretrain", "msagent", "llava"]
 
 
 @section

@@ -28,6 +28,8 @@ class Encoded:
     truncated: bool = False
     stages: dict = field(default_factory=dict)
     """Intermediate forms (messages, rendered text), kept only when asked for inspection"""
+    images: list[str] | None = None
+    """LLaVA: the sample's image files, in the order of their '<image>' tokens"""
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Prepared:
     text: str
     spans: list[tuple[int, int]] | None
     messages: list[dict] | None = None
+    images: list[str] | None = None
 
 
 def prepare(mapped: dict, template, system: str | None) -> Prepared:
@@ -50,7 +53,7 @@ def prepare(mapped: dict, template, system: str | None) -> Prepared:
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system, "loss": False})
     rendered: Rendered = template.render(messages, tools=mapped.get("tools"))
-    return Prepared(rendered.text, rendered.spans, messages)
+    return Prepared(rendered.text, rendered.spans, messages, mapped.get("images"))
 
 
 def longest_token(tokenizer) -> int:
@@ -93,7 +96,7 @@ def tokenize(batch: list[Prepared], tokenizer, max_length: int | None, keep_stag
         truncated = max_length is not None and len(ids) > max_length
         if truncated:
             ids, trained = ids[:max_length], trained[:max_length]
-        encoded = Encoded(np.asarray(ids, dtype=np.int32), trained, truncated)
+        encoded = Encoded(np.asarray(ids, dtype=np.int32), trained, truncated, images=prepared.images)
         if keep_stages:
             encoded.stages = {"messages": prepared.messages, "text": prepared.text}
         out.append(encoded)

@@ -163,15 +163,39 @@ def msagent_map_fn(row: dict) -> dict:
     return {"messages": messages}
 
 
+IMAGE_TOKEN = "<image>"
+
+
+def llava_map_fn(row: dict) -> dict:
+    """LLaVA's rows: ShareGPT conversations and "image" (or "images") -> messages with one '<image>' per
+    image, and the image paths. A row with images but no '<image>' gets one before its first user message
+    (LLaVA's convention); a row without images is text-only."""
+    images = row.get("images") if row.get("images") is not None else ([row["image"]] if row.get("image") else [])
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise RowError("images", "must be a list of image paths")
+    messages = sharegpt_map_fn(row)["messages"]
+    placeholders = sum(str(m["content"]).count(IMAGE_TOKEN) for m in messages)
+    if images and placeholders == 0:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise RowError("conversations", "has images but no human turn to put them in")
+        first_user["content"] = f"{IMAGE_TOKEN}\n{first_user['content']}"
+        placeholders = 1 if len(images) == 1 else 0
+    if placeholders != len(images):
+        raise RowError("conversations", f"{placeholders} {IMAGE_TOKEN} placeholders for {len(images)} images")
+    return {"messages": messages, "images": images}
+
+
 FORMATS: dict[str, Callable[[dict], dict]] = {
     "openai": openai_map_fn, "alpaca": alpaca_map_fn, "alpaca_zh": alpaca_zh_map_fn, "sharegpt": sharegpt_map_fn,
-    "oasst1": oasst1_map_fn, "pretrain": pretrain_map_fn, "msagent": msagent_map_fn,
+    "oasst1": oasst1_map_fn, "pretrain": pretrain_map_fn, "msagent": msagent_map_fn, "llava": llava_map_fn,
 }
 
 FORMAT_COLUMNS = {
     "openai": "messages [, tools]", "alpaca": "instruction, input, output", "alpaca_zh": "instruction_zh, input_zh, output_zh",
     "sharegpt": "conversations (from/value: human, gpt, system) [, system]", "oasst1": "text with ### Human: / ### Assistant:",
     "pretrain": "text", "msagent": "conversations with <|startofthink|> tool calls",
+    "llava": "conversations (from/value) and image or images (LLaVA configs)",
 }
 
 

@@ -26,12 +26,12 @@ from filelock import FileLock, Timeout
 
 from tuner.config import DataConfig, DatasetSource
 from tuner.data.encode import Encoded, prepare, tokenize
-from tuner.data.formats import FORMATS, RowError, detect_format
+from tuner.data.formats import FORMATS, RowError, detect_format, llava_map_fn
 from tuner.data.sources import BAD_ROW, data_files, is_hub_dataset, iter_rows
 from tuner.data.templates import get_template
 from tuner.errors import TunerError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CHUNK_ROWS = 256
 MAX_REPORTED_BAD_ROWS = 5
 WAIT_SECONDS = 15  # between "waiting for another process" messages
@@ -54,8 +54,17 @@ class TokenStats:
     """samples per source, in order"""
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    """LLaVA data: where the image files are (None: beside each data file) and how many tokens an
+    image becomes. Samples keep one '<image>' token per image; the expansion happens when batched."""
+    folder: str | None
+    tokens_per_image: int
+
+
 class TokenStore:
-    """Memory-mapped samples: sample i is ids[offsets[i]:offsets[i+1]]."""
+    """Memory-mapped samples: sample i is ids[offsets[i]:offsets[i+1]]. LLaVA stores also hold each
+    sample's image files (images.jsonl, one JSON list per sample, found by byte offset) and image count."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -65,6 +74,17 @@ class TokenStore:
         self.ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r", shape=(total,))
         self.trained = np.memmap(folder / "trained.bin", dtype=np.bool_, mode="r", shape=(total,))
         self.stats = TokenStats(**json.loads((folder / "stats.json").read_text()))
+        self.n_images = np.load(folder / "n_images.npy") if (folder / "n_images.npy").exists() else None
+        if self.n_images is not None:
+            self.image_offsets = np.load(folder / "image_offsets.npy")
+            size = (folder / "images.jsonl").stat().st_size
+            self._images = np.memmap(folder / "images.jsonl", dtype=np.uint8, mode="r", shape=(size,)) if size else None
+
+    def images(self, i: int) -> list[str]:
+        if self.n_images is None or not self.n_images[i]:
+            return []
+        a, b = self.image_offsets[i], self.image_offsets[i + 1]
+        return json.loads(bytes(self._images[a:b]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -95,9 +115,10 @@ def _function_identity(fn: Callable | None) -> str:
         return f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}"
 
 
-def cache_key(cfg: DataConfig, tokenizer) -> str:
+def cache_key(cfg: DataConfig, tokenizer, images: ImageSettings | None = None) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{CACHE_VERSION}".encode())
+    h.update(json.dumps(asdict(images) if images else None).encode())
     for source in cfg.source_list():
         h.update(json.dumps([source.path, source.format, source.split, _function_identity(source.map_fn)]).encode())
         if is_hub_dataset(source.path):
@@ -128,6 +149,7 @@ _WORKER: dict = {}
 def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> list:
     """[(place, line, row, map key)] -> [Encoded | ('bad', place, line, message)], in order."""
     tokenizer, template, cfg, map_fns = (_WORKER[k] for k in ("tokenizer", "template", "cfg", "map_fns"))
+    images = _WORKER.get("images")
     # pack_split: a long document continues in the next sequence, so it is not cut here
     max_length = None if cfg.pack_split else cfg.max_length
     out, good = [], []
@@ -136,7 +158,10 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> list:
             out.append(("bad", place, line, row[BAD_ROW]))
             continue
         try:
-            good.append(prepare(map_fns[key](row), template, cfg.system))
+            mapped = map_fns[key](row)
+            if images is not None:
+                mapped = _with_image_files(mapped, place, images)
+            good.append(prepare(mapped, template, cfg.system))
             out.append(None)
         except RowError as e:
             out.append(("bad", place, line, str(e)))
@@ -146,6 +171,16 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> list:
     return [item if item is not None else next(encoded) for item in out]
 
 
+def _with_image_files(mapped: dict, place: str, images: ImageSettings) -> dict:
+    """The row's image names as files (in the image folder, or beside the data file), each one there."""
+    folder = Path(images.folder) if images.folder else Path(place).parent
+    paths = [str(folder / name) for name in mapped.get("images") or []]
+    missing = next((p for p in paths if not Path(p).is_file()), None)
+    if missing:
+        raise RowError("image", f"file not found: {missing}")
+    return {**mapped, "images": paths}
+
+
 def _places(source: DatasetSource) -> list[str]:
     """The files (or the hub dataset) behind one source, as `iter_rows` names them."""
     if is_hub_dataset(source.path):
@@ -153,13 +188,16 @@ def _places(source: DatasetSource) -> list[str]:
     return [str(f) for f in data_files(source.path)]
 
 
-def resolve_map_fns(cfg: DataConfig, stats: TokenStats) -> dict[str, Callable]:
-    """{"index|file": map function}; an 'auto' format is detected from each file's first row."""
+def resolve_map_fns(cfg: DataConfig, stats: TokenStats, images: bool = False) -> dict[str, Callable]:
+    """{"index|file": map function}; an 'auto' format is detected from each file's first row (LLaVA's
+    format for image data)."""
     map_fns = {}
     for index, source in enumerate(cfg.source_list()):
         for place in _places(source):
             if source.map_fn is not None:
                 fn, label = source.map_fn, f"map_fn {getattr(source.map_fn, '__name__', 'custom')}"
+            elif images and source.format == "auto":
+                fn, label = llava_map_fn, "llava"
             elif source.format != "auto":
                 fn, label = FORMATS[source.format], source.format
             else:
@@ -191,12 +229,16 @@ def _chunks(rows, size):
         yield chunk
 
 
-def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[int], None] | None = None) -> None:
-    """Tokenize every source into `folder` (ids.bin, trained.bin, offsets.npy, stats.json)."""
+def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[int], None] | None = None,
+                  images: ImageSettings | None = None) -> None:
+    """Tokenize every source into `folder` (ids.bin, trained.bin, offsets.npy, stats.json; with images
+    also images.jsonl, image_offsets.npy, n_images.npy)."""
     template = get_template(cfg.template, tokenizer)
     stats = TokenStats()
-    _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, map_fns=resolve_map_fns(cfg, stats))
+    _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, images=images,
+                   map_fns=resolve_map_fns(cfg, stats, images is not None))
     offsets, total = [0], 0
+    image_offsets, image_bytes, n_images = [0], 0, []
     source_of_chunk: list[list[int]] = []
     per_source = [0] * len(cfg.source_list())
 
@@ -209,7 +251,8 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
     pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None
     results = pool.imap(_encode_chunk, chunk_stream()) if pool else map(_encode_chunk, chunk_stream())
     try:
-        with open(folder / "ids.bin", "wb") as ids_file, open(folder / "trained.bin", "wb") as trained_file:
+        with open(folder / "ids.bin", "wb") as ids_file, open(folder / "trained.bin", "wb") as trained_file, \
+                open(folder / "images.jsonl", "wb") as images_file:
             for chunk_index, encoded_chunk in enumerate(results):
                 sources = source_of_chunk[chunk_index]
                 for source, item in zip(sources, encoded_chunk):
@@ -224,10 +267,16 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
                         if len(stats.bad_row_examples) < MAX_REPORTED_BAD_ROWS:
                             stats.bad_row_examples.append(f"{place}:{line}: {message}")
                         continue
-                    if not _keep(item, cfg, stats):
+                    if not _keep(item, cfg, stats, images):
                         continue
                     ids_file.write(item.ids.tobytes())
                     trained_file.write(item.trained.tobytes())
+                    if images is not None:
+                        line = (json.dumps(item.images, ensure_ascii=False) + "\n").encode() if item.images else b""
+                        images_file.write(line)
+                        image_bytes += len(line)
+                        image_offsets.append(image_bytes)
+                        n_images.append(len(item.images or []))
                     total += len(item.ids)
                     offsets.append(total)
                     per_source[source] += 1
@@ -244,10 +293,18 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
             f"{stats.bad_rows} bad rows, " if stats.bad_rows else "") +
             f"{stats.dropped_no_loss} without a trainable token, {stats.dropped_too_long} too long")
     np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    if images is not None:
+        np.save(folder / "image_offsets.npy", np.asarray(image_offsets, dtype=np.int64))
+        np.save(folder / "n_images.npy", np.asarray(n_images, dtype=np.int32))
     (folder / "stats.json").write_text(json.dumps(asdict(stats)))
 
 
-def _keep(item: Encoded, cfg: DataConfig, stats: TokenStats) -> bool:
+def _keep(item: Encoded, cfg: DataConfig, stats: TokenStats, images: ImageSettings | None = None) -> bool:
+    if images is not None and item.images:  # each image becomes tokens_per_image tokens when batched
+        expanded = len(item.ids) + len(item.images) * (images.tokens_per_image - 1)
+        if item.truncated or expanded > cfg.max_length:  # cutting through an image would break it
+            stats.dropped_too_long += 1
+            return False
     if item.truncated and cfg.truncation == "drop":
         stats.dropped_too_long += 1
         return False
@@ -261,14 +318,15 @@ def _keep(item: Encoded, cfg: DataConfig, stats: TokenStats) -> bool:
     return True
 
 
-def load_token_store(cfg: DataConfig, tokenizer, say: Callable[[str], None] = print) -> tuple[TokenStore, bool]:
+def load_token_store(cfg: DataConfig, tokenizer, say: Callable[[str], None] = print,
+                     images: ImageSettings | None = None) -> tuple[TokenStore, bool]:
     """The store for this data config, built now or read from the cache. Returns (store, from_cache)."""
     if not cfg.cache:
         folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"tuner-tokens-{os.getpid()}-{time.time_ns()}"
         folder.mkdir(parents=True)
-        tokenize_rows(cfg, tokenizer, folder)
+        tokenize_rows(cfg, tokenizer, folder, images=images)
         return TokenStore(folder), False
-    key = cache_key(cfg, tokenizer)
+    key = cache_key(cfg, tokenizer, images)
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     folder, progress_file = root / key, root / f"{key}.progress"
@@ -288,7 +346,7 @@ def load_token_store(cfg: DataConfig, tokenizer, say: Callable[[str], None] = pr
         tmp = root / f"{key}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        tokenize_rows(cfg, tokenizer, tmp, progress=lambda n: progress_file.write_text(str(n)))
+        tokenize_rows(cfg, tokenizer, tmp, progress=lambda n: progress_file.write_text(str(n)), images=images)
         os.replace(tmp, folder)
     finally:
         progress_file.unlink(missing_ok=True)

@@ -250,7 +250,8 @@ class Trainer:
         self.tokenizer = tokenizer_with_image_token(cfg.model.path, cfg.model.trust_remote_code)
         vision = vision_info(cfg.llava, self.tokenizer)
         started = time.perf_counter()
-        self.sequences = build_image_sequences(cfg.data, cfg.llava, self.tokenizer, vision, say=self.info)
+        self.sequences = build_image_sequences(cfg.data, cfg.llava, self.tokenizer, vision, say=self.info,
+                                               seed=cfg.train.seed)
         self.info(f"Data: ready in {time.perf_counter() - started:.1f}s")
         return build_llava(cfg.model, cfg.llava, self.tokenizer)
 

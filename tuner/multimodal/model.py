@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from tuner.config import Config, LlavaConfig, ModelConfig
+from tuner.data.formats import IMAGE_TOKEN
 from tuner.errors import TunerError
 from tuner.model.load import DTYPES, call_loader, load_causal_lm, load_config, load_tokenizer, resolve_model_path
 
-IMAGE_TOKEN = "<image>"
 RECIPE_FILE = "llava.json"
 PROJECTOR_FILE = "projector.safetensors"  # what pth_to_hf writes beside the projector: how to rebuild the model
 
