@@ -147,3 +147,23 @@ def test_qwen3_reasoning_content_is_trained_in_its_think_block():
     assert sample.input_ids == official
     trained = tokenizer.decode([t for t in sample.labels if t != IGNORE])
     assert trained == "<think>\nTwo plus three is five.\n</think>\n\n5.<|im_end|>"
+
+
+@pytest.mark.parametrize("package", sorted(set(PAIRS.values())))
+def test_the_tokenizers_own_template_renders_as_apply_chat_template(package):
+    """prompt_template=None renders with transformers' compiled Jinja directly (faster): the text equals
+    apply_chat_template's for every case, prompts included, on each real tokenizer."""
+    from tuner.data.templates import ChatTemplate
+
+    tokenizer = real_tokenizer(package)
+    template = ChatTemplate(tokenizer)
+    for case in CASES.values():
+        messages, tools = case["messages"], case.get("tools")
+        for prompt in (False, True):
+            shown = messages[:-1] if prompt else messages
+            try:
+                official = tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=prompt,
+                                                         **({"tools": tools} if tools else {}))
+            except Exception:  # noqa: BLE001 - a template that refuses a case (no system role, ...)
+                continue
+            assert template._render_jinja(shown, prompt, tools) == official, (package, case, prompt)

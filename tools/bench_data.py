@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,11 +114,37 @@ def llava_rows(n: int, images: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def peak_rss_gib() -> tuple[float, float]:
-    """Peak resident memory of this process and of its largest finished child (the tokenizing workers)."""
-    import resource
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20)
+class PeakMemory:
+    """Peak resident memory of this process plus its children (the tokenizing workers), sampled every
+    50 ms while the block runs, in GiB; `base` is the RSS when it started (the tokenizer loaded)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+        self.process, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = self._now()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _now(self) -> float:
+        import psutil
+        total = self.process.memory_info().rss
+        for child in self.process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total / 2**30
+
+    def _watch(self):
+        while not self.stop.wait(0.05):
+            self.peak = max(self.peak, self._now())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def bench_store(path: Path, tokenizer, kind: str, max_length: int, num_proc: int, workdir: Path) -> tuple[float, float]:
@@ -160,19 +187,24 @@ def main() -> int:
                              "side-by-side run against TRL on .jsonl")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)  # internal: the measuring child process
     args = parser.parse_args()
 
     from tuner.model.embedded import embedded_model_dir
     from tuner.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(str(embedded_model_dir()))
-    if args.kind != "trl":
+    if args.prepare:  # the child: prepare the file, timed and watched from a clean process
+        tokenizer = load_tokenizer(str(embedded_model_dir()))
         if args.kind == "llava":
             tokenizer.add_tokens(["<image>"], special_tokens=True)
-        base_rss = peak_rss_gib()[0]
+        with PeakMemory() as memory:
+            cold, cached = bench_store(Path(args.prepare), tokenizer, args.kind, args.max_length, args.num_proc,
+                                       Path(args.prepare).parent)
+        print(json.dumps({"cold": cold, "cached": cached, "base": memory.base, "peak": memory.peak}))
+        return 0
+    if args.kind != "trl":
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(tmp)
-            os.environ["TUNER_DATA_CACHE"] = str(workdir / "tuner_cache")
             if args.kind == "llava":
                 (workdir / "images").mkdir()
                 from PIL import Image
@@ -182,18 +214,25 @@ def main() -> int:
             else:
                 rows = make_rows(args.rows)
             path = write_rows(rows, workdir / "data", "jsonl" if args.kind == "llava" else args.kind)
-            size = path.stat().st_size
             del rows
-            cold, cached = bench_store(path, tokenizer, args.kind, args.max_length, args.num_proc, workdir)
-        own, child = peak_rss_gib()
+            size = path.stat().st_size
+            env = {**os.environ, "TUNER_DATA_CACHE": str(workdir / "tuner_cache")}
+            run = subprocess.run([sys.executable, __file__, "--prepare", str(path), "--kind", args.kind,
+                                  "--max-length", str(args.max_length), "--num-proc", str(args.num_proc)],
+                                 capture_output=True, text=True, env=env)
+            if run.returncode != 0:
+                print(run.stderr[-3000:], file=sys.stderr)
+                return 1
+            figures = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"{args.rows} rows, {args.kind} ({size / 2**20:.0f} MiB), max_length {args.max_length}, "
               f"{args.num_proc} processes, SmolLM2 tokenizer")
-        print(f"cold    {cold:8.1f} s  {args.rows / cold:9.0f} rows/s")
-        print(f"cached  {cached:8.1f} s  {args.rows / cached:9.0f} rows/s")
-        print(f"peak RSS: {own:.2f} GiB in this process ({own - base_rss:+.2f} GiB over the loaded tokenizer, "
-              f"the generated rows included), {child:.2f} GiB in the largest worker")
+        print(f"cold    {figures['cold']:8.1f} s  {args.rows / figures['cold']:9.0f} rows/s")
+        print(f"cached  {figures['cached']:8.1f} s  {args.rows / figures['cached']:9.0f} rows/s")
+        print(f"peak RSS while preparing (the process and its workers): {figures['peak']:.2f} GiB, "
+              f"{figures['peak'] - figures['base']:+.2f} GiB over the loaded tokenizer ({figures['base']:.2f} GiB)")
         return 0
 
+    tokenizer = load_tokenizer(str(embedded_model_dir()))
     rows = make_rows(args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

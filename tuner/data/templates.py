@@ -227,8 +227,25 @@ class ChatTemplate:
                 clean[0] = {**clean[0], "content": with_tools(clean[0]["content"], tools)}
             else:
                 clean.insert(0, {"role": "system", "content": with_tools("", tools)})
-        return self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  **kwargs)
+        return self._render_jinja(clean, add_generation_prompt, kwargs.get("tools"))
+
+    def _render_jinja(self, messages: list[dict], add_generation_prompt: bool, tools) -> str:
+        """What `apply_chat_template(tokenize=False)` renders, from transformers' compiled template with the
+        same variables, without its per-call conversion of every message (a third of preparing a row's time;
+        tests check the two agree on every real tokenizer). Falls back to apply_chat_template."""
+        if not hasattr(self, "_compiled"):
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+                self._compiled = _compile_jinja_template(self.tokenizer.chat_template)
+                self._variables = dict(self.tokenizer.special_tokens_map)
+            except (ImportError, AttributeError, TypeError):
+                self._compiled = None
+        if self._compiled is None:
+            kwargs = {"tools": tools} if tools else {}
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
+        return self._compiled.render(messages=messages, tools=tools or None, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **self._variables)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> Rendered:
         text = self._apply(messages, add_generation_prompt, tools)
