@@ -214,3 +214,28 @@ def test_an_error_after_the_stream_started_is_an_error_event(server, monkeypatch
     monkeypatch.setattr(api.generator, "generate", real)
     assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=4).choices[0].message.content is not None
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(server):
+    """A 4-token request sent while a 450-token one runs is answered within about the engine's slice
+    (1 s by default, 0.3 s here): the long batch pauses, the short one runs, the long one goes on. The
+    long reply (greedy, fp32) is the same as when it ran alone."""
+    api, _, client = server
+    api.engine.slice_seconds = 0.3
+    long_request = dict(model="tiny", messages=[{"role": "user", "content": "Tell me everything."}],
+                        max_tokens=450, temperature=0, stop=["\u0000"])
+    started = time.perf_counter()
+    alone = client.chat.completions.create(**long_request)
+    alone_seconds = time.perf_counter() - started
+    assert alone.usage.completion_tokens > 300 and alone_seconds > 1.0, (alone.usage, alone_seconds)
+    with ThreadPoolExecutor(1) as pool:
+        long_future = pool.submit(client.chat.completions.create, **long_request)
+        time.sleep(0.3)
+        started = time.perf_counter()
+        short = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4, temperature=0)
+        short_seconds = time.perf_counter() - started
+        together = long_future.result(timeout=60)
+    assert short.usage.completion_tokens <= 4 and short_seconds < alone_seconds / 2, (short_seconds, alone_seconds)
+    assert together.choices[0].message.content == alone.choices[0].message.content
+    assert together.usage == alone.usage

@@ -55,6 +55,8 @@ class Reply:
     """'stop' (a stop word or EOS), 'length' (max_new_tokens), or 'cancelled'"""
     prompt_tokens: int
     completion_tokens: int
+    streamed: int = 0
+    """characters of `text` handed to on_text (a cancelled row keeps back what may be half a stop word)"""
 
 
 class PromptTooLong(TunerError):
@@ -82,12 +84,15 @@ class _Row:
     """One prompt of a batch: collects its generated ids and streams new, complete text."""
 
     def __init__(self, tokenizer, stop_words: tuple[str, ...], stop_ids: set[int], max_new_tokens: int,
-                 on_text: Callable[[str], None] | None, cancelled: Callable[[], bool] | None):
+                 on_text: Callable[[str], None] | None, cancelled: Callable[[], bool] | None,
+                 prefix: list[int] | None = None, sent: int = 0, prompt_tokens: int = 0,
+                 on_done: Callable[[Reply], None] | None = None):
         self.tokenizer, self.stop_words, self.stop_ids = tokenizer, stop_words, stop_ids
         self.max_new_tokens, self.on_text, self.cancelled = max_new_tokens, on_text, cancelled
-        self.ids: list[int] = []
-        self.sent = 0
+        self.ids: list[int] = list(prefix or [])  # a continued reply: what it generated before, already streamed
+        self.sent = sent
         self.finish_reason: str | None = None
+        self.prompt_tokens, self.on_done, self.done = prompt_tokens, on_done, False
 
     def add(self, token: int) -> None:
         if self.finish_reason:
@@ -108,6 +113,16 @@ class _Row:
         if self.on_text is not None and safe > self.sent:
             self.on_text(text[self.sent:safe])
             self.sent = safe
+        if self.finish_reason:
+            self.finish()
+
+    def finish(self) -> Reply:
+        """The row's reply, handed to on_done once, as soon as the row ends (not when the batch does)."""
+        reply = self.reply(self.prompt_tokens)
+        if self.on_done is not None and not self.done:
+            self.done = True
+            self.on_done(reply)
+        return reply
 
     def _has_stop_word(self, ids: list[int]) -> bool:
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -115,13 +130,14 @@ class _Row:
 
     def reply(self, prompt_tokens: int) -> Reply:
         text = cut_at_stop_words(self.tokenizer.decode(self.ids, skip_special_tokens=False), self.stop_words)
-        if self.on_text is not None and len(text) > self.sent:
-            self.on_text(text[self.sent:])
+        if self.on_text is not None and len(text) > self.sent and self.finish_reason != "cancelled":
+            self.on_text(text[self.sent:])  # (a cancelled row may go on later from where it streamed to)
+            self.sent = len(text)
         ids = list(self.ids)
         # Drop the tokens of the stop word: the template writes its own end-of-turn after the reply.
         while ids and (ids[-1] in self.stop_ids or self._has_stop_word(ids)):
             ids.pop()
-        return Reply(text, ids, self.finish_reason or "length", prompt_tokens, len(self.ids))
+        return Reply(text, ids, self.finish_reason or "length", prompt_tokens, len(self.ids), self.sent)
 
 
 class _Streamer:
@@ -234,16 +250,26 @@ class Generator:
                  on_text: list[Callable[[str], None] | None] | None = None,
                  cancelled: list[Callable[[], bool] | None] | None = None,
                  max_new_tokens: list[int] | None = None, stop: list[tuple[str, ...]] | None = None,
-                 pixel_values: torch.Tensor | None = None) -> list[Reply]:
+                 pixel_values: torch.Tensor | None = None,
+                 continued: list[tuple[list[int], int] | None] | None = None,
+                 on_done: list[Callable[[Reply], None] | None] | None = None) -> list[Reply]:
         """Generate for a batch of prompts that share sampling settings; limits and extra stop
-        strings may differ per row (by default they come from `settings`)."""
+        strings may differ per row (by default they come from `settings`). `continued[i]`: (ids, sent)
+        of a reply row i began in an earlier call (the server paused it): it goes on from there, with
+        its limit, stop words and stream counting what it already wrote. `on_done[i]` gets row i's reply
+        the moment the row ends, while the batch's other rows go on."""
         count = len(prompts)
         limits = max_new_tokens or [settings.max_new_tokens] * count
+        continued = continued or [None] * count
         rows = []
         for i in range(count):
             words = tuple(dict.fromkeys((*self.stop_words, *(stop[i] if stop else settings.stop))))
+            before, sent = continued[i] or ([], 0)
             rows.append(_Row(self.tokenizer, words, self._stop_ids(words), limits[i],
-                             (on_text or [None] * count)[i], (cancelled or [None] * count)[i]))
+                             (on_text or [None] * count)[i], (cancelled or [None] * count)[i], before, sent,
+                             len(prompts[i]), (on_done or [None] * count)[i]))
+        prompt_lengths = [len(p) for p in prompts]
+        prompts = [list(p) + list((continued[i] or ([], 0))[0]) for i, p in enumerate(prompts)]
         # Only stop ids every row shares may end a row inside `generate`; the rest end in _RowsDone.
         shared_stop_ids = set.intersection(*(row.stop_ids for row in rows))
         device = self._input_device()
@@ -252,7 +278,8 @@ class Generator:
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         sample = settings.temperature > 0
-        kwargs = dict(max_new_tokens=max(limits), do_sample=sample, use_cache=True, pad_token_id=pad,
+        new_tokens = max(limit - len(row.ids) for limit, row in zip(limits, rows))
+        kwargs = dict(max_new_tokens=max(new_tokens, 1), do_sample=sample, use_cache=True, pad_token_id=pad,
                       eos_token_id=sorted(shared_stop_ids) or None, repetition_penalty=settings.repetition_penalty,
                       streamer=_Streamer(rows), stopping_criteria=[_RowsDone(rows)])
         if sample:
@@ -270,7 +297,7 @@ class Generator:
                 self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self.model.train(was_training)
-        return [row.reply(len(prompt)) for row, prompt in zip(rows, prompts)]
+        return [row.finish() for row in rows]
 
     def reply(self, messages: list[dict], settings: GenerationSettings | None = None,
               on_text: Callable[[str], None] | None = None, tools: list | None = None) -> str:

@@ -1,10 +1,13 @@
 """One thread owns the model; requests queue up and are generated in batches.
 
-Requests that arrive while a batch runs wait in the queue. The next batch takes the
-oldest request and every waiting request with the same sampling settings (up to
-`max_batch_size`), so concurrent requests share one `generate` call and each still gets
-its own tokens, stop words, limit and stream. Greedy replies in a batch are the same
-as alone (tested).
+Requests that arrive while a batch runs wait in the queue, at most `slice_seconds`: then
+the running batch pauses (its rows stop at the next token, keeping what they wrote), goes
+to the back of the queue, and the next batch takes the oldest waiting request and every
+waiting request with the same sampling settings (up to `max_batch_size`), paused ones
+included, which go on from where they were (their prompt plus what they wrote is read
+again). So a 4-token request never waits for a 400-token one to finish, concurrent
+requests share one `generate` call, and each still gets its own tokens, stop words, limit
+and stream. Greedy replies in a batch, paused or not, are the same as alone (tested).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     """('text', piece) while generating, then ('done', Reply) or ('error', exception)"""
     cancelled: threading.Event = field(default_factory=threading.Event)
+    continued: tuple | None = None
+    """(ids, characters streamed) of the reply so far, when a batch was paused to let others in"""
 
     def texts_then_reply(self, timeout: float | None = None):
         """Yield text pieces; return the Reply (raise the engine's exception)."""
@@ -60,8 +65,10 @@ class Job:
 
 
 class BatchEngine:
-    def __init__(self, generator: Generator, max_batch_size: int = 16, gather_seconds: float = 0.005):
+    def __init__(self, generator: Generator, max_batch_size: int = 16, gather_seconds: float = 0.005,
+                 slice_seconds: float = 1.0):
         self.generator, self.max_batch_size, self.gather_seconds = generator, max_batch_size, gather_seconds
+        self.slice_seconds = slice_seconds  # how long a waiting request waits before the running batch pauses
         self.pending: deque[Job] = deque()
         self.ready = threading.Condition()
         self.batches: list[int] = []  # sizes of the batches run, for tests and figures
@@ -98,11 +105,27 @@ class BatchEngine:
             if not batch:
                 continue
             self.batches.append(len(batch))
+            started = time.monotonic()
+
+            def pause() -> bool:  # someone waits, and this batch has had its slice
+                return bool(self.pending) and time.monotonic() - started > self.slice_seconds
+
+            def done(job: Job, reply) -> None:
+                if reply.finish_reason == "cancelled" and not job.cancelled.is_set():  # paused: goes on later,
+                    job.continued = (reply.ids, reply.streamed)  # behind the requests that wait
+                    with self.ready:
+                        self.pending.append(job)
+                        self.ready.notify()
+                else:
+                    job.events.put(("done", reply))
+
             try:
-                replies = self.generator.generate(
+                self.generator.generate(
                     [job.prompt for job in batch], batch[0].settings,
                     on_text=[(lambda piece, job=job: job.events.put(("text", piece))) for job in batch],
-                    cancelled=[job.cancelled.is_set for job in batch],
+                    cancelled=[(lambda job=job: job.cancelled.is_set() or pause()) for job in batch],
+                    continued=[job.continued for job in batch],
+                    on_done=[(lambda reply, job=job: done(job, reply)) for job in batch],
                     max_new_tokens=[job.settings.max_new_tokens for job in batch],
                     stop=[job.settings.stop for job in batch],
                     # rows are filled in order, so the batch's images are each row's images in turn
@@ -110,9 +133,6 @@ class BatchEngine:
             except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
                 for job in batch:
                     job.events.put(("error", e))
-                continue
-            for job, reply in zip(batch, replies):
-                job.events.put(("done", reply))
 
 
 def _concatenated(pixel_values: list):
