@@ -163,8 +163,7 @@ def bench_store(path: Path, tokenizer, kind: str, max_length: int, num_proc: int
 
         def build():
             store, cached = load_token_store(cfg, tokenizer, lambda _: None, images=images)
-            lengths = store.lengths + store.n_images * (images.tokens_per_image - 1)
-            pack_best_fit(lengths.tolist(), max_length)
+            pack_best_fit(expanded_lengths(store, images.tokens_per_image).tolist(), max_length)
             return cached
     else:
         cfg = DataConfig(path=str(path), format="alpaca", max_length=max_length, num_proc=num_proc)

@@ -268,8 +268,7 @@ class Generator:
             rows.append(_Row(self.tokenizer, words, self._stop_ids(words), limits[i],
                              (on_text or [None] * count)[i], (cancelled or [None] * count)[i], before, sent,
                              len(prompts[i]), (on_done or [None] * count)[i]))
-        prompt_lengths = [len(p) for p in prompts]
-        prompts = [list(p) + list((continued[i] or ([], 0))[0]) for i, p in enumerate(prompts)]
+        prompts = [list(p) + row.ids for p, row in zip(prompts, rows)]  # a continued row's ids are read again
         # Only stop ids every row shares may end a row inside `generate`; the rest end in _RowsDone.
         shared_stop_ids = set.intersection(*(row.stop_ids for row in rows))
         device = self._input_device()

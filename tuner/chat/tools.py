@@ -53,10 +53,16 @@ DEFAULT_SEARCH_URL = "https://google.serper.dev/search"
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+def _factorial(n):
+    if isinstance(n, int) and n > 5_000:
+        raise ToolError(f"factorial({n}) is too large")
+    return math.factorial(n)
+
+
 _NUMERIC = {"sqrt": math.sqrt, "exp": math.exp, "log": math.log, "log10": math.log10, "log2": math.log2,
             "sin": math.sin, "cos": math.cos, "tan": math.tan, "asin": math.asin, "acos": math.acos,
             "atan": math.atan, "abs": abs, "round": round, "floor": math.floor, "ceil": math.ceil,
-            "factorial": lambda n: _factorial(n), "pi": math.pi, "e": math.e}
+            "factorial": _factorial, "pi": math.pi, "e": math.e}
 _MAX_EXPONENT = 10_000  # 9**9**9 would hang the process
 _MAX_BITS = 100_000  # an integer result larger than this (about 30,000 digits) is refused before it is computed
 
@@ -67,12 +73,6 @@ def _scientific(value: int) -> str:
     exponent10 = math.log10(abs(value) >> shift) + shift * math.log10(2)
     whole = math.floor(exponent10)
     return f"{'-' if value < 0 else ''}{10 ** (exponent10 - whole):.10f}e+{whole}"
-
-
-def _factorial(n):
-    if isinstance(n, int) and n > 5_000:
-        raise ToolError(f"factorial({n}) is too large")
-    return math.factorial(n)
 
 
 class ToolError(Exception):
@@ -241,7 +241,7 @@ class Toolbox:
         return run_bounded(function["name"], value)
 
 
-TOOL_SECONDS = float(os.environ.get("TUNER_TOOL_SECONDS", "10"))  # a call running longer is stopped
+TOOL_SECONDS = 10.0  # a call running longer is stopped ($TUNER_TOOL_SECONDS, read at each call)
 TOOL_MEMORY = 2 << 30  # address space of the worker process
 
 

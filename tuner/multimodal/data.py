@@ -23,7 +23,6 @@ import torch
 from tuner.config import DataConfig, LlavaConfig
 from tuner.data.dataset import Sample, collate, length_histogram, pack_best_fit, sample_order
 from tuner.data.encode import IGNORE
-from tuner.data.formats import llava_map_fn
 from tuner.data.tokenized import ImageSettings, TokenStore, load_token_store
 from tuner.errors import TunerError
 from tuner.multimodal.model import VisionInfo
@@ -37,12 +36,6 @@ class ImageSample(Sample):
     """image files, in the order of their tokens"""
 
 
-def llava_messages(row: dict) -> tuple[list[dict], list[str]]:
-    """A LLaVA row -> (messages with '<image>' placeholders, image paths)."""
-    mapped = llava_map_fn(row)
-    return mapped["messages"], mapped["images"]
-
-
 def expand_image_tokens(ids: list[int], labels: list[int], vision: VisionInfo) -> tuple[list[int], list[int]]:
     """Each image token id becomes `tokens_per_image` of them, never trained."""
     ids, labels = np.asarray(ids), np.asarray(labels)
@@ -54,9 +47,8 @@ def expand_image_tokens(ids: list[int], labels: list[int], vision: VisionInfo) -
 class ImageSequences:
     """Training sequences (packed samples) from the token store, with their images, loaded when batched."""
 
-    def __init__(self, store: TokenStore, plan: list[list[int]], vision: VisionInfo):
-        self.store, self.plan, self.vision = store, plan, vision
-        self.lengths = expanded_lengths(store, vision)
+    def __init__(self, store: TokenStore, plan: list[list[int]], vision: VisionInfo, lengths: np.ndarray):
+        self.store, self.plan, self.vision, self.lengths = store, plan, vision, lengths
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -90,9 +82,9 @@ class ImageSequences:
         return out
 
 
-def expanded_lengths(store: TokenStore, vision: VisionInfo) -> np.ndarray:
+def expanded_lengths(store: TokenStore, tokens_per_image: int) -> np.ndarray:
     """Each sample's length once its image tokens are expanded."""
-    return store.lengths + store.n_images * (vision.tokens_per_image - 1)
+    return store.lengths + store.n_images * (tokens_per_image - 1)
 
 
 def build_image_sequences(cfg: DataConfig, llava: LlavaConfig, tokenizer, vision: VisionInfo,
@@ -105,7 +97,7 @@ def build_image_sequences(cfg: DataConfig, llava: LlavaConfig, tokenizer, vision
                          hint="set data.pack_split=False for LLaVA data")
     store, from_cache = load_token_store(cfg, tokenizer, say, images=ImageSettings(llava.image_folder,
                                                                                     vision.tokens_per_image))
-    lengths = expanded_lengths(store, vision)
+    lengths = expanded_lengths(store, vision.tokens_per_image)
     order = sample_order(store.stats, [s.repeats for s in cfg.source_list()], seed)
     if cfg.pack:
         plan = [[order[j] for j in group] for group in pack_best_fit([int(lengths[i]) for i in order], cfg.max_length)]
@@ -120,4 +112,4 @@ def build_image_sequences(cfg: DataConfig, llava: LlavaConfig, tokenizer, vision
         f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long{bad}; {len(plan)} sequences, "
         f"packing efficiency {efficiency:.1%}" + (" (from cache)" if from_cache else ""))
     say("sample lengths: " + "  ".join(f"<={edge}: {count}" for edge, count in length_histogram(lengths)))
-    return ImageSequences(store, plan, vision)
+    return ImageSequences(store, plan, vision, lengths)

@@ -445,11 +445,7 @@ class Handler(BaseHTTPRequestHandler):
     def _wait(self, job: Job):
         """The job's reply; if the client disconnects while it waits, the job is cancelled (its rows stop
         generating) and the wait ends."""
-        try:
-            return job.wait(gone=self._client_gone)
-        except ConnectionResetError:
-            job.cancelled.set()
-            raise
+        return job.wait(gone=self._client_gone)
 
     def _completion(self, body: dict) -> None:
         job = self.api.completion_job(body)
