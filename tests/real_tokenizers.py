@@ -153,30 +153,42 @@ MISTRAL = {"mistral_v3": ("mistral_instruct_tokenizer_240323.model.v3", None),
            "mistral_tekken": ("tekken_240718.json", "mistral_nemo")}
 
 
+def mistral_model_file(file: str) -> Path:
+    """One of the SentencePiece models or tekken files mistral-common ships (its data folder)."""
+    mistral_common = pytest.importorskip("mistral_common") if not os.environ.get("CI") else __import__("mistral_common")
+    return Path(mistral_common.__file__).parent / "data" / file
+
+
+def sentencepiece_folder(model_file: Path) -> Path:
+    """A tokenizer folder that holds only tokenizer.model (as many older repos do): transformers converts it."""
+    import json
+
+    folder = CACHE / "mistral" / model_file.name
+    if not (folder / "tokenizer_config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_file, folder / "tokenizer.model")
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": False, "add_eos_token": False,
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return folder
+
+
 def mistral_tokenizers(name: str):
     """({'finetuning': ..., 'test': ...}: mistral-common's MistralTokenizer for whole conversations and
     for prompts, the HF tokenizer with the same ids)."""
-    import json
-
-    mistral_common = pytest.importorskip("mistral_common") if not os.environ.get("CI") else __import__("mistral_common")
     from mistral_common.protocol.instruct.validator import ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-    from transformers import AutoTokenizer
+
+    from tuner.model.load import load_tokenizer
 
     file, package = MISTRAL[name]
-    source = Path(mistral_common.__file__).parent / "data" / file
+    source = mistral_model_file(file)
     reference = {mode: MistralTokenizer.from_file(str(source), mode=getattr(ValidationMode, mode))
                  for mode in ("finetuning", "test")}
     if package:
         return reference, real_tokenizer(package)
-    folder = CACHE / "mistral" / file
-    if not (folder / "tokenizer_config.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, folder / "tokenizer.model")
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": False, "add_eos_token": False,
-            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    return reference, AutoTokenizer.from_pretrained(str(folder))
+    # transformers' conversion of tokenizer.model, through tuner's loader (merges in score order)
+    return reference, load_tokenizer(str(sentencepiece_folder(source)))
 
 
 def mistral_ids(reference, messages: list[dict], tools: list | None = None) -> list[int]:

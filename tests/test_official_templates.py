@@ -28,12 +28,8 @@ def test_named_template_equals_the_official_one_in_token_ids(name, case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in TOOL_CASES])
 @pytest.mark.parametrize("name", list(MISTRAL))
-def test_mistral_templates_equal_mistral_commons_encoder(name, case, request):
+def test_mistral_templates_equal_mistral_commons_encoder(name, case):
     """Whole conversations (fine-tuning mode) and generation prompts, in token ids."""
-    if case == "spaces" and name != "mistral_tekken":
-        # mistral-common runs SentencePiece on each message alone: ' Hi!' after [/INST] becomes '▁' '▁Hi',
-        # where any text template gives '▁▁' 'Hi'. Only a reply that starts with a space is affected.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="per-message SentencePiece boundaries"))
     reference, tokenizer = mistral_tokenizers(name)
     template = get_template(name, tokenizer)
     messages = CASES[case]["messages"]

@@ -31,7 +31,7 @@ import torch
 
 from tuner.errors import TunerError
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: SentencePiece merges in score order (tuner/model/sentencepiece.py)
 MARK_FILE = "tuner_converted.json"  # written into a converted folder: where it came from
 
 _RENAMES = [  # InternLM2 name -> Llama name (regular expressions on the full key)
@@ -198,21 +198,17 @@ def tokenizer(source: Path):
     except ImportError as e:
         raise TunerError(f"the InternLM2 tokenizer needs a missing package: {e}",
                          hint="pip install sentencepiece protobuf") from None
+    from tuner.model.sentencepiece import merge_by_scores, read_model
+
+    merge_by_scores(tok)
     model_file = source / "tokenizer.model"
-    if model_file.exists() and not (source / "tokenizer.json").exists() and _adds_dummy_prefix(model_file):
+    if model_file.exists() and not (source / "tokenizer.json").exists() \
+            and read_model(model_file).normalizer_spec.add_dummy_prefix:
         # transformers' generic SentencePiece conversion ignores add_dummy_prefix; sentencepiece applies it
         from tokenizers import normalizers
         tok.backend_tokenizer.normalizer = normalizers.Sequence(
             [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     return tok
-
-
-def _adds_dummy_prefix(model_file: Path) -> bool:
-    from transformers.convert_slow_tokenizer import import_protobuf
-
-    proto = import_protobuf().ModelProto()
-    proto.ParseFromString(model_file.read_bytes())
-    return bool(proto.normalizer_spec.add_dummy_prefix)
 
 
 def _clean_tokenizer_config(folder: Path) -> None:

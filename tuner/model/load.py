@@ -118,6 +118,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     tokenizer = call_loader(AutoTokenizer.from_pretrained, resolve_model_path(path),
                                  trust_remote_code=trust_remote_code)
+    from tuner.model.sentencepiece import merge_by_scores
+    merge_by_scores(tokenizer)  # a folder with only tokenizer.model: split as SentencePiece does
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
