@@ -161,6 +161,11 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, tiny
     monkeypatch.setenv("TUNER_COLLECTIVE_LOG", str(tmp_path / "collectives"))
     run = tuner("train", ddp_cfg, "--work-dir", tmp_path / "two", *(["--fsdp"] if strategy == "fsdp" else []))
     assert f"2 processes ({strategy.upper()})" in run.stderr
+    reads = [tmp_path / f"collectives.{rank}.reads" for rank in (0, 1)]
+    assert "model.safetensors" in reads[0].read_text()
+    if strategy == "fsdp":  # rank 1 built the model on the meta device and got its shards from rank 0
+        assert "build it on the meta device" in run.stderr
+        assert not reads[1].exists() or "model.safetensors" not in reads[1].read_text()
     one, two = scalars(one_work), scalars(tmp_path / "two")
     assert len(one) == len(two) >= 4
     for rank in (0, 1):  # all on the device; tuner's: two float64 pairs per step (tokens + stop flag, loss + tokens)
@@ -252,7 +257,9 @@ def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, tiny_mode
     for k, preset in enumerate(presets):
         monkeypatch.setenv("PORT", str(29530 + 10 * lora + k))
         work = tmp_path / preset
-        tuner("train", ds_cfg, "--work-dir", work, "--deepspeed", preset)
+        run = tuner("train", ds_cfg, "--work-dir", work, "--deepspeed", preset)
+        # ZeRO-3: built under deepspeed.zero.Init, each process holding only its partitions
+        assert ("built partitioned over 2 processes (ZeRO-3)" in run.stderr) == ("zero3" in preset)
         two = [s["loss"] for s in scalars(work)]
         assert two == pytest.approx(one, rel=1e-4), preset
     first = tmp_path / presets[0]

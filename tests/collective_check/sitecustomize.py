@@ -1,7 +1,8 @@
 """Put on PYTHONPATH by the two-process tests: every torch.distributed.all_reduce of the run is checked
 and recorded. A tensor that is not on this process's training device is refused, as NCCL refuses CPU
 tensors on a GPU machine (there the device is cuda:LOCAL_RANK; on these CPU machines, cpu). Each call
-is appended to $TUNER_COLLECTIVE_LOG.RANK, so a test can count them per step."""
+is appended to $TUNER_COLLECTIVE_LOG.RANK, so a test can count them per step. Every safetensors file the
+process opens is appended to $TUNER_COLLECTIVE_LOG.RANK.reads (which processes read the weights)."""
 
 import os
 
@@ -21,3 +22,14 @@ if os.environ.get("TUNER_COLLECTIVE_LOG") and "LOCAL_RANK" in os.environ:
         return _all_reduce(tensor, *args, **kwargs)
 
     dist.all_reduce = _checked_all_reduce
+
+    import safetensors
+
+    _safe_open = safetensors.safe_open
+
+    def _logged_safe_open(filename, *args, **kwargs):
+        with open(f"{os.environ['TUNER_COLLECTIVE_LOG']}.{os.environ.get('RANK', '0')}.reads", "a") as log:
+            log.write(f"{filename}\n")
+        return _safe_open(filename, *args, **kwargs)
+
+    safetensors.safe_open = _logged_safe_open

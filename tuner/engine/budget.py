@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tuner.model.adapt import numel
 from tuner.model.embedded import cache_root
 
 
@@ -35,8 +36,8 @@ def estimate_memory(model, tokens_per_micro_batch: int, checkpointing: bool, com
     """Weights as loaded; float32 grads and AdamW moments for trainable parameters; activations
     ~ 34 * hidden * tokens bytes per layer in the compute dtype (about 2 * hidden * tokens with
     checkpointing), plus the logits of the trained positions."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = sum(numel(p) * p.element_size() for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     config = text_config(model)
     hidden, layers = config.hidden_size, config.num_hidden_layers
     per_layer = (2 if checkpointing else 34) * hidden * tokens_per_micro_batch * compute_bytes / 2

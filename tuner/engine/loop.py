@@ -103,6 +103,7 @@ class Trainer:
         self.dist = Distributed()
         self.strategy = ("fsdp" if fsdp else "ddp") if self.dist.enabled else "single"
         self.deepspeed = deepspeed
+        self.built_sharded = False  # the model was built already sharded (see _load_model)
         if deepspeed:
             self.strategy = "deepspeed"
         self.device = self.dist.device() if self.dist.enabled else default_device()
@@ -171,7 +172,7 @@ class Trainer:
             self.info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
             for line in report.details().splitlines():
                 self.info(f"Data: {line}")
-            model = load_model(cfg.model, self.device)
+            model = self._load_model()
         self.collate = getattr(self.sequences, "collate", collate)
         self.attention = packed_attention.use_for_training(model, cfg.model.attn_implementation, self.device)
         if cfg.data.pack and cfg.llava is None:
@@ -193,11 +194,12 @@ class Trainer:
         # FSDP and DeepSpeed gather and free weights around forward and backward: they keep peft's path.
         self.fused_lora = (fast_lora.enable(model, self.compute_dtype)  # (LoRA layers, SwiGLU MLPs)
                            if cfg.train.fused_lora and self.strategy in ("single", "ddp") else (0, 0))
-        self.raw_model = model.to(self.device) if cfg.model.quantization is None else model
+        placed = cfg.model.quantization is not None or self.built_sharded  # (sharding places the weights)
+        self.raw_model = model if placed else model.to(self.device)
         self.raw_model.train()
         # The loop calls self.model (wrapped for several processes); everything else uses raw_model.
         if self.strategy != "deepspeed":  # DeepSpeed wraps the model with its optimizer, below
-            self.model = strategies.wrap(self.raw_model, self.strategy)
+            self.model = strategies.wrap(self.raw_model, self.strategy, self.device, from_rank0=self.built_sharded)
         base = self.raw_model.get_base_model() if hasattr(self.raw_model, "get_base_model") else self.raw_model
         self.model_takes_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.fused_head = self._fused_head(base)
@@ -213,8 +215,7 @@ class Trainer:
         self.optimizer = build_optimizer(params, cfg.optim, self.device)
         self.scaler = strategies.grad_scaler(self.device, self.compute_dtype, self.strategy)
         if self.strategy == "deepspeed":
-            self.model = zero.initialize(self.raw_model, self.optimizer,
-                                         zero.ds_config(self.deepspeed, cfg, self.compute_dtype, self.info))
+            self.model = zero.initialize(self.raw_model, self.optimizer, self.ds_config)
         t = cfg.train
         self.schedule = StepSchedule(len(self.sequences), t.batch_size, t.accumulative_counts, t.seed, cfg.data.shuffle,
                                      self.dist.world_size)
@@ -276,6 +277,30 @@ class Trainer:
                 or not self.model_takes_logits_to_keep or type(head) is not torch.nn.Linear):
             return None
         return base, head
+
+    def _load_model(self):
+        """The base model, built so that a sharded run never holds the whole model on every device or in
+        every process. FSDP: rank 0 reads the weights on CPU, the other ranks build the structure on the
+        meta device, and strategies.wrap shards and hands rank 0's weights out. ZeRO-3: transformers builds
+        the model partitioned (deepspeed.zero.Init) and loads each weight straight into its partitions;
+        a full fine-tune loads in float32 there, as the master weights must be (a cast would miss them)."""
+        cfg = self.cfg.model
+        self.built_sharded = False
+        if self.strategy == "deepspeed":
+            self.ds_config = zero.ds_config(self.deepspeed, self.cfg, self.compute_dtype, self.info)
+            if cfg.quantization is None and zero.stage(self.ds_config) == 3:
+                with zero.partitioned_construction(self.ds_config):
+                    model = load_model(cfg, "cpu", dtype=torch.float32 if self.cfg.lora is None else None)
+                self.built_sharded = True
+                self.info(f"Model: built partitioned over {self.dist.world_size} processes (ZeRO-3)")
+                return model
+        if self.strategy == "fsdp" and cfg.quantization is None:
+            self.built_sharded = True
+            model = load_model(cfg, "cpu", meta=not self.dist.is_main)
+            self.info(f"Model: weights read by rank 0 only, the other {self.dist.world_size - 1} build it on the "
+                      "meta device; FSDP hands out the shards")
+            return model
+        return load_model(cfg, self.device)
 
     def _budget(self) -> None:
         """Memory estimate before training (a warning when it will not fit), and the FLOPs

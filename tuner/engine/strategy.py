@@ -18,9 +18,14 @@ from tuner.errors import TunerError
 STRATEGIES = ("single", "ddp", "fsdp")
 
 
-def wrap(raw_model, strategy: str):
+def wrap(raw_model, strategy: str, device: torch.device | None = None, from_rank0: bool = False):
     """The module the loop calls: the model itself, a DDP replica, or the model sharded in place.
-    State dicts and generation keep using `raw_model`."""
+    State dicts and generation keep using `raw_model`.
+
+    `from_rank0` (FSDP): rank 0 holds the loaded weights on CPU and the other ranks only the structure on
+    the meta device, so no device and no other process ever holds the whole model. Each group is moved to
+    the device shard by shard as it is sharded; the other ranks then get their shards from rank 0's full
+    tensors (one broadcast per tensor), and the buffers a state dict leaves out (rotary frequencies)."""
     if strategy == "single":
         return raw_model
     if strategy == "ddp":
@@ -31,6 +36,9 @@ def wrap(raw_model, strategy: str):
     blocks = [m for m in raw_model.modules() if type(m).__name__ in block_names]
     if not blocks:
         raise TunerError(f"FSDP: cannot find the transformer blocks of {type(_base(raw_model)).__name__}")
+    rank0 = torch.distributed.get_rank() == 0
+    full = raw_model.state_dict() if from_rank0 and rank0 else {}  # CPU tensors, referenced, not copied
+    persistent = set(raw_model.state_dict()) if from_rank0 else set()
     for block in blocks:  # one all-gather per block: only one block's full weights exist at a time
         fully_shard(block)
     # The root group goes on the transformers model itself, not on a PEFT wrapper: PEFT calls
@@ -38,6 +46,14 @@ def wrap(raw_model, strategy: str):
     # inside the inner model, so calling it trains the adapters all the same.
     inner = _base(raw_model)
     fully_shard(inner)
+    if from_rank0:
+        if not rank0:
+            raw_model.to_empty(device=device)  # this rank's shards and buffers, not yet filled
+        set_model_state_dict(raw_model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, buffer in raw_model.named_buffers():
+            if name not in persistent:
+                torch.distributed.broadcast(buffer, src=0)
+        del full
     return inner
 
 

@@ -10,6 +10,7 @@ schedule, RNG states and the step, and converts like any other checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -69,7 +70,11 @@ def ds_config(name_or_path: str, cfg: Config, compute_dtype: torch.dtype, say) -
     return config
 
 
-def initialize(raw_model, optimizer, config: dict):
+def stage(config: dict) -> int:
+    return config["zero_optimization"]["stage"]
+
+
+def _deepspeed():
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
@@ -77,6 +82,27 @@ def initialize(raw_model, optimizer, config: dict):
     except ImportError:
         raise TunerError("--deepspeed needs DeepSpeed", hint="pip install 'tuner[deepspeed]'") from None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return deepspeed
+
+
+@contextlib.contextmanager
+def partitioned_construction(config: dict):
+    """While open, transformers' from_pretrained builds the model under deepspeed.zero.Init (each
+    process allocates only its partition of every weight) and loads the checkpoint into the partitions.
+    transformers looks for a live HfDeepSpeedConfig; it is dropped after loading, so nothing later
+    (conversion, chat) takes the ZeRO-3 path by accident."""
+    _deepspeed()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    marker = HfDeepSpeedConfig(config)
+    try:
+        yield
+    finally:
+        del marker
+
+
+def initialize(raw_model, optimizer, config: dict):
+    deepspeed = _deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=raw_model, optimizer=optimizer, config=config,
                                            model_parameters=[p for p in raw_model.parameters() if p.requires_grad])
     return engine

@@ -32,7 +32,8 @@ def apply_lora(model, cfg: LoraConfig, quantized: bool = False):
 def prepare_full(model, freeze: list[str] | None = None):
     """Full fine-tuning keeps float32 master weights: pure bf16 barely learns at small lr.
     Parameters whose names match a `freeze` pattern (a regular expression) stay frozen."""
-    model.float()
+    if any(p.dtype != torch.float32 for p in model.parameters()):  # (ZeRO-3 loads float32: its partitions stay)
+        model.float()
     patterns = [re.compile(p) for p in freeze or []]
     for name, param in model.named_parameters():
         param.requires_grad_(not any(p.search(name) for p in patterns))
@@ -41,9 +42,14 @@ def prepare_full(model, freeze: list[str] | None = None):
     return model
 
 
+def numel(param) -> int:
+    """Elements of a parameter, also when ZeRO-3 holds only this process's partition of it."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total
 
 

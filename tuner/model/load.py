@@ -141,23 +141,28 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = Fals
     if announce and not meta and (converted := describe_conversion(path)):
         from rich.console import Console
         Console(stderr=True).print(f"[tuner] {path}: {converted}", markup=False, soft_wrap=True)
-    if meta:
+    if meta:  # the same structure, dtype and attention from_pretrained would give, with no weights
         config = load_config(resolved, trust_remote_code)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **{
+                k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation")})
     return call_loader(AutoModelForCausalLM.from_pretrained, resolved, trust_remote_code=trust_remote_code,
                             **kwargs)
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_training: bool = True):
-    """The base model in `cfg.dtype`, quantized with bitsandbytes when `cfg.quantization` is set."""
-    kwargs = dict(dtype=DTYPES[cfg.dtype])
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_training: bool = True, meta: bool = False,
+               dtype: torch.dtype | None = None):
+    """The base model in `cfg.dtype` (or `dtype`), quantized with bitsandbytes when `cfg.quantization` is set.
+    `meta`: the structure only, on the meta device (FSDP's other ranks: their shards come from rank 0)."""
+    kwargs = dict(dtype=dtype or DTYPES[cfg.dtype])
     if cfg.attn_implementation not in ("auto", "tuner_packed"):  # else transformers' default: sdpa where the
         kwargs["attn_implementation"] = cfg.attn_implementation  # family supports it, eager otherwise (Gemma 2)
     if cfg.quantization:
         kwargs["quantization_config"] = _bnb_config(cfg)
-    model = load_causal_lm(cfg.path, cfg.trust_remote_code, announce=not for_training, **kwargs)
-    if cfg.quantization:
+    model = load_causal_lm(cfg.path, cfg.trust_remote_code, meta=meta, announce=not for_training, **kwargs)
+    if meta:
+        pass
+    elif cfg.quantization:
         _guard_cpu_4bit(model)
     elif str(device) != "cpu":
         model.to(device)
