@@ -146,29 +146,57 @@ def cache_dir() -> Path:
 _WORKER: dict = {}
 
 
-def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> list:
-    """[(place, line, row, map key)] -> [Encoded | ('bad', place, line, message)], in order."""
+@dataclass
+class EncodedChunk:
+    """What a worker sends back for one chunk of rows: the kept samples as three flat arrays (a few
+    pickles per chunk, not two arrays per row), the bad rows, and the counts of what was dropped."""
+    ids: np.ndarray  # int32, the kept samples one after another
+    trained: np.ndarray  # bool
+    lengths: np.ndarray  # int64, one per kept sample
+    kept: np.ndarray  # int32, positions in the chunk of the kept rows
+    bad: list[tuple[str, int, str]]  # (place, line, message), in order
+    counts: TokenStats
+    image_lines: list[bytes] | None = None  # LLaVA: each kept sample's image files, one JSON line
+    n_images: list[int] | None = None  # LLaVA: each kept sample's number of images
+
+
+def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
+    """[(place, line, row, map key)] -> the chunk's kept samples, bad rows and counts."""
     tokenizer, template, cfg, map_fns = (_WORKER[k] for k in ("tokenizer", "template", "cfg", "map_fns"))
     images = _WORKER.get("images")
     # pack_split: a long document continues in the next sequence, so it is not cut here
     max_length = None if cfg.pack_split else cfg.max_length
-    out, good = [], []
-    for place, line, row, key in chunk:
+    good, positions, bad = [], [], []
+    for position, (place, line, row, key) in enumerate(chunk):
         if BAD_ROW in row:
-            out.append(("bad", place, line, row[BAD_ROW]))
+            bad.append((place, line, row[BAD_ROW]))
             continue
         try:
             mapped = map_fns[key](row)
             if images is not None:
                 mapped = _with_image_files(mapped, place, images)
             good.append(prepare(mapped, template, cfg.system))
-            out.append(None)
+            positions.append(position)
         except RowError as e:
-            out.append(("bad", place, line, str(e)))
+            bad.append((place, line, str(e)))
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # a user's map function tripping on a row
-            out.append(("bad", place, line, f"map function failed: {e!r}"))
-    encoded = iter(tokenize(good, tokenizer, max_length))
-    return [item if item is not None else next(encoded) for item in out]
+            bad.append((place, line, f"map function failed: {e!r}"))
+    counts = TokenStats()
+    kept, samples = [], []
+    for position, item in zip(positions, tokenize(good, tokenizer, max_length)):
+        if _keep(item, cfg, counts, images):
+            kept.append(position)
+            samples.append(item)
+    image_lines = n_images = None
+    if images is not None:
+        image_lines = [(json.dumps(item.images, ensure_ascii=False) + "\n").encode() if item.images else b""
+                       for item in samples]
+        n_images = [len(item.images or []) for item in samples]
+    return EncodedChunk(
+        ids=np.concatenate([item.ids for item in samples]) if samples else np.zeros(0, np.int32),
+        trained=np.concatenate([item.trained for item in samples]) if samples else np.zeros(0, bool),
+        lengths=np.fromiter((len(item.ids) for item in samples), dtype=np.int64, count=len(samples)),
+        kept=np.asarray(kept, dtype=np.int32), bad=bad, counts=counts, image_lines=image_lines, n_images=n_images)
 
 
 def _with_image_files(mapped: dict, place: str, images: ImageSettings) -> dict:
@@ -237,7 +265,7 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
     stats = TokenStats()
     _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, images=images,
                    map_fns=resolve_map_fns(cfg, stats, images is not None))
-    offsets, total = [0], 0
+    ends, total = [], 0
     image_offsets, image_bytes, n_images = [0], 0, []
     source_of_chunk: list[list[int]] = []
     per_source = [0] * len(cfg.source_list())
@@ -253,39 +281,38 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
     try:
         with open(folder / "ids.bin", "wb") as ids_file, open(folder / "trained.bin", "wb") as trained_file, \
                 open(folder / "images.jsonl", "wb") as images_file:
-            for chunk_index, encoded_chunk in enumerate(results):
+            for chunk_index, encoded in enumerate(results):
                 sources = source_of_chunk[chunk_index]
-                for source, item in zip(sources, encoded_chunk):
-                    stats.rows += 1
-                    if isinstance(item, tuple):
-                        _, place, line, message = item
-                        if not cfg.skip_bad_rows:
-                            raise TunerError(f"{place}:{line}: {message}",
-                                             hint="fix the row, or set data.skip_bad_rows=True to skip and count "
-                                                  "such rows")
-                        stats.bad_rows += 1
-                        if len(stats.bad_row_examples) < MAX_REPORTED_BAD_ROWS:
-                            stats.bad_row_examples.append(f"{place}:{line}: {message}")
-                        continue
-                    if not _keep(item, cfg, stats, images):
-                        continue
-                    ids_file.write(item.ids.tobytes())
-                    trained_file.write(item.trained.tobytes())
-                    if images is not None:
-                        line = (json.dumps(item.images, ensure_ascii=False) + "\n").encode() if item.images else b""
+                source_of_chunk[chunk_index] = None  # (read once)
+                stats.rows += len(sources)
+                for place, line, message in encoded.bad:
+                    if not cfg.skip_bad_rows:
+                        raise TunerError(f"{place}:{line}: {message}",
+                                         hint="fix the row, or set data.skip_bad_rows=True to skip and count such rows")
+                    stats.bad_rows += 1
+                    if len(stats.bad_row_examples) < MAX_REPORTED_BAD_ROWS:
+                        stats.bad_row_examples.append(f"{place}:{line}: {message}")
+                for name in ("tokens", "trained_tokens", "truncated", "dropped_too_long", "dropped_no_loss"):
+                    setattr(stats, name, getattr(stats, name) + getattr(encoded.counts, name))
+                ids_file.write(encoded.ids.tobytes())
+                trained_file.write(encoded.trained.tobytes())
+                ends.append(total + np.cumsum(encoded.lengths))
+                total += int(encoded.lengths.sum())
+                for position in encoded.kept:
+                    per_source[sources[position]] += 1
+                if images is not None:
+                    for line in encoded.image_lines:
                         images_file.write(line)
                         image_bytes += len(line)
                         image_offsets.append(image_bytes)
-                        n_images.append(len(item.images or []))
-                    total += len(item.ids)
-                    offsets.append(total)
-                    per_source[source] += 1
+                    n_images.extend(encoded.n_images)
                 if progress:
                     progress(stats.rows)
     finally:
         if pool:
             pool.terminate()
         _WORKER.clear()
+    offsets = np.concatenate([np.zeros(1, np.int64), *ends])
     stats.samples = len(offsets) - 1
     stats.source_samples = per_source
     if stats.samples == 0:
