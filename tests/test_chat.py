@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from tuner.chat.generate import GenerationSettings, Generator, PromptTooLong
-from tuner.chat.model import load_chat_model, offload_warnings
 from tuner.chat.session import ChatSession
 from tuner.chat.tools import Toolbox
+from tuner.generation.generate import GenerationSettings, Generator, PromptTooLong
+from tuner.generation.load import load_chat_model, offload_warnings
 
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)
 
@@ -158,7 +158,7 @@ class ScriptedGenerator(Generator):
 
     def generate(self, prompts, settings, on_text=None, cancelled=None, max_new_tokens=None, stop=None,
                  pixel_values=None):
-        from tuner.chat.generate import Reply
+        from tuner.generation.generate import Reply
         text = self.replies.pop(0)
         self.prompts.append(self.tokenizer.decode(prompts[0]))
         return [Reply(text, self.tokenizer.encode(text, add_special_tokens=False), "stop", len(prompts[0]), 1)]

@@ -4,10 +4,9 @@ on a tiny InternLM2 checkpoint written the way the hub ships one (tests/internlm
 import json
 import shutil
 
+import internlm2_fixture as fx
 import pytest
 import torch
-
-import internlm2_fixture as fx
 from test_cli import tuner
 
 
@@ -210,9 +209,14 @@ def test_llava_with_an_internlm2_llm_trains_and_exports(tmp_path, internlm2_dir)
     (its head found as the output embeddings), the projector trains, the HF export loads."""
     import random
 
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
-
     from test_llava import colour_rows
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlavaForConditionalGeneration,
+    )
+
     from tuner.config import load_config
     from tuner.convert.hf import pth_to_hf
     from tuner.engine.loop import Trainer
@@ -254,10 +258,10 @@ def test_tuner_serve_internlm2_with_an_xtuner_adapter_to_the_openai_client(tmp_p
     import sys
 
     import openai
-
     from test_serve import KEY, free_port, wait_for
-    from tuner.chat.generate import Generator
-    from tuner.chat.model import load_chat_model
+
+    from tuner.generation.generate import Generator
+    from tuner.generation.load import load_chat_model
 
     adapter = fx.xtuner_adapter(tmp_path / "xtuner", fx.config())
     model, tokenizer, compute = load_chat_model(str(internlm2_dir), str(adapter), "fp32")
@@ -276,7 +280,7 @@ def test_tuner_serve_internlm2_with_an_xtuner_adapter_to_the_openai_client(tmp_p
     finally:
         process.terminate()
         process.wait(10)
-    from tuner.chat.generate import GenerationSettings
+    from tuner.generation.generate import GenerationSettings
     expected = generator.reply([{"role": "user", "content": "Hi"}], GenerationSettings(max_new_tokens=6))
     assert reply == expected and expected  # the same non-empty reply
 

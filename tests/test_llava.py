@@ -36,8 +36,16 @@ def shape_image(colour: str, rng: random.Random):
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory, tokenizer):
     """Tiny CLIP and SigLIP vision towers and a tiny LLM (hidden 64), saved as HF folders."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
-                              SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     root = tmp_path_factory.mktemp("towers")
     torch.manual_seed(0)
@@ -92,8 +100,8 @@ def write_config(folder, towers, data, stage: str, encoder: str = "clip", **extr
 
 
 def test_image_tokens_and_label_masks_with_one_and_two_images(tmp_path, towers, tokenizer):
-    from tuner.multimodal.data import build_image_sequences
-    from tuner.multimodal.model import IMAGE_TOKEN, tokenizer_with_image_token, vision_info
+    from tuner.data.llava import build_image_sequences
+    from tuner.model.llava import IMAGE_TOKEN, tokenizer_with_image_token, vision_info
 
     rng = random.Random(0)
     (tmp_path / "images").mkdir()
@@ -126,7 +134,7 @@ def test_image_tokens_and_label_masks_with_one_and_two_images(tmp_path, towers, 
     assert len(samples[1].images) == 2 and samples[1].images[1].endswith("b.png")
 
     # The features of image k land on the k-th block of image tokens.
-    from tuner.multimodal.model import build_llava
+    from tuner.model.llava import build_llava
     model = build_llava(ModelConfig(path=str(towers / "llm")), llava, tok).eval()
     batch = sequences.collate([sequences[1]], tok.pad_token_id)
     seen = {}
@@ -153,8 +161,8 @@ def accuracy(model_dir: str, rows: list[dict], folder) -> float:
     """Share of rows whose colour the model names, greedy, through tuner's chat core."""
     from PIL import Image
 
-    from tuner.chat.generate import GenerationSettings, Generator
-    from tuner.multimodal.convert import load_llava_for_chat
+    from tuner.generation.generate import GenerationSettings, Generator
+    from tuner.model.llava import load_llava_for_chat
 
     model, tokenizer, vision, _ = load_llava_for_chat(model_dir, None, None, torch.float32)
     generator = Generator(model, tokenizer)
@@ -219,7 +227,7 @@ def test_pretrain_then_finetune_learn_the_colour_from_the_image(tmp_path, towers
     assert plain.stdout.strip() == held_out[0]["conversations"][1]["value"]
     from PIL import Image
 
-    from tuner.chat.generate import Generator
+    from tuner.generation.generate import Generator
     model = trainer.raw_model.eval()
     generator = Generator(model, trainer.tokenizer)
     generator.vision = trainer.sequences.vision
@@ -241,11 +249,12 @@ def test_pretrain_then_finetune_learn_the_colour_from_the_image(tmp_path, towers
 
 
     # the server takes OpenAI image_url parts (data URLs); the web page sends them
+    import threading
+
     import openai
 
+    from tuner.model.llava import load_llava_for_chat
     from tuner.serve.api import Api, make_server
-    from tuner.multimodal.convert import load_llava_for_chat
-    import threading
     model, tokenizer, vision, _ = load_llava_for_chat(str(tmp_path / "finetune_hf"), None, None, torch.float32)
     generator = Generator(model, tokenizer)
     generator.vision = vision
@@ -344,11 +353,11 @@ def test_lora_finetune_with_siglip_and_the_tuner_format(tmp_path, towers):
         {p.name for p in out.iterdir()}
     with pytest.raises(TunerError, match="trains a tower in full"):
         full = load_config(write_config(tmp_path, towers, data, "pretrain", freeze_llm=False))
-        from tuner.multimodal.convert import write_llava_parts
+        from tuner.convert.llava import write_llava_parts
         write_llava_parts(full, {"model.language_model.norm.weight": torch.ones(64)}, tmp_path)
 
     # the same logits from the rebuilt model as from the trained one
-    from tuner.multimodal.convert import load_llava_for_chat
+    from tuner.model.llava import load_llava_for_chat
     model, tokenizer, vision, _ = load_llava_for_chat(str(towers / "llm"), str(out), None, torch.float32)
     batch = trainer.sequences.collate([trainer.sequences[0]], tokenizer.pad_token_id)
     with torch.no_grad():
@@ -369,7 +378,7 @@ def test_lora_finetune_with_siglip_and_the_tuner_format(tmp_path, towers):
 
 
 def test_mmbench_answer_matching():
-    from tuner.multimodal.mmbench import choice_of
+    from tuner.chat.mmbench import choice_of
 
     options = {"A": "red", "B": "green", "C": "blue"}
     assert choice_of("B", options) == "B" and choice_of("(C) blue", options) == "C"
@@ -380,7 +389,7 @@ def test_mmbench_answer_matching():
 def test_pad_to_square_uses_the_mean_colour(towers):
     from PIL import Image
 
-    from tuner.multimodal.model import tokenizer_with_image_token, vision_info
+    from tuner.model.llava import tokenizer_with_image_token, vision_info
 
     tok = tokenizer_with_image_token(str(towers / "llm"))
     vision = vision_info(LlavaConfig(visual_encoder=str(towers / "clip")), tok)
@@ -400,7 +409,7 @@ def test_a_full_llm_finetune_keeps_float32_master_weights():
     import torch
 
     from tuner.config import LlavaConfig
-    from tuner.multimodal.model import set_trainable
+    from tuner.model.llava import set_trainable
 
     model = torch.nn.Module()
     model.model = torch.nn.Module()
@@ -417,8 +426,8 @@ def test_llava_data_goes_through_the_token_cache_with_repeats_and_map_fn(tmp_pat
     """LLaVA rows are tokenized once into the memory-mapped store (the next build reads it), with the
     repeats of each source and a map_fn honoured; pack_split is refused rather than ignored."""
     from tuner.config import DatasetSource
-    from tuner.multimodal.data import build_image_sequences
-    from tuner.multimodal.model import tokenizer_with_image_token, vision_info
+    from tuner.data.llava import build_image_sequences
+    from tuner.model.llava import tokenizer_with_image_token, vision_info
 
     rng = random.Random(1)
     shape_image("red", rng).save(tmp_path / "a.png")

@@ -5,13 +5,13 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from tuner.chat.generate import GenerationSettings, Generator  # noqa: E402
+from conftest import write_config  # noqa: E402
+
 from tuner.config import LoraConfig, ModelConfig, load_config  # noqa: E402
 from tuner.engine.loop import Trainer  # noqa: E402
+from tuner.generation.generate import GenerationSettings, Generator  # noqa: E402
 from tuner.model.adapt import apply_lora  # noqa: E402
 from tuner.model.load import load_model  # noqa: E402
-
-from conftest import write_config  # noqa: E402
 
 
 def dense_copy_of(qlora_model, tiny_model_dir):

@@ -14,12 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-
-from tuner.chat.generate import Generator
-from tuner.chat.model import load_chat_model
-from tuner.serve.api import Api, make_server
-
 from conftest import CALCULATE
+
+from tuner.generation.generate import Generator
+from tuner.generation.load import load_chat_model
+from tuner.serve.api import Api, make_server
 
 KEY = "sk-test-key"
 

@@ -15,8 +15,8 @@ import openai
 import psutil
 import pytest
 
-from tuner.chat.generate import Generator
-from tuner.chat.model import load_chat_model
+from tuner.generation.generate import Generator
+from tuner.generation.load import load_chat_model
 from tuner.serve.api import Api, make_server
 
 KEY = "sk-hostile-test"

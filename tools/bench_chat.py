@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from tuner.chat.generate import GenerationSettings, Generator
-from tuner.chat.model import load_chat_model
 from tuner.config import EMBEDDED_MODEL
+from tuner.generation.generate import GenerationSettings, Generator
+from tuner.generation.load import load_chat_model
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 

@@ -153,10 +153,9 @@ def bench_store(path: Path, tokenizer, kind: str, max_length: int, num_proc: int
     from tuner.data.dataset import build_sequences
 
     if kind == "llava":
-        from tuner.data.tokenized import ImageSettings
-        from tuner.multimodal.data import expanded_lengths
         from tuner.data.dataset import pack_best_fit
-        from tuner.data.tokenized import load_token_store
+        from tuner.data.llava import expanded_lengths
+        from tuner.data.tokenized import ImageSettings, load_token_store
 
         cfg = DataConfig(path=str(path), max_length=max_length, num_proc=num_proc, template="chatml")
         images = ImageSettings(None, 576)

@@ -167,7 +167,7 @@ def main() -> int:
     import torch
 
     from tuner.engine.budget import flops_per_token, matmul_peak_flops
-    from tuner.engine.device import default_device, resolve_compute_dtype
+    from tuner.model.device import default_device, resolve_compute_dtype
     from tuner.model.load import load_tokenizer
 
     device = default_device()
@@ -179,9 +179,9 @@ def main() -> int:
         write_data(data, rows=600)
         from transformers import AutoModelForCausalLM
 
-        from tuner.model.load import resolve_model_path
-        from tuner.model.adapt import apply_lora
         from tuner.config import LoraConfig
+        from tuner.model.adapt import apply_lora
+        from tuner.model.load import resolve_model_path
         model = apply_lora(AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model)),
                            LoraConfig(r=16, alpha=32, dropout=0.0), quantized=False)
         fpt = flops_per_token(model, lora=True)

@@ -98,16 +98,19 @@ def cmd_serve(args) -> int:
 
 
 def cmd_mmbench(args) -> int:
-    from tuner.multimodal.mmbench import run_mmbench
+    from tuner.chat.mmbench import run_mmbench
 
     return run_mmbench(args)
 
 
 def cmd_make_identity_data(args) -> int:
-    from tuner.data.identity import write_identity_data
+    from tuner.data.identity import GENERAL_QUESTIONS, write_identity_data
 
-    n_identity, n_replay = write_identity_data(args.out, args.name, args.author, args.count,
-                                               None if args.no_replay else args.model, args.replay_repeats, args.seed)
+    replay = []
+    if not args.no_replay and args.model and args.replay_repeats:
+        from tuner.generation.replay import replay_samples
+        replay = replay_samples(args.model, GENERAL_QUESTIONS, args.replay_repeats)
+    n_identity, n_replay = write_identity_data(args.out, args.name, args.author, args.count, replay, args.seed)
     print(f"Wrote {n_identity} identity samples and {n_replay} replay samples to {args.out}")
     return 0
 

@@ -185,9 +185,6 @@ class DataConfig:
     """Keep tokenized data on disk, keyed by the content of files, tokenizer, template and settings"""
 
     def validate(self):
-        if self.template is not None:
-            from tuner.data.templates import get_template
-            get_template(self.template)  # an unknown name fails here, listing the known ones
         if self.max_length < 8:
             raise TunerError(f"DataConfig.max_length must be at least 8, got {self.max_length}")
 

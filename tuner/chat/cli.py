@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from tuner.chat.generate import GenerationSettings, PromptTooLong
-from tuner.chat.model import generator_from_args
 from tuner.chat.prompts import system_prompt
 from tuner.chat.session import ChatSession
 from tuner.chat.tools import Toolbox
+from tuner.generation.generate import GenerationSettings, PromptTooLong
+from tuner.generation.load import generator_from_args
 
 PROMPT = "\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>> "
 

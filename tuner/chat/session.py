@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from tuner.chat.generate import GenerationSettings, Generator, PromptTooLong
 from tuner.chat.tools import Toolbox, parse_tool_calls, react_observation, react_system
+from tuner.generation.generate import GenerationSettings, Generator, PromptTooLong
 
 MAX_TOOL_ROUNDS = 5
 

@@ -58,7 +58,7 @@ def pth_to_hf(cfg: Config, pth: str | Path, save_dir: str | Path, fp32: bool = F
     weights = {k: (v.to(dtype) if dtype and v.is_floating_point() else v) for k, v in state["model"].items()}
     with fresh_output_dir(save_dir) as out:
         if cfg.llava is not None:
-            from tuner.multimodal import convert as llava_convert
+            from tuner.convert import llava as llava_convert
             if save_format == "hf":
                 llava_convert.write_llava_hf(cfg, weights, out, max_shard_size)
             else:

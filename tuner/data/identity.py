@@ -59,27 +59,11 @@ def identity_samples(name: str, author: str, count: int, seed: int = 0) -> list[
     return samples
 
 
-def replay_samples(model_path: str, questions: list[str], repeats: int, max_new_tokens: int = 96) -> list[dict]:
-    """General questions answered (greedily) by the base model itself."""
-    from tuner.chat.model import load_chat_model
-    from tuner.chat.generate import GenerationSettings, Generator
-
-    model, tokenizer, _ = load_chat_model(model_path, None, "fp32")
-    generator = Generator(model, tokenizer)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
-    samples = []
-    for question in questions:
-        messages = [{"role": "user", "content": question}]
-        answer = generator.reply(messages, settings).strip()
-        samples.append({"messages": messages + [{"role": "assistant", "content": answer}]})
-    return samples * repeats
-
-
-def write_identity_data(out: str | Path, name: str, author: str, count: int, model_path: str | None,
-                        replay_repeats: int = 3, seed: int = 0) -> tuple[int, int]:
-    """Write the JSONL file; returns (identity samples, replay samples)."""
+def write_identity_data(out: str | Path, name: str, author: str, count: int, replay: list[dict],
+                        seed: int = 0) -> tuple[int, int]:
+    """Write the JSONL file (the identity samples and `replay`, the base model's own answers to
+    GENERAL_QUESTIONS from tuner.generation.replay); returns (identity samples, replay samples)."""
     identity = identity_samples(name, author, count, seed)
-    replay = replay_samples(model_path, GENERAL_QUESTIONS, replay_repeats) if model_path and replay_repeats else []
     rows = identity + replay
     random.Random(seed + 1).shuffle(rows)
     out = Path(out)

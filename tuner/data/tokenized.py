@@ -136,7 +136,7 @@ def cache_key(cfg: DataConfig, tokenizer, images: ImageSettings | None = None) -
 
 
 def cache_dir() -> Path:
-    from tuner.model.embedded import cache_root
+    from tuner.paths import cache_root
     return Path(os.environ.get("TUNER_DATA_CACHE", cache_root() / "datasets"))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tuner.model.adapt import numel
-from tuner.model.embedded import cache_root
+from tuner.paths import cache_root
 
 
 @dataclass

@@ -11,11 +11,17 @@ import logging
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
-from tuner.chat.generate import GenerationSettings, Generator
 from tuner.engine.checkpoint import LAST, save_checkpoint
 from tuner.errors import TunerError
+from tuner.generation.generate import GenerationSettings, Generator
 
 console = Console(stderr=True)
 

@@ -23,21 +23,33 @@ import torch.nn.functional as F
 
 from tuner.config import Config
 from tuner.data.dataset import IGNORE, build_sequences, collate
+from tuner.engine import allocator, zero
 from tuner.engine import checkpoint as ckpt
-from tuner.engine.device import autocast, default_device, resolve_compute_dtype
+from tuner.engine import strategy as strategies
+from tuner.engine.budget import (
+    available_memory,
+    estimate_memory,
+    flops_per_token,
+    matmul_peak_flops,
+)
 from tuner.engine.dist import Distributed
 from tuner.engine.fused_loss import chunked_linear_cross_entropy
+from tuner.engine.hooks import (
+    CheckpointHook,
+    EvaluateChatHook,
+    FunctionHook,
+    LoggerHook,
+    ReportHook,
+    console,
+    file_logger,
+    save_checkpoint_or_explain,
+)
 from tuner.engine.optim import build_optimizer, lr_lambda
-from tuner.engine.budget import available_memory, estimate_memory, flops_per_token, matmul_peak_flops
-from tuner.engine.hooks import (CheckpointHook, EvaluateChatHook, FunctionHook, LoggerHook, ReportHook, console,
-                                file_logger, save_checkpoint_or_explain)
 from tuner.errors import Interrupted, TunerError
-from tuner.engine import strategy as strategies
-from tuner.engine import allocator, zero
+from tuner.model import fast_lora, packed_attention
 from tuner.model.adapt import apply_lora, count_parameters, prepare_full
+from tuner.model.device import autocast, default_device, resolve_compute_dtype
 from tuner.model.load import describe_conversion, load_model, load_tokenizer
-from tuner.model import fast_lora
-from tuner.model import packed_attention
 
 
 @contextlib.contextmanager
@@ -244,8 +256,12 @@ class Trainer:
 
     def _setup_llava(self):
         """Tokenizer with <image>, the image data, and the LLaVA model (vision encoder + projector + LLM)."""
-        from tuner.multimodal.data import build_image_sequences
-        from tuner.multimodal.model import build_llava, tokenizer_with_image_token, vision_info
+        from tuner.data.llava import build_image_sequences
+        from tuner.model.llava import (
+            build_llava,
+            tokenizer_with_image_token,
+            vision_info,
+        )
 
         cfg = self.cfg
         self.tokenizer = tokenizer_with_image_token(cfg.model.path, cfg.model.trust_remote_code)
@@ -257,7 +273,7 @@ class Trainer:
         return build_llava(cfg.model, cfg.llava, self.tokenizer)
 
     def _llava_trainable(self, model):
-        from tuner.multimodal.model import apply_llava_lora, load_projector, set_trainable
+        from tuner.model.llava import apply_llava_lora, load_projector, set_trainable
 
         cfg = self.cfg
         if cfg.llava.pretrained_pth:

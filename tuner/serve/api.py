@@ -27,10 +27,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import urlsplit
 
-from tuner.chat.generate import GenerationSettings, Generator, partial_suffix
 from tuner.chat.tools import TOOL_CALL_STARTS, parse_tool_calls
 from tuner.data.encode import longest_token
 from tuner.errors import TunerError
+from tuner.generation.generate import GenerationSettings, Generator, partial_suffix
 from tuner.serve.engine import BatchEngine, Job
 
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) unread; images are in the body

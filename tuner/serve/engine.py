@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from tuner.chat.generate import GenerationSettings, Generator, Reply
+from tuner.generation.generate import GenerationSettings, Generator, Reply
 
 
 @dataclass

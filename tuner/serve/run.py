@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from tuner.chat.model import generator_from_args
 from tuner.config import EMBEDDED_MODEL
 from tuner.errors import TunerError
+from tuner.generation.load import generator_from_args
 from tuner.serve.api import Api, make_server, serve_forever
 
 

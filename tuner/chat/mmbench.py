@@ -25,8 +25,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from tuner.chat.generate import GenerationSettings, Generator
 from tuner.errors import TunerError
+from tuner.generation.generate import GenerationSettings, Generator
 
 LETTERS = "ABCDEFGH"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -91,7 +91,7 @@ def evaluate(generator: Generator, questions: list[dict], system: str | None = N
 
 
 def run_mmbench(args) -> int:
-    from tuner.chat.model import generator_from_args
+    from tuner.generation.load import generator_from_args
 
     generator = generator_from_args(args, with_images=True)
     result = evaluate(generator, read_questions(args.data), args.system)

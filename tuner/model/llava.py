@@ -11,47 +11,25 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tuner.config import Config, LlavaConfig, ModelConfig
 from tuner.data.formats import IMAGE_TOKEN
+from tuner.data.llava import VisionInfo
 from tuner.errors import TunerError
-from tuner.model.load import DTYPES, call_loader, load_causal_lm, load_config, load_tokenizer, resolve_model_path
+from tuner.model.load import (
+    DTYPES,
+    call_loader,
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 RECIPE_FILE = "llava.json"
 PROJECTOR_FILE = "projector.safetensors"  # what pth_to_hf writes beside the projector: how to rebuild the model
-
-
-@dataclass
-class VisionInfo:
-    """What the data side needs to know about the vision encoder."""
-    image_token_id: int
-    tokens_per_image: int
-    processor: object  # the encoder's image processor (resize, crop, normalize)
-    pad_to_square: bool
-
-    def pixel_values(self, images: list) -> torch.Tensor:
-        """PIL images -> (n, 3, H, W), each padded to a square with the mean colour first (LLaVA-1.5)."""
-        if self.pad_to_square:
-            fill = tuple(int(255 * m) for m in self.processor.image_mean)
-            images = [expand_to_square(image, fill) for image in images]
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
-
-
-def expand_to_square(image, fill):
-    from PIL import Image
-
-    image = image.convert("RGB")
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new("RGB", (side, side), fill)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
 
 
 def is_llava_folder(model: str) -> bool:
@@ -93,8 +71,12 @@ def build_llava(model_cfg: ModelConfig, llava: LlavaConfig, tokenizer, meta: boo
     """LlavaForConditionalGeneration from the LLM in `model_cfg` and `llava.visual_encoder`: the
     loaded towers are put in place as they are (no copy), the projector is new. `meta`: the
     structure only, no weights read (to name layers)."""
-    from transformers import CLIPVisionModel, LlavaConfig as HFLlavaConfig
-    from transformers import LlavaForConditionalGeneration, SiglipVisionModel
+    from transformers import (
+        CLIPVisionModel,
+        LlavaForConditionalGeneration,
+        SiglipVisionModel,
+    )
+    from transformers import LlavaConfig as HFLlavaConfig
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     dtype = DTYPES[model_cfg.dtype]
@@ -181,7 +163,8 @@ def _wanted(name: str, targets) -> bool:
 
 def apply_llava_lora(model, cfg: Config):
     """One PEFT model with LoRA on the chosen linear layers of the LLM and / or the encoder."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     lora = cfg.lora or cfg.llava.visual_encoder_lora
     targets = lora_targets(model, cfg.lora, cfg.llava.visual_encoder_lora)
@@ -220,3 +203,41 @@ def write_recipe(out: Path, cfg: Config) -> None:
               cfg.llava.visual_encoder_lora is not None, "template": cfg.data.template,
               "trust_remote_code": cfg.model.trust_remote_code}
     (out / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def load_llava_for_chat(model_path: str, llava_dir: str | None, visual_encoder: str | None, dtype: torch.dtype,
+                        trust_remote_code: bool = False):
+    """(model, tokenizer, VisionInfo, template name) from an HF Llava folder, or from the LLM
+    plus a pth_to_hf folder (projector, optional adapter, recipe)."""
+    from tuner.model.load import load_config, resolve_model_path
+
+    if llava_dir is None:  # MODEL itself is a LlavaForConditionalGeneration folder
+        from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+        from tuner.model.load import load_tokenizer
+        path = resolve_model_path(model_path)
+        if load_config(path).model_type != "llava":
+            raise TunerError(f"{model_path} is not a LLaVA model folder; give --llava DIR (a pth_to_hf folder)")
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        tokenizer = load_tokenizer(path)
+        processor = AutoImageProcessor.from_pretrained(path)
+        vision = VisionInfo(model.config.image_token_id, tokens_per_image(model.config.vision_config), processor,
+                            True)
+        return model.eval(), tokenizer, vision, None
+    recipe_file = Path(llava_dir) / RECIPE_FILE
+    if not recipe_file.exists():
+        raise TunerError(f"{llava_dir} holds no {RECIPE_FILE}: not a LLaVA pth_to_hf folder")
+    recipe = json.loads(recipe_file.read_text())
+    llava = LlavaConfig(visual_encoder=visual_encoder or recipe["visual_encoder"], select_layer=recipe["select_layer"],
+                        pad_image_to_square=recipe["pad_image_to_square"])
+    tokenizer = tokenizer_with_image_token(llava_dir)
+    trust = trust_remote_code or bool(recipe.get("trust_remote_code"))
+    model = build_llava(ModelConfig(path=model_path, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16",
+                                                           torch.float16: "float16"}.get(dtype, "auto"),
+                                    trust_remote_code=trust), llava, tokenizer)
+    load_projector(model, llava_dir)
+    if (Path(llava_dir) / "adapter_config.json").exists():
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, llava_dir).merge_and_unload()
+    model.config.use_cache = True
+    return model.eval(), tokenizer, vision_info(llava, tokenizer), recipe.get("template")

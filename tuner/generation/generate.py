@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from tuner.data.templates import get_template
-from tuner.engine.device import autocast
 from tuner.errors import TunerError
+from tuner.model.device import autocast
 
 # Private-use characters mark where a stored reply's ids go; no tokenizer merges across them.
 _SLOT = "\ue000{}\ue001"
@@ -219,7 +219,7 @@ class Generator:
             position = slot.end()
         ids += self._encode(text[position:])
         if self.vision is not None:
-            from tuner.multimodal.data import expand_image_tokens
+            from tuner.data.llava import expand_image_tokens
             ids, _ = expand_image_tokens(ids, ids, self.vision)
         return ids
 

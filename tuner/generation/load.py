@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from tuner.engine.device import default_device, resolve_compute_dtype
 from tuner.errors import TunerError
 from tuner.model.adapt import load_adapter
+from tuner.model.device import default_device, resolve_compute_dtype
 from tuner.model.load import load_causal_lm, load_tokenizer, resolve_model_path
 
 TORCH_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,12 +70,12 @@ def generator_from_args(args, with_images: bool = False):
     model (--llava, a Llava folder, or images to look at) or a text model."""
     import sys
 
-    from tuner.chat.generate import Generator
-    from tuner.multimodal.model import is_llava_folder
+    from tuner.generation.generate import Generator
+    from tuner.model.llava import is_llava_folder
 
     stop_words, context_length = getattr(args, "stop_words", None), getattr(args, "context_length", None)
     if getattr(args, "llava", None) or with_images or is_llava_folder(args.model):
-        from tuner.multimodal.convert import load_llava_for_chat
+        from tuner.model.llava import load_llava_for_chat
 
         dtype = TORCH_DTYPES[args.torch_dtype] if args.torch_dtype != "auto" else torch.float32
         model, tokenizer, vision, template = load_llava_for_chat(args.model, getattr(args, "llava", None),

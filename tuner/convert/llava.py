@@ -14,16 +14,19 @@ with its processor, which plain transformers loads and generates from.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-from tuner.config import Config, LlavaConfig, ModelConfig
+from tuner.config import Config
 from tuner.errors import TunerError
-from tuner.multimodal.model import (PROJECTOR_FILE, RECIPE_FILE, VisionInfo, apply_llava_lora, build_llava,
-                                    load_projector, tokenizer_with_image_token, tokens_per_image, vision_info,
-                                    write_recipe)
+from tuner.model.llava import (
+    PROJECTOR_FILE,
+    apply_llava_lora,
+    build_llava,
+    tokenizer_with_image_token,
+    vision_info,
+    write_recipe,
+)
+
 
 def _split(weights: dict) -> tuple[dict, dict, dict]:
     """Checkpoint weights -> (projector by its own names, LoRA weights by PEFT's names, the rest:
@@ -86,41 +89,3 @@ def write_llava_hf(cfg: Config, weights: dict, out: Path, max_shard_size: str) -
                                "default" else 0, image_token="<image>",
                                chat_template=getattr(tokenizer, "chat_template", None))
     processor.save_pretrained(out)
-
-
-def load_llava_for_chat(model_path: str, llava_dir: str | None, visual_encoder: str | None, dtype: torch.dtype,
-                        trust_remote_code: bool = False):
-    """(model, tokenizer, VisionInfo, template name) from an HF Llava folder, or from the LLM
-    plus a pth_to_hf folder (projector, optional adapter, recipe)."""
-    from tuner.model.load import load_config, resolve_model_path
-
-    if llava_dir is None:  # MODEL itself is a LlavaForConditionalGeneration folder
-        from transformers import AutoImageProcessor, LlavaForConditionalGeneration
-
-        from tuner.model.load import load_tokenizer
-        path = resolve_model_path(model_path)
-        if load_config(path).model_type != "llava":
-            raise TunerError(f"{model_path} is not a LLaVA model folder; give --llava DIR (a pth_to_hf folder)")
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
-        tokenizer = load_tokenizer(path)
-        processor = AutoImageProcessor.from_pretrained(path)
-        vision = VisionInfo(model.config.image_token_id, tokens_per_image(model.config.vision_config), processor,
-                            True)
-        return model.eval(), tokenizer, vision, None
-    recipe_file = Path(llava_dir) / RECIPE_FILE
-    if not recipe_file.exists():
-        raise TunerError(f"{llava_dir} holds no {RECIPE_FILE}: not a LLaVA pth_to_hf folder")
-    recipe = json.loads(recipe_file.read_text())
-    llava = LlavaConfig(visual_encoder=visual_encoder or recipe["visual_encoder"], select_layer=recipe["select_layer"],
-                        pad_image_to_square=recipe["pad_image_to_square"])
-    tokenizer = tokenizer_with_image_token(llava_dir)
-    trust = trust_remote_code or bool(recipe.get("trust_remote_code"))
-    model = build_llava(ModelConfig(path=model_path, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16",
-                                                           torch.float16: "float16"}.get(dtype, "auto"),
-                                    trust_remote_code=trust), llava, tokenizer)
-    load_projector(model, llava_dir)
-    if (Path(llava_dir) / "adapter_config.json").exists():
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, llava_dir).merge_and_unload()
-    model.config.use_cache = True
-    return model.eval(), tokenizer, vision_info(llava, tokenizer), recipe.get("template")

@@ -21,11 +21,47 @@ import numpy as np
 import torch
 
 from tuner.config import DataConfig, LlavaConfig
-from tuner.data.dataset import Sample, collate, length_histogram, pack_best_fit, sample_order
+from tuner.data.dataset import (
+    Sample,
+    collate,
+    length_histogram,
+    pack_best_fit,
+    sample_order,
+)
 from tuner.data.encode import IGNORE
 from tuner.data.tokenized import ImageSettings, TokenStore, load_token_store
 from tuner.errors import TunerError
-from tuner.multimodal.model import VisionInfo
+
+
+@dataclass
+class VisionInfo:
+    """What the data side needs to know about the vision encoder."""
+    image_token_id: int
+    tokens_per_image: int
+    processor: object  # the encoder's image processor (resize, crop, normalize)
+    pad_to_square: bool
+
+    def pixel_values(self, images: list) -> torch.Tensor:
+        """PIL images -> (n, 3, H, W), each padded to a square with the mean colour first (LLaVA-1.5)."""
+        if self.pad_to_square:
+            fill = tuple(int(255 * m) for m in self.processor.image_mean)
+            images = [expand_to_square(image, fill) for image in images]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def expand_to_square(image, fill):
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
 
 _DECODERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tuner-images")  # PIL decodes without the GIL
 
