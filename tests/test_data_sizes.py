@@ -2,6 +2,7 @@
 bounded in memory, with exact line numbers (checked against json.loads and the file's own lines)."""
 
 import json
+import os
 import random
 import time
 import tracemalloc
@@ -130,3 +131,26 @@ def test_a_huge_row_is_cut_before_tokenizing_with_the_same_tokens(tokenizer):
     whole = tokenize([prepared], tokenizer, max_length=None)[0]
     assert cut.ids.tolist() == whole.ids[:256].tolist() and cut.trained.tolist() == whole.trained[:256].tolist()
     assert elapsed < 1.0, f"{elapsed:.2f} s"
+
+
+def test_an_uncached_token_store_is_removed_when_the_process_ends(tmp_path):
+    """data.cache=False tokenizes into a temporary folder (read while training); the process removes it at exit."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}"},
+                                                     {"role": "assistant", "content": f"A{i}"}]}) + "\n"
+                            for i in range(20)))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = ("from tuner.config import DataConfig\nfrom tuner.data.dataset import build_sequences\n"
+              "from tuner.model.load import load_tokenizer\nimport os\n"
+              f"data = DataConfig(path={str(data)!r}, cache=False, num_proc=1)\n"
+              "sequences, _ = build_sequences(data, load_tokenizer('smollm2-135m-instruct'), say=lambda _: None)\n"
+              "print(len(sequences), os.listdir(os.environ['TMPDIR']))\n")
+    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(temp)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "tuner-tokens-" in run.stdout  # it was there while the process ran
+    assert not [p for p in temp.iterdir() if p.name.startswith("tuner-tokens-")]

@@ -9,6 +9,7 @@ the same store; the first one builds it under a file lock and the others wait, s
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
 import json
@@ -351,6 +352,8 @@ def load_token_store(cfg: DataConfig, tokenizer, say: Callable[[str], None] = pr
     if not cfg.cache:
         folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"tuner-tokens-{os.getpid()}-{time.time_ns()}"
         folder.mkdir(parents=True)
+        # the store is read while training: removed when this process ends (or now, if tokenizing fails)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         tokenize_rows(cfg, tokenizer, folder, images=images)
         return TokenStore(folder), False
     key = cache_key(cfg, tokenizer, images)
