@@ -8,12 +8,21 @@ processes resumes in 1 process and converts with `tuner convert pth_to_hf` like 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from tuner.config import Config
+from tuner.engine import zero
 from tuner.errors import TunerError
+from tuner.model.load import load_model
 
 STRATEGIES = ("single", "ddp", "fsdp")
 
@@ -160,3 +169,151 @@ def grad_scaler(device: torch.device, compute_dtype: torch.dtype, strategy: str)
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
         return ShardedGradScaler(device.type)
     return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+# ---------------------------------------------------------------- the strategies the loop runs with
+
+class Single:
+    """One process: the model as it is. DDP and FSDP2 change only wrapping, syncing and state."""
+    name = "single"
+    plain_modules = True
+    """tuner's fused LoRA / SwiGLU kernels and the chunked head need the modules unwrapped (FSDP and
+    DeepSpeed gather and free weights around forward and backward: they keep peft's path)"""
+    sharded_state = False
+
+    def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
+        """(the base model, whether it was built already sharded)."""
+        return load_model(cfg.model, device), False
+
+    def wrap(self, raw_model, device, built_sharded: bool):
+        return wrap(raw_model, self.name, device, from_rank0=built_sharded)
+
+    def with_optimizer(self, raw_model, optimizer, model):
+        """The module the loop calls once the optimizer exists (DeepSpeed builds its engine here)."""
+        return model
+
+    def sharded(self, model) -> bool:
+        """Whether generating needs every process (the weights are spread over them)."""
+        return self.sharded_state
+
+    def grad_scaler(self, device: torch.device, compute_dtype: torch.dtype):
+        return grad_scaler(device, compute_dtype, self.name)
+
+    def micro_batch(self, model, last: bool):
+        """Around one micro-batch's forward and backward: gradients are exchanged on the last one only."""
+        return no_sync(model, self.name, last)
+
+    def backward(self, model, loss: torch.Tensor, scaler) -> None:
+        scaler.scale(loss).backward()  # fp16: scaled so small gradients do not underflow
+
+    def gradient_norm(self, model, raw_model, optimizer, scaler, max_norm: float | None) -> float:
+        """Clip to `max_norm` and return the norm before clipping (of the true, unscaled gradients)."""
+        scaler.unscale_(optimizer)
+        params = [p for p in raw_model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded DTensor
+
+    def update(self, optimizer, scaler) -> None:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def checkpoint_state(self, raw_model, model, optimizer, folder: Path, step: int, lora: bool) -> tuple[dict, dict | None]:
+        """(model state, optimizer state) for iter_N.pth: full tensors on CPU. Collective: every process calls it."""
+        return model_state(raw_model, sharded=self.sharded_state), optimizer_state(raw_model, optimizer)
+
+    def load_checkpoint_state(self, raw_model, model, optimizer, state: dict, path: Path) -> None:
+        if state["optimizer"] is None:
+            raise TunerError(f"{path} was written by DeepSpeed: resume it with --deepspeed")
+        load_model_state(raw_model, state["model"], sharded=self.sharded_state)
+        load_optimizer_state(raw_model, optimizer, state["optimizer"])
+
+
+class DDP(Single):
+    name = "ddp"
+
+
+class FSDP(Single):
+    """FSDP2: rank 0 reads the weights on CPU, the other ranks build the structure on the meta device and
+    get their shards from rank 0 (wrap() above), so no process or device holds the whole model."""
+    name = "fsdp"
+    plain_modules = False
+    sharded_state = True
+
+    def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
+        if cfg.model.quantization is not None:  # 4-bit weights load whole, then shard
+            return super().load_model(cfg, device, compute_dtype, dist, info)
+        info(f"Model: weights read by rank 0 only, the other {dist.world_size - 1} build it on the "
+             "meta device; FSDP hands out the shards")
+        return load_model(cfg.model, "cpu", meta=not dist.is_main), True
+
+
+class DeepSpeed(Single):
+    """DeepSpeed ZeRO 1-3: its engine syncs, clips and steps (skipping a non-finite gradient itself);
+    ZeRO-3 builds the model partitioned (deepspeed.zero.Init) and loads each weight into its partitions."""
+    name = "deepspeed"
+    plain_modules = False
+
+    def __init__(self, source: str):
+        self.source = source  # a preset name or a JSON file
+        self.config: dict | None = None
+
+    def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
+        self.config = zero.ds_config(self.source, cfg, compute_dtype, info)
+        if cfg.model.quantization is not None or zero.stage(self.config) != 3:
+            return super().load_model(cfg, device, compute_dtype, dist, info)
+        # a full fine-tune loads float32 there, as the master weights must be (a cast would miss the partitions)
+        with zero.partitioned_construction(self.config):
+            model = load_model(cfg.model, "cpu", dtype=torch.float32 if cfg.lora is None else None)
+        info(f"Model: built partitioned over {dist.world_size} processes (ZeRO-3)")
+        return model, True
+
+    def wrap(self, raw_model, device, built_sharded: bool):
+        return raw_model  # DeepSpeed wraps the model with its optimizer (with_optimizer)
+
+    def with_optimizer(self, raw_model, optimizer, model):
+        return zero.initialize(raw_model, optimizer, self.config)
+
+    def sharded(self, model) -> bool:
+        return zero.is_stage3(model)
+
+    def grad_scaler(self, device: torch.device, compute_dtype: torch.dtype):
+        return grad_scaler(device, compute_dtype, self.name)  # disabled: DeepSpeed runs in float32 weights
+
+    @contextlib.contextmanager
+    def micro_batch(self, model, last: bool):
+        # A step may hold fewer micro-batches than gradient_accumulation_steps (the end of an epoch):
+        # say where the step ends instead of letting DeepSpeed count.
+        model.set_gradient_accumulation_boundary(last)
+        yield
+
+    def backward(self, model, loss: torch.Tensor, scaler) -> None:
+        model.backward(loss, scale_wrt_gas=False)
+        model.step()  # DeepSpeed syncs, clips and steps at the boundary; a no-op before it
+
+    def gradient_norm(self, model, raw_model, optimizer, scaler, max_norm: float | None) -> float:
+        return float(model.get_global_grad_norm() or 0.0)  # ZeRO has clipped and stepped already
+
+    def update(self, optimizer, scaler) -> None:
+        pass  # ZeRO has stepped already, skipping a non-finite gradient itself
+
+    def checkpoint_state(self, raw_model, model, optimizer, folder: Path, step: int, lora: bool) -> tuple[dict, None]:
+        # ZeRO-partitioned optimizer states: DeepSpeed saves them, beside iter_N.pth
+        model.save_checkpoint(str(folder / f"iter_{step}_deepspeed"), tag="state")
+        weights = zero.full_parameters(raw_model, trainable_only=lora)
+        return model_state_from(raw_model, weights), None
+
+    def load_checkpoint_state(self, raw_model, model, optimizer, state: dict, path: Path) -> None:
+        folder = path.with_name(path.stem + "_deepspeed")
+        if not folder.is_dir():
+            raise TunerError(f"{folder} is missing: a DeepSpeed run resumes from a DeepSpeed checkpoint")
+        model.load_checkpoint(str(folder), tag="state", load_module_strict=False, load_lr_scheduler_states=False)
+
+
+def choose(distributed: bool, fsdp: bool, deepspeed: str | None) -> Single:
+    """The strategy for `tuner train [--fsdp | --deepspeed PRESET]` in one or several processes."""
+    if deepspeed:
+        return DeepSpeed(deepspeed)
+    if not distributed:
+        return Single()
+    return FSDP() if fsdp else DDP()
