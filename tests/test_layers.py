@@ -51,3 +51,12 @@ def test_the_check_sees_an_upward_import(tmp_path):
     file = tmp_path / "x.py"
     file.write_text("def f():\n    from tuner.chat.cli import main\n")
     assert imports_of(file) == [(2, "tuner.chat.cli")]
+
+
+def test_the_loop_does_not_ask_which_strategy_it_runs():
+    """Single process, DDP, FSDP2 and DeepSpeed differ only inside their Strategy objects (engine/strategy.py)."""
+    import re
+
+    source = (Path(tuner.__file__).parent / "engine" / "loop.py").read_text(encoding="utf-8")
+    asked = re.findall(r".*(?:strategy(?:\.name)? *(?:==|!=|in |not in )|\"(?:deepspeed|fsdp|ddp|single)\").*", source)
+    assert not asked, asked
