@@ -13,7 +13,7 @@ from tuner.chat.prompts import system_prompt
 from tuner.chat.session import ChatSession
 from tuner.chat.tools import Toolbox
 from tuner.generation.generate import GenerationSettings, PromptTooLong
-from tuner.generation.load import generator_from_args
+from tuner.generation.load import ModelOptions, generator_for
 
 PROMPT = "\ndouble enter to end input (EXIT: exit chat, RESET: reset history) >>> "
 
@@ -42,7 +42,7 @@ def run_chat(args) -> int:
     system = system_prompt(args.system, args.system_template, args.bot_name)
     toolbox = Toolbox(args.with_plugins) if args.with_plugins else None
     images = _open_images(args.image)
-    generator = generator_from_args(args, with_images=bool(images))
+    generator = generator_for(ModelOptions.from_args(args), with_images=bool(images))
     session = ChatSession(generator, system, toolbox, args.tool_format)
     settings = settings_from_args(args)
     stream = None if args.no_streamer else (lambda piece: (out.write(piece), out.flush()))

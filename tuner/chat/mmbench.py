@@ -91,9 +91,9 @@ def evaluate(generator: Generator, questions: list[dict], system: str | None = N
 
 
 def run_mmbench(args) -> int:
-    from tuner.generation.load import generator_from_args
+    from tuner.generation.load import ModelOptions, generator_for
 
-    generator = generator_from_args(args, with_images=True)
+    generator = generator_for(ModelOptions.from_args(args), with_images=True)
     result = evaluate(generator, read_questions(args.data), args.system)
     for name, (right, total) in sorted(result["by_category"].items()):
         print(f"{name:<30} {right:>5} / {total:<5} {right / total:.1%}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -65,30 +66,50 @@ def offload_warnings(device_map: dict, device: torch.device) -> list[str]:
     return lines
 
 
-def generator_from_args(args, with_images: bool = False):
-    """The Generator that chat, serve, web and mmbench talk to, as their flags say: a LLaVA
-    model (--llava, a Llava folder, or images to look at) or a text model."""
+@dataclass
+class ModelOptions:
+    """What chat, serve, web and mmbench load and how: their shared flags, typed."""
+    model: str
+    adapter: str | None = None
+    torch_dtype: str = "auto"
+    bits: int | None = None
+    offload_folder: str | None = None
+    llava: str | None = None
+    visual_encoder: str | None = None
+    prompt_template: str | None = None
+    stop_words: list[str] | None = None
+    context_length: int | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> ModelOptions:
+        """From an argparse namespace (a command has the flags it has; the others keep their defaults)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def generator_for(options: ModelOptions, with_images: bool = False):
+    """The Generator that chat, serve, web and mmbench talk to: a LLaVA model (--llava, a Llava folder,
+    or images to look at) or a text model."""
     import sys
 
     from tuner.generation.generate import Generator
     from tuner.model.llava import is_llava_folder
 
-    stop_words, context_length = getattr(args, "stop_words", None), getattr(args, "context_length", None)
-    if getattr(args, "llava", None) or with_images or is_llava_folder(args.model):
+    o = options
+    if o.llava or with_images or is_llava_folder(o.model):
         from tuner.model.llava import load_llava_for_chat
 
-        dtype = TORCH_DTYPES[args.torch_dtype] if args.torch_dtype != "auto" else torch.float32
-        model, tokenizer, vision, template = load_llava_for_chat(args.model, getattr(args, "llava", None),
-                                                                 getattr(args, "visual_encoder", None), dtype,
-                                                                 getattr(args, "trust_remote_code", False))
+        dtype = TORCH_DTYPES[o.torch_dtype] if o.torch_dtype != "auto" else torch.float32
+        model, tokenizer, vision, template = load_llava_for_chat(o.model, o.llava, o.visual_encoder, dtype,
+                                                                 o.trust_remote_code)
         device = default_device()
-        generator = Generator(model.to(device), tokenizer, args.prompt_template or template, stop_words,
-                              compute_dtype=resolve_compute_dtype(args.torch_dtype, device),
-                              context_length=context_length)
+        generator = Generator(model.to(device), tokenizer, o.prompt_template or template, o.stop_words,
+                              compute_dtype=resolve_compute_dtype(o.torch_dtype, device),
+                              context_length=o.context_length)
         generator.vision = vision
         return generator
-    model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype, args.bits,
-                                                args.offload_folder, warn=lambda line: print(line, file=sys.stderr),
-                                                trust_remote_code=getattr(args, "trust_remote_code", False))
-    return Generator(model, tokenizer, args.prompt_template, stop_words, compute_dtype=compute,
-                     context_length=context_length)
+    model, tokenizer, compute = load_chat_model(o.model, o.adapter, o.torch_dtype, o.bits, o.offload_folder,
+                                                warn=lambda line: print(line, file=sys.stderr),
+                                                trust_remote_code=o.trust_remote_code)
+    return Generator(model, tokenizer, o.prompt_template, o.stop_words, compute_dtype=compute,
+                     context_length=o.context_length)

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from tuner.config import EMBEDDED_MODEL
 from tuner.errors import TunerError
-from tuner.generation.load import generator_from_args
+from tuner.generation.load import ModelOptions, generator_for
 from tuner.serve.api import Api, make_server, serve_forever
 
 
@@ -28,7 +28,7 @@ def run_server(args, page: bool) -> int:
     if args.host not in LOOPBACK and not api_key:
         print(f"[tuner] warning: listening on {args.host} without an API key: anyone who can reach this machine "
               "can use the model (set --api-key or $TUNER_API_KEY)", file=sys.stderr, flush=True)
-    generator = generator_from_args(args)
+    generator = generator_for(ModelOptions.from_args(args))
     name = args.served_model_name or served_name(args.model, args.adapter)
     api = Api(generator, name, api_key, max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size)
     try:
