@@ -389,3 +389,22 @@ def test_fp16_scales_the_loss_and_skips_an_overflow(tmp_path, tiny_model_dir, da
     resumed.resume = str(tmp_path / "work" / "iter_3.pth")
     resumed.setup()
     assert resumed.scaler.get_scale() == 32768.0
+
+
+def test_a_checkpoint_written_before_the_strategy_objects_resumes_exactly(tmp_path, tiny_model_dir, data_file):
+    """tests/fixtures/lora_iter_2_before_strategy_objects.pth was written at step 2 by the loop as it was before
+    the Strategy objects (commit f2cedaf), with this config and tiny model (dropout on, so the saved RNG
+    states matter): resumed now, the remaining steps give the losses of a straight run."""
+    import shutil
+
+    settings = dict(epochs=2, save_steps=2, dropout=0.1)
+    straight = make(tmp_path, tiny_model_dir, data_file, work="straight", **settings).train()
+    work = tmp_path / "resumed"
+    work.mkdir()
+    old = work / "iter_2.pth"
+    shutil.copyfile(Path(__file__).parent / "fixtures" / "lora_iter_2_before_strategy_objects.pth", old)
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_model_dir, data_file, **settings)), work_dir=work,
+                      resume=str(old))
+    resumed = trainer.train()
+    assert trainer.start_step == 2 and len(resumed) == len(straight) - 2
+    assert resumed == pytest.approx(straight[2:], rel=1e-5)
