@@ -1,5 +1,6 @@
-"""How the model is spread over processes, and how its state is saved and restored
-whatever the spread: one process, DDP (replicas) or FSDP2 (`fully_shard`, sharded).
+"""How the model is spread over processes, and how its state is saved and restored whatever the
+spread: one object per way of running (Single, DDP, FSDP2, DeepSpeed ZeRO), which the loop asks and
+never names.
 
 Checkpoints always hold full (unsharded) tensors, so a checkpoint written by 2 FSDP
 processes resumes in 1 process and converts with `tuner convert pth_to_hf` like any other.
@@ -24,21 +25,15 @@ from tuner.engine import zero
 from tuner.errors import TunerError
 from tuner.model.load import load_model
 
-STRATEGIES = ("single", "ddp", "fsdp")
 
+def shard(raw_model, device: torch.device | None, from_rank0: bool):
+    """FSDP2: the model sharded in place, one group per transformer block and one for the rest; returns
+    the module the loop calls. State dicts and generation keep using `raw_model`.
 
-def wrap(raw_model, strategy: str, device: torch.device | None = None, from_rank0: bool = False):
-    """The module the loop calls: the model itself, a DDP replica, or the model sharded in place.
-    State dicts and generation keep using `raw_model`.
-
-    `from_rank0` (FSDP): rank 0 holds the loaded weights on CPU and the other ranks only the structure on
-    the meta device, so no device and no other process ever holds the whole model. Each group is moved to
+    `from_rank0`: rank 0 holds the loaded weights on CPU and the other ranks only the structure on the
+    meta device, so no device and no other process ever holds the whole model. Each group is moved to
     the device shard by shard as it is sharded; the other ranks then get their shards from rank 0's full
     tensors (one broadcast per tensor), and the buffers a state dict leaves out (rotary frequencies)."""
-    if strategy == "single":
-        return raw_model
-    if strategy == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(raw_model)
     from torch.distributed.fsdp import fully_shard
 
     block_names = set(getattr(_base(raw_model), "_no_split_modules", None) or [])
@@ -68,22 +63,6 @@ def wrap(raw_model, strategy: str, device: torch.device | None = None, from_rank
 
 def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextlib.contextmanager
-def no_sync(model, strategy: str, last: bool):
-    """Gradients are exchanged between processes once per step, on the last micro-batch."""
-    if last or strategy == "single":
-        yield
-    elif strategy == "ddp":
-        with model.no_sync():
-            yield
-    else:
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
 
 
 def _saved_key_map(raw_model) -> dict[str, str]:
@@ -160,17 +139,6 @@ def load_optimizer_state(raw_model, optimizer, state: dict) -> None:
                              options=StateDictOptions(full_state_dict=True))
 
 
-def grad_scaler(device: torch.device, compute_dtype: torch.dtype, strategy: str):
-    """Loss scaling for fp16 (its small gradients underflow without it); a no-op scaler otherwise, and
-    under DeepSpeed (which runs with fp32 weights and its own checks). FSDP's shards need the sharded
-    scaler, which agrees on overflow across processes."""
-    enabled = compute_dtype == torch.float16 and strategy != "deepspeed"
-    if enabled and strategy == "fsdp":
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-        return ShardedGradScaler(device.type)
-    return torch.amp.GradScaler(device.type, enabled=enabled)
-
-
 # ---------------------------------------------------------------- the strategies the loop runs with
 
 class Single:
@@ -186,7 +154,8 @@ class Single:
         return load_model(cfg.model, device), False
 
     def wrap(self, raw_model, device, built_sharded: bool):
-        return wrap(raw_model, self.name, device, from_rank0=built_sharded)
+        """The module the loop calls (a wrapper, or the model itself); the rest keeps using `raw_model`."""
+        return raw_model
 
     def with_optimizer(self, raw_model, optimizer, model):
         """The module the loop calls once the optimizer exists (DeepSpeed builds its engine here)."""
@@ -197,11 +166,12 @@ class Single:
         return self.sharded_state
 
     def grad_scaler(self, device: torch.device, compute_dtype: torch.dtype):
-        return grad_scaler(device, compute_dtype, self.name)
+        """Loss scaling for fp16 (its small gradients underflow without it); a no-op scaler otherwise."""
+        return torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
 
     def micro_batch(self, model, last: bool):
         """Around one micro-batch's forward and backward: gradients are exchanged on the last one only."""
-        return no_sync(model, self.name, last)
+        return contextlib.nullcontext()
 
     def backward(self, model, loss: torch.Tensor, scaler) -> None:
         scaler.scale(loss).backward()  # fp16: scaled so small gradients do not underflow
@@ -232,6 +202,12 @@ class Single:
 class DDP(Single):
     name = "ddp"
 
+    def wrap(self, raw_model, device, built_sharded: bool):
+        return torch.nn.parallel.DistributedDataParallel(raw_model)
+
+    def micro_batch(self, model, last: bool):
+        return contextlib.nullcontext() if last else model.no_sync()
+
 
 class FSDP(Single):
     """FSDP2: rank 0 reads the weights on CPU, the other ranks build the structure on the meta device and
@@ -246,6 +222,27 @@ class FSDP(Single):
         info(f"Model: weights read by rank 0 only, the other {dist.world_size - 1} build it on the "
              "meta device; FSDP hands out the shards")
         return load_model(cfg.model, "cpu", meta=not dist.is_main), True
+
+    def wrap(self, raw_model, device, built_sharded: bool):
+        return shard(raw_model, device, from_rank0=built_sharded)
+
+    def grad_scaler(self, device: torch.device, compute_dtype: torch.dtype):
+        if compute_dtype != torch.float16:
+            return torch.amp.GradScaler(device.type, enabled=False)
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)  # the shards agree on overflow across processes
+
+    @contextlib.contextmanager
+    def micro_batch(self, model, last: bool):
+        if last:
+            yield
+            return
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
 
 class DeepSpeed(Single):
@@ -278,7 +275,7 @@ class DeepSpeed(Single):
         return zero.is_stage3(model)
 
     def grad_scaler(self, device: torch.device, compute_dtype: torch.dtype):
-        return grad_scaler(device, compute_dtype, self.name)  # disabled: DeepSpeed runs in float32 weights
+        return torch.amp.GradScaler(device.type, enabled=False)  # float32 weights, DeepSpeed's own checks
 
     @contextlib.contextmanager
     def micro_batch(self, model, last: bool):
