@@ -149,6 +149,9 @@ class Single:
     DeepSpeed gather and free weights around forward and backward: they keep peft's path)"""
     sharded_state = False
 
+    def configure(self, cfg: Config, compute_dtype: torch.dtype, info) -> None:
+        """Settings taken from the run's config, before anything is built (DeepSpeed's JSON)."""
+
     def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
         """(the base model, whether it was built already sharded)."""
         return load_model(cfg.model, device), False
@@ -255,8 +258,10 @@ class DeepSpeed(Single):
         self.source = source  # a preset name or a JSON file
         self.config: dict | None = None
 
-    def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
+    def configure(self, cfg: Config, compute_dtype: torch.dtype, info) -> None:
         self.config = zero.ds_config(self.source, cfg, compute_dtype, info)
+
+    def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
         if cfg.model.quantization is not None or zero.stage(self.config) != 3:
             return super().load_model(cfg, device, compute_dtype, dist, info)
         # a full fine-tune loads float32 there, as the master weights must be (a cast would miss the partitions)
