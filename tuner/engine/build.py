@@ -28,7 +28,7 @@ class Run:
     built_sharded: bool
 
 
-def build_run(cfg: Config, strategy, device, compute_dtype, dist, work_dir: Path, info: Callable[[str], None]) -> Run:
+def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callable[[str], None]) -> Run:
     built_sharded = False
     if cfg.llava is not None:
         tokenizer, sequences, model = _llava_data_and_model(cfg, info)
@@ -42,7 +42,7 @@ def build_run(cfg: Config, strategy, device, compute_dtype, dist, work_dir: Path
         info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
         for line in report.details().splitlines():
             info(f"Data: {line}")
-        model, built_sharded = strategy.load_model(cfg, device, compute_dtype, dist, info)
+        model, built_sharded = strategy.load_model(cfg, device, dist, info)
     attention = packed_attention.use_for_training(model, cfg.model.attn_implementation, device)
     if cfg.data.pack and cfg.llava is None:
         packed_attention.check_packing(model, attention)

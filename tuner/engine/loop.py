@@ -140,7 +140,7 @@ class Trainer:
         self._seed_everything(cfg.train.seed)
 
         self.strategy.configure(cfg, self.compute_dtype, self.info)  # (LLaVA runs build no text model)
-        run = build.build_run(cfg, self.strategy, self.device, self.compute_dtype, self.dist, self.work_dir, self.info)
+        run = build.build_run(cfg, self.strategy, self.device, self.dist, self.work_dir, self.info)
         self.tokenizer, self.sequences, self.collate = run.tokenizer, run.sequences, run.collate
         self.attention, self.built_sharded, model = run.attention, run.built_sharded, run.model
         self.fused_lora = (fast_lora.enable(model, self.compute_dtype)  # (LoRA layers, SwiGLU MLPs)

@@ -152,7 +152,7 @@ class Single:
     def configure(self, cfg: Config, compute_dtype: torch.dtype, info) -> None:
         """Settings taken from the run's config, before anything is built (DeepSpeed's JSON)."""
 
-    def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
+    def load_model(self, cfg: Config, device, dist, info) -> tuple[object, bool]:
         """(the base model, whether it was built already sharded)."""
         return load_model(cfg.model, device), False
 
@@ -219,9 +219,9 @@ class FSDP(Single):
     plain_modules = False
     sharded_state = True
 
-    def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
+    def load_model(self, cfg: Config, device, dist, info) -> tuple[object, bool]:
         if cfg.model.quantization is not None:  # 4-bit weights load whole, then shard
-            return super().load_model(cfg, device, compute_dtype, dist, info)
+            return super().load_model(cfg, device, dist, info)
         info(f"Model: weights read by rank 0 only, the other {dist.world_size - 1} build it on the "
              "meta device; FSDP hands out the shards")
         return load_model(cfg.model, "cpu", meta=not dist.is_main), True
@@ -261,9 +261,9 @@ class DeepSpeed(Single):
     def configure(self, cfg: Config, compute_dtype: torch.dtype, info) -> None:
         self.config = zero.ds_config(self.source, cfg, compute_dtype, info)
 
-    def load_model(self, cfg: Config, device, compute_dtype: torch.dtype, dist, info) -> tuple[object, bool]:
+    def load_model(self, cfg: Config, device, dist, info) -> tuple[object, bool]:
         if cfg.model.quantization is not None or zero.stage(self.config) != 3:
-            return super().load_model(cfg, device, compute_dtype, dist, info)
+            return super().load_model(cfg, device, dist, info)
         # a full fine-tune loads float32 there, as the master weights must be (a cast would miss the partitions)
         with zero.partitioned_construction(self.config):
             model = load_model(cfg.model, "cpu", dtype=torch.float32 if cfg.lora is None else None)
