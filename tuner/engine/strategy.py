@@ -214,7 +214,7 @@ class DDP(Single):
 
 class FSDP(Single):
     """FSDP2: rank 0 reads the weights on CPU, the other ranks build the structure on the meta device and
-    get their shards from rank 0 (wrap() above), so no process or device holds the whole model."""
+    get their shards from rank 0 (shard() above), so no process or device holds the whole model."""
     name = "fsdp"
     plain_modules = False
     sharded_state = True
