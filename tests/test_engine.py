@@ -407,4 +407,6 @@ def test_a_checkpoint_written_before_the_strategy_objects_resumes_exactly(tmp_pa
                       resume=str(old))
     resumed = trainer.train()
     assert trainer.start_step == 2 and len(resumed) == len(straight) - 2
-    assert resumed == pytest.approx(straight[2:], rel=1e-5)
+    # The fixture's first two steps ran on the CPU that wrote it; another CPU's kernels round differently,
+    # so 1e-4 (as the other cross-run tests): far below what one step changes (several percent).
+    assert resumed == pytest.approx(straight[2:], rel=1e-4)
