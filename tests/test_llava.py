@@ -466,7 +466,7 @@ def test_llava_trains_under_deepspeed(tmp_path, towers, monkeypatch):
     from tuner.engine.loop import Trainer
 
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29541"}.items():
+                       "MASTER_PORT": "29561"}.items():
         monkeypatch.setenv(key, value)
     data = tmp_path / "train.json"
     data.write_text(json.dumps(colour_rows(tmp_path, 16, seed=5)))
