@@ -18,7 +18,7 @@ from tuner.engine.fused_loss import chunked_linear_cross_entropy
 from tuner.model import packed_attention
 from tuner.model.device import autocast
 
-MODEL_INPUTS_BESIDES_TOKENS = ("input_ids", "position_ids", "labels")
+TOKEN_KEYS = ("input_ids", "position_ids", "labels")  # the batch entries the loss itself handles
 
 
 @dataclass
@@ -38,7 +38,7 @@ class NextTokenLoss:
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         targets = batch["labels"][:, 1:]
         keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
-        kwargs = {k: v for k, v in batch.items() if k not in MODEL_INPUTS_BESIDES_TOKENS}
+        kwargs = {k: v for k, v in batch.items() if k not in TOKEN_KEYS}
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = keep
         if self.attention in (packed_attention.NAME, "flash_attention_2"):  # sample starts, once for all layers

@@ -41,8 +41,9 @@ def shard(raw_model, device: torch.device | None, from_rank0: bool):
     if not blocks:
         raise TunerError(f"FSDP: cannot find the transformer blocks of {type(_base(raw_model)).__name__}")
     rank0 = torch.distributed.get_rank() == 0
-    full = raw_model.state_dict() if from_rank0 and rank0 else {}  # CPU tensors, referenced, not copied
-    persistent = set(raw_model.state_dict()) if from_rank0 else set()
+    state = raw_model.state_dict() if from_rank0 else {}  # rank 0: CPU tensors, referenced, not copied
+    full, persistent = (state if rank0 else {}), set(state)
+    del state
     for block in blocks:  # one all-gather per block: only one block's full weights exist at a time
         fully_shard(block)
     # The root group goes on the transformers model itself, not on a PEFT wrapper: PEFT calls
@@ -270,11 +271,8 @@ class DeepSpeed(Single):
         info(f"Model: built partitioned over {dist.world_size} processes (ZeRO-3)")
         return model, True
 
-    def wrap(self, raw_model, device, built_sharded: bool):
-        return raw_model  # DeepSpeed wraps the model with its optimizer (with_optimizer)
-
     def with_optimizer(self, raw_model, optimizer, model):
-        return zero.initialize(raw_model, optimizer, self.config)
+        return zero.initialize(raw_model, optimizer, self.config)  # the engine wraps the model with its optimizer
 
     def sharded(self, model) -> bool:
         return zero.is_stage3(model)
