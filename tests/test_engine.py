@@ -68,6 +68,24 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same_run(tmp_path, t
     assert [s["loss"] for s in scalars(work)] == [s["loss"] for s in scalars(straight)]
 
 
+class _CtrlCInWorkers(torch.utils.data.Dataset):
+    """Each item is made after a SIGINT has reached the worker making it, as Ctrl-C reaches the whole
+    process group."""
+
+    def __getitem__(self, step):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step * 10
+
+
+def test_dataloader_workers_outlive_ctrl_c():
+    """The training process decides when to stop (after the step, with a checkpoint) and ends its
+    workers; a worker that died of the Ctrl-C would turn that stop into a DataLoader error."""
+    from tuner.engine.batches import step_batches
+
+    assert list(step_batches(_CtrlCInWorkers(), 0, 6, workers=2, pin=False)) == [0, 10, 20, 30, 40, 50]
+
+
 def test_nan_loss_stops_naming_the_step_or_is_skipped(tmp_path, tiny_model_dir, data_file, monkeypatch):
     trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1)
     real = Trainer.loss_sum
@@ -86,6 +104,17 @@ def test_nan_loss_stops_naming_the_step_or_is_skipped(tmp_path, tiny_model_dir, 
     losses = skipping.train()
     assert math.isnan(losses[1]) and all(math.isfinite(x) for x in losses[:1] + losses[2:])
     assert all(torch.isfinite(p).all() for p in skipping.model.parameters())
+
+
+def test_batches_made_in_worker_processes_train_the_same_run(tmp_path, tiny_model_dir, data_file):
+    """train.dataloader_num_workers=2 makes each step's batches in forked DataLoader workers, ahead of
+    the step: the losses equal those of batches made in the training process."""
+    main = make(tmp_path, tiny_model_dir, data_file, epochs=2, options=["train.dataloader_num_workers=0"])
+    workers = make(tmp_path, tiny_model_dir, data_file, work="workers", epochs=2,
+                   options=["train.dataloader_num_workers=2"])
+    losses = main.train()
+    assert workers.train() == losses and len(losses) >= 2
+    assert main.dataloader_workers == 0 and workers.dataloader_workers == 2
 
 
 def test_freeze_patterns_keep_weights(tmp_path, tiny_model_dir, data_file):

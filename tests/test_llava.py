@@ -475,3 +475,19 @@ def test_llava_trains_under_deepspeed(tmp_path, towers, monkeypatch):
     losses = trainer.train()
     assert trainer.strategy.name == "deepspeed" and type(trainer.model).__name__ == "DeepSpeedEngine"
     assert losses[-1] < losses[0], losses
+
+
+def test_llava_batches_made_in_worker_processes_equal_the_main_process_ones(tmp_path, towers):
+    """train.dataloader_num_workers=2: the images are decoded in forked worker processes and the run is
+    the same. The in-process run goes first, so its image threads exist when the workers fork (a thread
+    pool copied by fork has no threads and would hang)."""
+    from tuner.engine.loop import Trainer
+
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(colour_rows(tmp_path, 12, seed=6)))
+    runs = {}
+    for workers in (0, 2):
+        cfg = load_config(write_config(tmp_path, towers, data, "pretrain"),
+                          ["train.max_epochs=3", f"train.dataloader_num_workers={workers}"])
+        runs[workers] = Trainer(cfg, work_dir=tmp_path / f"work{workers}").train()
+    assert len(runs[0]) >= 2 and runs[2] == runs[0], runs

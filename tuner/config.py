@@ -235,6 +235,9 @@ class TrainConfig:
     """Output head + cross-entropy in chunks, never holding the full logits (one process or DDP)"""
     fused_lora: bool = True
     """LoRA layers (and a SwiGLU MLP's activation with its LoRA down projection) as single autograd functions (one process or DDP)"""
+    dataloader_num_workers: Optional[int] = None
+    """Processes that make the next steps' batches (collation, image decoding) while the model trains;
+    None: 2 on a GPU, 0 on a CPU (the training process makes them: its cores are busy training)"""
 
     def validate(self):
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
@@ -243,6 +246,8 @@ class TrainConfig:
         for name in ("batch_size", "accumulative_counts", "max_epochs", "log_interval"):
             if getattr(self, name) < 1:
                 raise TunerError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise TunerError(f"TrainConfig.dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}")
 
 
 @section

@@ -14,6 +14,7 @@ without images are text-only and mix in freely.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -63,7 +64,16 @@ def expand_to_square(image, fill):
 
 
 
-_DECODERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tuner-images")  # PIL decodes without the GIL
+_DECODERS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _decoders() -> ThreadPoolExecutor:
+    """This process's image decoding threads (PIL decodes without the GIL). One pool per process id:
+    a DataLoader worker is forked, and a pool copied by fork has no threads behind it (it would hang)."""
+    pid = os.getpid()
+    if pid not in _DECODERS:
+        _DECODERS[pid] = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tuner-images")
+    return _DECODERS[pid]
 
 
 @dataclass
@@ -113,7 +123,7 @@ class ImageSequences:
         out = collate(batch, pad_id)
         paths = [p for sample in batch for p in sample.images]
         if paths:
-            decoded = list(_DECODERS.map(lambda p: Image.open(p).convert("RGB"), paths))
+            decoded = list(_decoders().map(lambda p: Image.open(p).convert("RGB"), paths))
             out["pixel_values"] = self.vision.pixel_values(decoded)
         return out
 

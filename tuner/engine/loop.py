@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from tuner.config import Config
-from tuner.data.dataset import IGNORE
 from tuner.engine import allocator, build
 from tuner.engine import checkpoint as ckpt
 from tuner.engine import strategy as strategies
+from tuner.engine.batches import StepBatches, StepSchedule, step_batches
 from tuner.engine.budget import (
     available_memory,
     estimate_memory,
@@ -69,37 +69,6 @@ def stop_on_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-class StepSchedule:
-    """Which sequences each optimizer step uses: a pure function of (seed, epoch, step).
-
-    Resuming at step k therefore continues with exactly the batches an uninterrupted run
-    would have used, without replaying any.
-    """
-
-    def __init__(self, n_sequences: int, batch_size: int, accumulative_counts: int, seed: int, shuffle: bool,
-                 world_size: int = 1):
-        self.n, self.batch_size, self.accum, self.seed, self.shuffle = (
-            n_sequences, batch_size, accumulative_counts, seed, shuffle)
-        self.world_size = world_size
-        self.per_step = batch_size * accumulative_counts * world_size  # sequences per optimizer step, all ranks
-        self.steps_per_epoch = math.ceil(n_sequences / self.per_step)
-
-    def order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        return torch.randperm(self.n, generator=generator).tolist()
-
-    def micro_batches(self, step: int, rank: int = 0) -> list[list[int]]:
-        """This rank's micro-batches of a step. Every rank gets the same number of them (an empty
-        one carries no loss), so processes stay in step; together they hold the step's sequences."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        chosen = self.order(epoch)[index * self.per_step:(index + 1) * self.per_step]
-        count = math.ceil(math.ceil(len(chosen) / self.world_size) / self.batch_size)
-        mine = chosen[rank::self.world_size]
-        return [mine[i * self.batch_size:(i + 1) * self.batch_size] for i in range(count)]
 
 
 class Trainer:
@@ -174,6 +143,8 @@ class Trainer:
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
         warmup = math.ceil(t.warmup_ratio * self.total_steps)
+        workers = t.dataloader_num_workers
+        self.dataloader_workers = workers if workers is not None else 2 if self.device.type == "cuda" else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, warmup, t.scheduler))
         self.start_step = 0
         if self.resume:
@@ -268,32 +239,29 @@ class Trainer:
         losses = []
         for hook in self.hooks:
             hook.before_train(self)
+        steps = step_batches(StepBatches(self.schedule, self.sequences, self.collate, self.tokenizer.pad_token_id,
+                                         self.dist.rank), self.start_step, self.total_steps,
+                             self.dataloader_workers, pin=self.device.type == "cuda")
         for step in range(self.start_step, self.total_steps):
             started = time.perf_counter()
-            micro_batches = self.schedule.micro_batches(step, self.dist.rank)
-            # An empty micro-batch (the last step's remainder on some ranks) runs sequence 0 with weight 0.
-            weights = [1.0 if idx else 0.0 for idx in micro_batches]
-            batches = [self.collate([self.sequences[i] for i in idx or [0]], self.tokenizer.pad_token_id)
-                       for idx in micro_batches]
+            data = next(steps)
             # Token-weighted loss: every trained token of the whole step (all micro-batches, all
             # processes) counts the same. DDP averages gradients over processes, hence * world_size.
-            local_tokens = sum(w * int((b["labels"][:, 1:] != IGNORE).sum()) for w, b in zip(weights, batches))
             # With it, whether a signal asks to stop: decided together, so every process stops after the same step.
-            n_tokens, stopping = self.dist.sum(local_tokens, 1.0 if stop else 0.0)
+            n_tokens, stopping = self.dist.sum(data.trained_tokens, 1.0 if stop else 0.0)
             if stopping and step > self.start_step:
                 self._stop(step, stop.get("signal", signal.SIGTERM))
             n_tokens = max(n_tokens, 1)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
-            for j, (weight, batch) in enumerate(zip(weights, batches)):
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                with self.strategy.micro_batch(self.model, last=j == len(batches) - 1):
+            for j, (weight, batch) in enumerate(zip(data.weights, data.batches)):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                with self.strategy.micro_batch(self.model, last=j == len(data.batches) - 1):
                     loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
                     self.strategy.backward(self.model, loss, self.scaler)
                 loss_sum += loss.detach().double() / self.dist.world_size
             # One all-reduce for what the step's end needs from every process: the loss and the real tokens
             # (padding is not throughput).
-            real_tokens = sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)
-            loss_sum, real_tokens = self.dist.sum(loss_sum, real_tokens)
+            loss_sum, real_tokens = self.dist.sum(loss_sum, data.real_tokens)
             real_tokens = int(real_tokens)
             if not math.isfinite(loss_sum):
                 self._bad_step(step + 1, f"the loss is {loss_sum}")  # raises, or skips this update

@@ -63,13 +63,14 @@ def _gguf_dir() -> Path:
 
 def _convert_gguf(file: Path, target: Path) -> None:
     from rich.console import Console
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # load.py imports this module, so its reader is imported when first used
+    from tuner.model.load import read_gguf
 
     Console(stderr=True).print(f"[tuner] converting {file.name} once into {target} ...", markup=False,
                               soft_wrap=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+        model, tokenizer = read_gguf(file)
     except (ValueError, KeyError, OSError) as e:  # an architecture or a quantization transformers cannot read
         raise TunerError(f"cannot load the GGUF file {file}: {str(e).splitlines()[0]}") from None
     # A model loaded from GGUF refuses save_pretrained until its quantization config is dropped;

@@ -218,9 +218,9 @@ def load_llava_for_chat(model_path: str, llava_dir: str | None, visual_encoder: 
         path = resolve_model_path(model_path)
         if load_config(path).model_type != "llava":
             raise TunerError(f"{model_path} is not a LLaVA model folder; give --llava DIR (a pth_to_hf folder)")
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        model = call_loader(LlavaForConditionalGeneration.from_pretrained, path, dtype=dtype)
         tokenizer = load_tokenizer(path)
-        processor = AutoImageProcessor.from_pretrained(path)
+        processor = call_loader(AutoImageProcessor.from_pretrained, path)
         vision = VisionInfo(model.config.image_token_id, tokens_per_image(model.config.vision_config), processor,
                             True)
         return model.eval(), tokenizer, vision, None
@@ -237,7 +237,7 @@ def load_llava_for_chat(model_path: str, llava_dir: str | None, visual_encoder: 
                                     trust_remote_code=trust), llava, tokenizer)
     load_projector(model, llava_dir)
     if (Path(llava_dir) / "adapter_config.json").exists():
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, llava_dir).merge_and_unload()
+        from tuner.model.adapt import load_adapter
+        model = load_adapter(model, llava_dir).merge_and_unload()
     model.config.use_cache = True
     return model.eval(), tokenizer, vision_info(llava, tokenizer), recipe.get("template")

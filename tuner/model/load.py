@@ -146,8 +146,23 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = Fals
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **{
                 k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation")})
-    return call_loader(AutoModelForCausalLM.from_pretrained, resolved, trust_remote_code=trust_remote_code,
-                            **kwargs)
+    return _causal_lm_from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _causal_lm_from_pretrained(source: str, **kwargs):
+    """transformers' AutoModelForCausalLM.from_pretrained: its one call in tuner."""
+    from transformers import AutoModelForCausalLM
+
+    return call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+
+
+def read_gguf(file: Path):
+    """A GGUF file's model (dequantized to float32) and tokenizer as transformers reads them; for the
+    one-time conversion into a cached folder (model/embedded.py), which is what later loads read."""
+    from transformers import AutoTokenizer
+
+    return (_causal_lm_from_pretrained(str(file.parent), gguf_file=file.name),
+            call_loader(AutoTokenizer.from_pretrained, str(file.parent), gguf_file=file.name))
 
 
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_training: bool = True, meta: bool = False,
