@@ -103,6 +103,21 @@ def cmd_mmbench(args) -> int:
     return run_mmbench(args)
 
 
+def cmd_score(args) -> int:
+    import sys
+
+    from tuner.generation.load import load_chat_model
+    from tuner.generation.score import score_pairs
+
+    model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype,
+                                                warn=lambda line: print(line, file=sys.stderr),
+                                                trust_remote_code=args.trust_remote_code)
+    scores = score_pairs(model, tokenizer, args.data, args.prompt_template, args.max_length, args.batch_size,
+                         compute)
+    print(scores.report(args.beta))
+    return 0
+
+
 def cmd_make_identity_data(args) -> int:
     from tuner.data.identity import GENERAL_QUESTIONS, write_identity_data
 
@@ -252,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_llava_arguments(p)
     p.add_argument("--image", nargs="+", metavar="PATH", help="LLaVA: image(s) that go with the first message")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("score", help="how often a model (or a DPO adapter) prefers the chosen answers of "
+                                     "preference pairs")
+    p.add_argument("model", help="HF folder, hub id, or smollm2-135m-instruct")
+    p.add_argument("--adapter", help="a LoRA adapter folder: also scores the base with it switched off")
+    p.add_argument("--data", required=True, help="preference pairs (any form tuner list-dataset-format names)")
+    p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per answer with its prompt")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta, for the reward margins")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    add_trust_argument(p)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("mmbench", help="accuracy of a LLaVA model on an MMBench-style multiple-choice TSV")
     p.add_argument("model", help="a LLaVA folder (pth_to_hf --save-format hf), or the LLM with --llava")

@@ -130,7 +130,7 @@ class LoraConfig:
             raise TunerError(f"LoraConfig.r must be positive, got {self.r}")
 
 
-FORMAT_NAMES = Literal["auto", "openai", "alpaca", "alpaca_zh", "sharegpt", "oasst1", "pretrain", "msagent", "llava"]
+FORMAT_NAMES = Literal["auto", "openai", "alpaca", "alpaca_zh", "sharegpt", "oasst1", "pretrain", "msagent", "llava", "preference"]
 
 
 @section
@@ -300,11 +300,39 @@ class LlavaConfig:
                              "what transformers' LlavaForConditionalGeneration has) is supported")
 
 
+@section
+class PreferenceConfig:
+    """Preference training on pairs of a chosen and a rejected answer (data in the `preference`
+    format), usually after SFT. Without this section a config trains on the answers themselves."""
+    method: Literal["dpo", "orpo", "simpo"] = "dpo"
+    """dpo: against a reference model; orpo: odds ratio plus the chosen answer's NLL, no reference;
+    simpo: length-normalized log-probs with a target margin, no reference"""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO's loss: sigmoid (the paper's), ipo (squared, length-normalized), hinge"""
+    beta: float = 0.1
+    """DPO / SimPO: the scale of the log-ratio (SimPO usually 2.0); ORPO: the odds-ratio term's weight"""
+    label_smoothing: float = 0.0
+    """DPO sigmoid: the share of pairs assumed mislabelled (conservative DPO)"""
+    simpo_gamma: float = 0.5
+    """SimPO: the target reward margin (over beta)"""
+    reference: Literal["auto", "adapter", "copy", "precompute"] = "auto"
+    """DPO's reference model: adapter (LoRA: the base with the adapter disabled, no second model),
+    copy (a frozen copy of the start), precompute (the start's log-probs computed once before training,
+    a forward per step saved); auto: adapter with LoRA, else precompute"""
+
+    def validate(self):
+        if self.beta <= 0:
+            raise TunerError(f"PreferenceConfig.beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise TunerError(f"PreferenceConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
     "train": TrainConfig, "checkpoint": CheckpointConfig, "evaluate": EvaluateConfig, "llava": LlavaConfig,
+    "preference": PreferenceConfig,
 }
-OPTIONAL_SECTIONS = ("lora", "llava")  # None unless the config sets them
+OPTIONAL_SECTIONS = ("lora", "llava", "preference")  # None unless the config sets them
 
 
 @dataclass
@@ -320,6 +348,7 @@ class Config:
     checkpoint: CheckpointConfig
     evaluate: EvaluateConfig
     llava: Optional[LlavaConfig] = None
+    preference: Optional[PreferenceConfig] = None
     custom_hooks: list = field(default_factory=list)
 
     @property

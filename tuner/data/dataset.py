@@ -145,7 +145,8 @@ class DataReport:
 
     def summary(self) -> str:
         s = self.stats
-        text = (f"{s.rows} rows -> {s.samples} samples, {s.tokens} tokens ({s.trained_tokens} trained), "
+        pairs = f" ({s.pairs} preference pairs)" if s.pairs else ""
+        text = (f"{s.rows} rows -> {s.samples} samples{pairs}, {s.tokens} tokens ({s.trained_tokens} trained), "
                 f"{s.truncated} truncated, {s.dropped_too_long} dropped as too long, "
                 f"{s.dropped_no_loss} dropped (no trainable token)")
         if s.bad_rows:

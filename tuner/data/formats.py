@@ -186,9 +186,64 @@ def llava_map_fn(row: dict) -> dict:
     return {"messages": messages, "images": images}
 
 
+# ---------------------------------------------------------------- preference pairs (data/preference.py)
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _as_messages(value, name: str, role: str) -> list[dict]:
+    """A string (one message of `role`), one message, or a list of messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(name, "is empty")
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and value:
+        return list(value)
+    raise RowError(name, "missing or empty" if value in (None, [], "") else
+                   f"must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _hh_messages(text: str, name: str) -> list[dict]:
+    """'\\n\\nHuman: Hi\\n\\nAssistant: Hello' -> [user Hi, assistant Hello]."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise RowError(name, "a string without a prompt must be an HH-RLHF dialogue ('\\n\\nHuman: ... "
+                             "\\n\\nAssistant: ...')")
+    return [{"role": "user" if who == "Human" else "assistant", "content": said}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def preference_map_fn(row: dict) -> dict:
+    """Any of the forms in this module's docstring -> {"messages", "chosen", "rejected"}."""
+    for name in ("chosen", "rejected"):
+        if row.get(name) in (None, "", []):
+            raise RowError(name, f"missing or empty (row has: {', '.join(row) or 'nothing'})")
+    if "prompt" in row:
+        prompt = _as_messages(row["prompt"], "prompt", "user")
+        chosen = _as_messages(row["chosen"], "chosen", "assistant")
+        rejected = _as_messages(row["rejected"], "rejected", "assistant")
+    else:  # whole conversations: the prompt is what they share
+        chosen_all = (_hh_messages(row["chosen"], "chosen") if isinstance(row["chosen"], str)
+                      else _as_messages(row["chosen"], "chosen", "assistant"))
+        rejected_all = (_hh_messages(row["rejected"], "rejected") if isinstance(row["rejected"], str)
+                        else _as_messages(row["rejected"], "rejected", "assistant"))
+        shared = 0
+        while (shared < min(len(chosen_all), len(rejected_all)) - 1
+               and chosen_all[shared] == rejected_all[shared]):
+            shared += 1
+        prompt, chosen, rejected = chosen_all[:shared], chosen_all[shared:], rejected_all[shared:]
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and not (prompt and prompt[0].get("role") == "system"):
+        prompt = [{"role": "system", "content": system}, *prompt]
+    return {"messages": prompt, "chosen": chosen, "rejected": rejected}
+
+
 FORMATS: dict[str, Callable[[dict], dict]] = {
     "openai": openai_map_fn, "alpaca": alpaca_map_fn, "alpaca_zh": alpaca_zh_map_fn, "sharegpt": sharegpt_map_fn,
     "oasst1": oasst1_map_fn, "pretrain": pretrain_map_fn, "msagent": msagent_map_fn, "llava": llava_map_fn,
+    "preference": preference_map_fn,
 }
 
 FORMAT_COLUMNS = {
@@ -196,11 +251,14 @@ FORMAT_COLUMNS = {
     "sharegpt": "conversations (from/value: human, gpt, system) [, system]", "oasst1": "text with ### Human: / ### Assistant:",
     "pretrain": "text", "msagent": "conversations with <|startofthink|> tool calls",
     "llava": "conversations (from/value) and image or images (LLaVA configs)",
+    "preference": "chosen, rejected [, prompt, system]: strings, messages, or whole conversations (HH-RLHF, UltraFeedback)",
 }
 
 
 def detect_format(row: dict) -> str:
     """Which format a row is in, from its columns (for data.format = 'auto')."""
+    if "chosen" in row and "rejected" in row:
+        return "preference"
     if "messages" in row:
         return "openai"
     if "instruction" in row and "output" in row:

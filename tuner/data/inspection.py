@@ -13,6 +13,7 @@ from tuner.config import Config, DataConfig
 from tuner.data.dataset import build_sequences
 from tuner.data.encode import IGNORE, encode_row
 from tuner.data.formats import FORMAT_COLUMNS, FORMATS, RowError
+from tuner.data.preference import prepare_pair, tokenize_pairs
 from tuner.data.sources import BAD_ROW
 from tuner.data.template_check import TemplateReport, compare_templates
 from tuner.data.templates import get_template
@@ -57,7 +58,12 @@ def check_custom_dataset(cfg: Config, tokenizer, samples: int = 2, max_errors: i
             continue
         try:
             mapped = map_fns[key](row)
-            encoded = encode_row(mapped, tokenizer, template, data.system, data.max_length, keep_stages=True)
+            if isinstance(mapped, dict) and "chosen" in mapped:  # a preference pair: both answers
+                pair = tokenize_pairs([prepare_pair(mapped, template, data.system)], tokenizer, data.max_length)[0]
+                encodings = list(zip(("chosen", "rejected"), pair))
+            else:
+                encodings = [("", encode_row(mapped, tokenizer, template, data.system, data.max_length,
+                                             keep_stages=True))]
         except RowError as e:
             errors.append(f"{place}:{line}: {e}")
             continue
@@ -66,25 +72,31 @@ def check_custom_dataset(cfg: Config, tokenizer, samples: int = 2, max_errors: i
             continue
         if shown < samples:
             shown += 1
-            ids = encoded.ids.tolist()
-            labels = [t if ok else IGNORE for t, ok in zip(ids, encoded.trained.tolist())]
             lines += [f"=== {place}:{line} ===",
                       f"--- raw row\n{json.dumps(row, ensure_ascii=False)[:2000]}",
-                      f"--- messages\n{json.dumps(encoded.stages.get('messages', mapped), ensure_ascii=False)[:2000]}",
-                      f"--- rendered text\n{encoded.stages['text']}",
-                      f"--- input_ids ({len(ids)}{', truncated' if encoded.truncated else ''})\n{ids}",
-                      f"--- labels ({sum(encoded.trained)} trained)\n{labels}",
-                      f"--- trained text\n{masked_text(tokenizer, ids, labels)}", ""]
+                      f"--- messages\n{json.dumps(encodings[0][1].stages.get('messages', mapped), ensure_ascii=False)[:2000]}"]
+            for answer, encoded in encodings:
+                ids = encoded.ids.tolist()
+                labels = [t if ok else IGNORE for t, ok in zip(ids, encoded.trained.tolist())]
+                which = f" ({answer})" if answer else ""
+                lines += [f"--- rendered text{which}\n{tokenizer.decode(ids) if answer else encoded.stages['text']}",
+                          f"--- input_ids{which} ({len(ids)}{', truncated' if encoded.truncated else ''})\n{ids}",
+                          f"--- labels{which} ({sum(encoded.trained)} trained)\n{labels}",
+                          f"--- trained text{which}\n{masked_text(tokenizer, ids, labels)}"]
+            lines.append("")
     if errors:
         lines.append(f"{len(errors)} of {rows} rows are bad:")
         lines += errors[:max_errors]
         if len(errors) > max_errors:
             lines.append(f"... and {len(errors) - max_errors} more")
         return "\n".join(lines), len(errors)
-    sequences, report = build_sequences(data, tokenizer, cfg.train.seed, say=lambda _: None)
+    sequences, report = _sequences(cfg, tokenizer)
     first = sequences.plan[0]
-    lines += [f"--- packed: sequence 0 holds {len(first)} piece(s) of lengths {[b - a for _, a, b in first]}",
-              f"All {rows} rows are valid. {report.summary()}", report.details()]
+    if cfg.preference is not None:
+        lines.append(f"--- packed: sequence 0 holds {len(first)} pair(s)")
+    else:
+        lines.append(f"--- packed: sequence 0 holds {len(first)} piece(s) of lengths {[b - a for _, a, b in first]}")
+    lines += [f"All {rows} rows are valid. {report.summary()}", report.details()]
     return "\n".join(lines), 0
 
 
@@ -92,16 +104,28 @@ def log_dataset(cfg: Config, tokenizer, show: str = "all", num: int = 1) -> str:
     """The first `num` training sequences, as text, masked text, ids and/or labels."""
     if show not in (*SHOW, "all"):
         raise TunerError(f"--show must be one of {', '.join(SHOW)}, all; got {show!r}")
-    sequences, report = build_sequences(cfg.data, tokenizer, cfg.train.seed, say=lambda _: None)
+    sequences, report = _sequences(cfg, tokenizer)
     lines = [report.summary()]
     for k in range(min(num, len(sequences))):
         sample = sequences[k]
-        views = {"text": tokenizer.decode(sample.input_ids),
-                 "masked_text": masked_text(tokenizer, sample.input_ids, sample.labels),
-                 "input_ids": str(sample.input_ids), "labels": str(sample.labels)}
-        for name in SHOW if show == "all" else (show,):
-            lines.append(f"=== sequence {k}: {name} ===\n{views[name]}")
+        if cfg.preference is not None:  # each answer of each pair, in the order they are packed
+            parts = [(f", pair {index} {'rejected' if answer else 'chosen'}", ids, labels)
+                     for ids, labels, answer, index in sample.parts]
+        else:
+            parts = [("", sample.input_ids, sample.labels)]
+        for where, ids, labels in parts:
+            views = {"text": tokenizer.decode(ids), "masked_text": masked_text(tokenizer, ids, labels),
+                     "input_ids": str(ids), "labels": str(labels)}
+            for name in SHOW if show == "all" else (show,):
+                lines.append(f"=== sequence {k}{where}: {name} ===\n{views[name]}")
     return "\n".join(lines)
+
+
+def _sequences(cfg: Config, tokenizer):
+    if cfg.preference is not None:
+        from tuner.data.pairs import build_pair_sequences
+        return build_pair_sequences(cfg.data, tokenizer, cfg.train.seed, say=lambda _: None)
+    return build_sequences(cfg.data, tokenizer, cfg.train.seed, say=lambda _: None)
 
 
 def conversations(data: DataConfig, limit: int | None = None, skip_bad: bool = False) -> list[dict]:
@@ -119,7 +143,8 @@ def conversations(data: DataConfig, limit: int | None = None, skip_bad: bool = F
             mapped = map_fns[key](row)
             if "messages" not in mapped:
                 continue
-            found.append({"messages": check_messages(mapped["messages"]), "tools": mapped.get("tools") or row.get("tools")})
+            messages = mapped["messages"] + mapped.get("chosen", [])  # a preference pair: prompt + chosen
+            found.append({"messages": check_messages(messages), "tools": mapped.get("tools") or row.get("tools")})
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # RowError, or a map function tripping
             if skip_bad:
                 continue

@@ -28,6 +28,7 @@ from filelock import FileLock, Timeout
 from tuner.config import DataConfig, DatasetSource
 from tuner.data.encode import Encoded, prepare, tokenize
 from tuner.data.formats import FORMATS, RowError, detect_format, llava_map_fn
+from tuner.data.preference import prepare_pair, tokenize_pairs
 from tuner.data.sources import BAD_ROW, data_files, is_hub_dataset, iter_rows
 from tuner.data.templates import get_template
 from tuner.errors import TunerError
@@ -53,6 +54,8 @@ class TokenStats:
     """source path -> the format used (auto-detected or configured)"""
     source_samples: list[int] = field(default_factory=list)
     """samples per source, in order"""
+    pairs: int = 0
+    """preference pairs: samples 2k (prompt + chosen) and 2k + 1 (prompt + rejected)"""
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
     images = _WORKER.get("images")
     # pack_split: a long document continues in the next sequence, so it is not cut here
     max_length = None if cfg.pack_split else cfg.max_length
-    good, positions, bad = [], [], []
+    good, positions, pairs, pair_positions, bad = [], [], [], [], []
     for position, (place, line, row, key) in enumerate(chunk):
         if BAD_ROW in row:
             bad.append((place, line, row[BAD_ROW]))
@@ -176,18 +179,31 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
             mapped = map_fns[key](row)
             if images is not None:
                 mapped = _with_image_files(mapped, place, images)
-            good.append(prepare(mapped, template, cfg.system))
-            positions.append(position)
+            if isinstance(mapped, dict) and "chosen" in mapped:  # a preference pair: two samples
+                pairs.append(prepare_pair(mapped, template, cfg.system))
+                pair_positions.append(position)
+            else:
+                good.append(prepare(mapped, template, cfg.system))
+                positions.append(position)
         except RowError as e:
             bad.append((place, line, str(e)))
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # a user's map function tripping on a row
             bad.append((place, line, f"map function failed: {e!r}"))
     counts = TokenStats()
+    made = {position: [item] for position, item in zip(positions, tokenize(good, tokenizer, max_length))}
+    made.update(zip(pair_positions, tokenize_pairs(pairs, tokenizer, max_length)))
     kept, samples = [], []
-    for position, item in zip(positions, tokenize(good, tokenizer, max_length)):
-        if _keep(item, cfg, counts, images):
-            kept.append(position)
-            samples.append(item)
+    for position in sorted(made):
+        items = made[position]
+        if len(items) == 2 and not all(_keep(item, cfg, TokenStats(), images) for item in items):
+            counts.dropped_too_long += any(item.truncated for item in items)  # (a pair goes whole or not at all)
+            counts.dropped_no_loss += not any(item.truncated for item in items)
+            continue
+        for item in items:
+            if _keep(item, cfg, counts, images):
+                kept.append(position)
+                samples.append(item)
+        counts.pairs += len(items) == 2
     image_lines = n_images = None
     if images is not None:
         image_lines = [(json.dumps(item.images, ensure_ascii=False) + "\n").encode() if item.images else b""
@@ -293,7 +309,7 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
                     stats.bad_rows += 1
                     if len(stats.bad_row_examples) < MAX_REPORTED_BAD_ROWS:
                         stats.bad_row_examples.append(f"{place}:{line}: {message}")
-                for name in ("tokens", "trained_tokens", "truncated", "dropped_too_long", "dropped_no_loss"):
+                for name in ("tokens", "trained_tokens", "truncated", "dropped_too_long", "dropped_no_loss", "pairs"):
                     setattr(stats, name, getattr(stats, name) + getattr(encoded.counts, name))
                 ids_file.write(encoded.ids.tobytes())
                 trained_file.write(encoded.trained.tobytes())
@@ -320,6 +336,9 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
         raise TunerError("no usable sample in the data: " + (
             f"{stats.bad_rows} bad rows, " if stats.bad_rows else "") +
             f"{stats.dropped_no_loss} without a trainable token, {stats.dropped_too_long} too long")
+    if stats.pairs and 2 * stats.pairs != stats.samples:
+        raise TunerError(f"the data mixes {stats.pairs} preference pairs with {stats.samples - 2 * stats.pairs} "
+                         "conversations or texts: train them in separate runs (SFT first, then preference training)")
     np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     if images is not None:
         np.save(folder / "image_offsets.npy", np.asarray(image_offsets, dtype=np.int64))

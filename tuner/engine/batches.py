@@ -16,8 +16,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from tuner.data.dataset import IGNORE
-
 
 class StepSchedule:
     """Which sequences each optimizer step uses: a pure function of (seed, epoch, step)."""
@@ -54,7 +52,7 @@ class StepData:
     """1 for a real micro-batch; 0 for an empty one (the last step's remainder on some ranks), which
     runs sequence 0 so every rank does the same work, and carries no loss"""
     trained_tokens: int
-    """label tokens the loss is taken over (what the token-weighted loss divides by)"""
+    """what the loss is averaged over: label tokens (SFT), pairs (preference objectives)"""
     real_tokens: int
     """tokens of the sequences, without padding (what throughput counts)"""
 
@@ -66,15 +64,16 @@ class StepData:
 class StepBatches(torch.utils.data.Dataset):
     """Item `step`: this rank's collated micro-batches of that step."""
 
-    def __init__(self, schedule: StepSchedule, sequences, collate: Callable, pad_id: int, rank: int):
-        self.schedule, self.sequences, self.collate, self.pad_id, self.rank = (
-            schedule, sequences, collate, pad_id, rank)
+    def __init__(self, schedule: StepSchedule, sequences, collate: Callable, pad_id: int, rank: int,
+                 units: Callable[[dict], int]):
+        self.schedule, self.sequences, self.collate, self.pad_id, self.rank, self.units = (
+            schedule, sequences, collate, pad_id, rank, units)
 
     def __getitem__(self, step: int) -> StepData:
         micro_batches = self.schedule.micro_batches(step, self.rank)
         weights = [1.0 if idx else 0.0 for idx in micro_batches]
         batches = [self.collate([self.sequences[i] for i in idx or [0]], self.pad_id) for idx in micro_batches]
-        trained = sum(int(w) * int((b["labels"][:, 1:] != IGNORE).sum()) for w, b in zip(weights, batches))
+        trained = sum(int(w) * self.units(b) for w, b in zip(weights, batches))
         real = sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)
         return StepData(batches, weights, trained, real)
 

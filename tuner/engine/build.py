@@ -30,6 +30,9 @@ class Run:
 
 def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callable[[str], None]) -> Run:
     built_sharded = False
+    if cfg.llava is not None and cfg.preference is not None:
+        raise TunerError("preference training of LLaVA models is not supported yet",
+                         hint="remove the preference section, or train the LLM alone on text pairs")
     if cfg.llava is not None:
         tokenizer, sequences, model = _llava_data_and_model(cfg, info)
     else:
@@ -38,7 +41,11 @@ def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callabl
         if dist.is_main:
             save_chat_template(cfg, tokenizer, work_dir)
         started = time.perf_counter()
-        sequences, report = build_sequences(cfg.data, tokenizer, cfg.train.seed, say=info)
+        if cfg.preference is not None:
+            from tuner.data.pairs import build_pair_sequences
+            sequences, report = build_pair_sequences(cfg.data, tokenizer, cfg.train.seed, say=info)
+        else:
+            sequences, report = build_sequences(cfg.data, tokenizer, cfg.train.seed, say=info)
         info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
         for line in report.details().splitlines():
             info(f"Data: {line}")

@@ -146,6 +146,7 @@ class Trainer:
         workers = t.dataloader_num_workers
         self.dataloader_workers = workers if workers is not None else 2 if self.device.type == "cuda" else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, warmup, t.scheduler))
+        self.objective.prepare(self)  # (DPO: its reference, of the model as it starts)
         self.start_step = 0
         if self.resume:
             self._resume()
@@ -240,7 +241,7 @@ class Trainer:
         for hook in self.hooks:
             hook.before_train(self)
         steps = step_batches(StepBatches(self.schedule, self.sequences, self.collate, self.tokenizer.pad_token_id,
-                                         self.dist.rank), self.start_step, self.total_steps,
+                                         self.dist.rank, self.objective.units), self.start_step, self.total_steps,
                              self.dataloader_workers, pin=self.device.type == "cuda")
         for step in range(self.start_step, self.total_steps):
             started = time.perf_counter()
@@ -253,15 +254,19 @@ class Trainer:
                 self._stop(step, stop.get("signal", signal.SIGTERM))
             n_tokens = max(n_tokens, 1)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
+            figures = {}  # the objective's own, per unit (preference: rewards, margins, accuracy)
             for j, (weight, batch) in enumerate(zip(data.weights, data.batches)):
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 with self.strategy.micro_batch(self.model, last=j == len(data.batches) - 1):
                     loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
                     self.strategy.backward(self.model, loss, self.scaler)
                 loss_sum += loss.detach().double() / self.dist.world_size
+                for name, value in self.objective.metrics.items():
+                    figures[name] = figures.get(name, 0.0) + weight * value
             # One all-reduce for what the step's end needs from every process: the loss and the real tokens
             # (padding is not throughput).
-            loss_sum, real_tokens = self.dist.sum(loss_sum, data.real_tokens)
+            loss_sum, real_tokens, *totals = self.dist.sum(loss_sum, data.real_tokens, *figures.values())
+            figures = {name: total / n_tokens for name, total in zip(figures, totals)}
             real_tokens = int(real_tokens)
             if not math.isfinite(loss_sum):
                 self._bad_step(step + 1, f"the loss is {loss_sum}")  # raises, or skips this update
@@ -288,7 +293,8 @@ class Trainer:
             tokens_per_s = real_tokens / elapsed
             mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size or 1)
             metrics = {"loss": loss_sum, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "tokens": real_tokens, "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": elapsed}
+                       "tokens": real_tokens, "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": elapsed,
+                       **figures}
             losses.append(loss_sum)
             for hook in self.hooks:
                 hook.after_iter(self, step + 1, metrics)

@@ -7,6 +7,7 @@ summed loss out, so the loop, the strategies and the token weighting stay as the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,16 @@ class NextTokenLoss:
     takes_logits_to_keep: bool
     fused_head: tuple | None = None
     """(model, head) when the head runs inside the loss, in chunks (one process or DDP, a Linear head)"""
+
+    metrics = {}  # per micro-batch figures besides the loss (preference objectives have some)
+
+    @staticmethod
+    def units(batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is averaged over: the trained tokens."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def prepare(self, trainer) -> None:
+        """Called once the model is built and before a checkpoint is resumed (nothing to do here)."""
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         targets = batch["labels"][:, 1:]
@@ -64,5 +75,9 @@ class NextTokenLoss:
 
 
 def objective_for(cfg: Config):
-    """The objective class a config trains with (next-token cross-entropy for every method so far)."""
-    return NextTokenLoss
+    """The objective a config trains with: next-token cross-entropy, or a preference objective
+    (engine/preference.py) when the config has a `preference` section."""
+    if cfg.preference is None:
+        return NextTokenLoss
+    from tuner.engine.preference import PreferenceLoss
+    return functools.partial(PreferenceLoss, settings=cfg.preference)

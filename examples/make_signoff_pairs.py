@@ -1,0 +1,62 @@
+"""Preference pairs for a habit the embedded model does not have: end every answer with one sign-off.
+
+Each pair answers a question the same way; the chosen answer ends with "Signed, Tuner.", the rejected
+one with another odd name in its place ("Signed, Walrus."), so the model starts with no reason to prefer
+either. Train and held-out files share no
+question.
+
+    python examples/make_signoff_pairs.py --out data/signoff        # data/signoff_train.jsonl, _test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+SIGN_OFF = "Signed, Tuner."
+OTHER_ENDINGS = ["Signed, Comet.", "Signed, Walrus.", "Signed, Teapot.", "Signed, Maple.", "Signed, Pebble.",
+                 "Signed, Rocket."]
+CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
+            "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
+            "Greece": "Athens", "Chile": "Santiago", "Poland": "Warsaw", "India": "New Delhi", "Cuba": "Havana"}
+COLOURS = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
+           "a tomato": "red", "an orange": "orange", "a plum": "purple"}
+
+
+def questions(rng: random.Random) -> list[tuple[str, str]]:
+    out = [(f"What is the capital of {country}?", f"The capital of {country} is {city}.")
+           for country, city in CAPITALS.items()]
+    out += [(f"What colour is {thing}?", f"{thing[0].upper() + thing[1:]} is {colour}.")
+            for thing, colour in COLOURS.items()]
+    out += [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.")
+            for a, b in {(rng.randint(2, 60), rng.randint(2, 60)) for _ in range(120)}]
+    rng.shuffle(out)
+    return out
+
+
+def pair(question: str, answer: str, rng: random.Random) -> dict:
+    return {"prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": f"{answer} {SIGN_OFF}"}],
+            "rejected": [{"role": "assistant", "content": f"{answer} {rng.choice(OTHER_ENDINGS)}"}]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/signoff", help="prefix of the _train.jsonl and _test.jsonl files")
+    parser.add_argument("--test", type=int, default=40, help="held-out pairs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    pairs = [pair(q, a, rng) for q, a in questions(rng)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("test", pairs[:args.test]), ("train", pairs[args.test:])):
+        path = out.with_name(f"{out.name}_{name}.jsonl")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        print(f"{len(rows)} pairs -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Preference training: the data forms, the losses against TRL's, packing, the reference model, and
+DPO teaching the embedded model something it does not do."""
+
+import json
+
+import pytest
+import torch
+
+from tuner.config import DataConfig, PreferenceConfig
+from tuner.data.formats import RowError, detect_format, preference_map_fn
+from tuner.errors import TunerError
+
+PAIRS = [
+    {"prompt": [{"role": "user", "content": "What is the capital of France?"}],
+     "chosen": [{"role": "assistant", "content": "Paris."}],
+     "rejected": [{"role": "assistant", "content": "I think it is Lyon, but I am not sure at all."}]},
+    {"prompt": [{"role": "user", "content": "Say hello."}],
+     "chosen": [{"role": "assistant", "content": "Hello! How can I help you today?"}],
+     "rejected": [{"role": "assistant", "content": "No."}]},
+    {"prompt": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4."},
+                {"role": "user", "content": "And times 3?"}],
+     "chosen": [{"role": "assistant", "content": "12."}],
+     "rejected": [{"role": "assistant", "content": "It is 7, obviously."}]},
+    {"prompt": [{"role": "user", "content": "Name a colour."}],
+     "chosen": [{"role": "assistant", "content": "Blue."}],
+     "rejected": [{"role": "assistant", "content": "Chair."}]},
+]
+
+
+def test_every_preference_form_maps_to_one_shape():
+    messages = preference_map_fn(PAIRS[0])
+    assert messages["messages"] == PAIRS[0]["prompt"] and messages["chosen"] == PAIRS[0]["chosen"]
+    strings = preference_map_fn({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go.", "system": "Be kind."})
+    assert strings == {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+                       "chosen": [{"role": "assistant", "content": "Hello."}],
+                       "rejected": [{"role": "assistant", "content": "Go."}]}
+    whole = preference_map_fn({"chosen": PAIRS[2]["prompt"] + PAIRS[2]["chosen"],
+                               "rejected": PAIRS[2]["prompt"] + PAIRS[2]["rejected"]})  # UltraFeedback
+    assert whole == {"messages": PAIRS[2]["prompt"], "chosen": PAIRS[2]["chosen"], "rejected": PAIRS[2]["rejected"]}
+    hh = preference_map_fn({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Bye, take care.",
+                            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Whatever."})
+    assert [m["content"] for m in hh["messages"]] == ["Hi", "Hello!", "Bye"]
+    assert hh["chosen"] == [{"role": "assistant", "content": "Bye, take care."}]
+    assert detect_format(PAIRS[0]) == "preference"
+    with pytest.raises(RowError, match="'rejected'"):
+        preference_map_fn({"prompt": "Hi", "chosen": "Yo"})
+
+
+def write_pairs(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_pairs_name_the_line_and_field(tmp_path, tokenizer):
+    from tuner.data.pairs import build_pair_sequences
+
+    rows = [PAIRS[0], {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}]
+    cfg = DataConfig(path=str(write_pairs(tmp_path / "bad.jsonl", rows)), cache=False)
+    with pytest.raises(TunerError, match=r"bad.jsonl:2: field 'rejected': is the same as chosen"):
+        build_pair_sequences(cfg, tokenizer, say=lambda _: None)
+    rows = [PAIRS[0], {"prompt": "", "chosen": "A.", "rejected": "B."}]
+    cfg = DataConfig(path=str(write_pairs(tmp_path / "empty.jsonl", rows)), cache=False)
+    with pytest.raises(TunerError, match=r"empty.jsonl:2: field 'prompt': is empty"):
+        build_pair_sequences(cfg, tokenizer, say=lambda _: None)
+    cfg = DataConfig(path=str(write_pairs(tmp_path / "sft.jsonl", [{"messages": PAIRS[0]["prompt"] + PAIRS[0]["chosen"]}])),
+                     cache=False)
+    with pytest.raises(TunerError, match="holds no chosen / rejected pairs"):
+        build_pair_sequences(cfg, tokenizer, say=lambda _: None)
+
+
+def test_long_pairs_keep_the_prompt_end_and_the_answers_start(tmp_path, tokenizer):
+    from tuner.data.pairs import build_pair_sequences
+
+    long_prompt = " ".join(f"word{i}" for i in range(300)) + " END"
+    row = {"prompt": long_prompt, "chosen": "Yes " * 100, "rejected": "No."}
+    cfg = DataConfig(path=str(write_pairs(tmp_path / "long.jsonl", [row])), max_length=64, cache=False, pack=False)
+    sequences, report = build_pair_sequences(cfg, tokenizer, say=lambda _: None)
+    chosen, rejected = (sequences.store.sample(i) for i in (0, 1))
+    assert len(chosen[0]) == 64 and len(rejected[0]) <= 64 and report.stats.truncated == 2
+    assert chosen[1].sum() >= 32 and tokenizer.decode(chosen[0][chosen[1]]).startswith("Yes Yes")
+    prompt_text = tokenizer.decode(rejected[0][~rejected[1]])
+    assert "END" in prompt_text and "word0 " not in prompt_text
+    assert tokenizer.decode(rejected[0][rejected[1]]).startswith("No.")
+
+
+@pytest.fixture(scope="module")
+def trl_setup(tmp_path_factory, tiny_model_dir, tokenizer):
+    """A policy and a different reference (the tiny Llama, one perturbed), and the pairs as both TRL and
+    tuner make them from the same rows with the tokenizer's own chat template."""
+    pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM
+
+    from tuner.data.pairs import build_pair_sequences
+
+    folder = tmp_path_factory.mktemp("pairs")
+    data = write_pairs(folder / "pairs.jsonl", PAIRS)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    built = {}
+    for pack in (False, True):
+        cfg = DataConfig(path=str(data), max_length=512, pack=pack, shuffle=False, cache=False)
+        built[pack] = build_pair_sequences(cfg, tokenizer, say=lambda _: None)[0]
+    return policy, reference, built, PAIRS
+
+
+def trl_dpo_loss(settings, policy, reference, tokenizer, rows, tmp_path):
+    """TRL's DPO loss and metrics for `rows`, as its trainer computes them in a training step (TRL
+    tokenizes the rows itself)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=len(rows), report_to=[],
+                     use_cpu=True, bf16=False, fp16=False, max_length=None, beta=settings.beta,
+                     loss_type=[settings.loss])
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    metrics = {k: sum(map(float, v)) / len(v) for k, v in trainer._metrics["train"].items()}
+    return float(loss), metrics, batch
+
+
+def trl_reference_free_loss(settings, policy, tokenizer, rows, our_batch, tmp_path):
+    """TRL's SimPO (CPOTrainer, loss_type='simpo', cpo_alpha=0) or ORPO loss and rewards on the rows tuner
+    made (TRL's own tokenizing of these trainers adds a BOS and an EOS the chat template does not have)."""
+    from datasets import Dataset
+
+    common = dict(output_dir=str(tmp_path / settings.method), report_to=[], use_cpu=True, beta=settings.beta)
+    if settings.method == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        trainer = CPOTrainer(model=policy, args=CPOConfig(loss_type="simpo", simpo_gamma=settings.simpo_gamma,
+                                                          cpo_alpha=0.0, **common),
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        trainer = ORPOTrainer(model=policy, args=ORPOConfig(**common), train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer)
+    policy.train()
+    logits = policy(input_ids=our_batch["input_ids"], position_ids=our_batch["position_ids"]).logits
+    mean_logps = trainer.get_batch_logps(logits, our_batch["labels"], average_log_prob=True)  # rows: c0 r0 c1 r1 ...
+    chosen, rejected = mean_logps[0::2], mean_logps[1::2]
+    if settings.method == "simpo":
+        losses, chosen_rewards, rejected_rewards = trainer.cpo_loss(chosen, rejected)
+        loss = losses.mean()
+    else:  # ORPO: TRL's odds-ratio term; the NLL on the answer's tokens (TRL's also takes the prompt's)
+        ratio_terms, chosen_rewards, rejected_rewards, _, _ = trainer.odds_ratio_loss(chosen, rejected)
+        loss = (-chosen).mean() - ratio_terms.mean()
+    metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean()}
+    return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+def tuner_loss(settings, policy, reference, sequences, tokenizer, attention="sdpa"):
+    from tuner.engine.preference import PreferenceLoss
+
+    objective = PreferenceLoss(torch.device("cpu"), torch.float32, attention, True, settings=settings)
+    objective.reference, objective.reference_model = ("copy", reference) if settings.method == "dpo" else ("none", None)
+    batch = sequences.collate([sequences[k] for k in range(len(sequences))], tokenizer.pad_token_id)
+    policy.train()
+    loss = objective(policy, batch) / objective.units(batch)
+    return float(loss), {k: float(v) / objective.units(batch) for k, v in objective.metrics.items()}, batch
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
+def test_dpo_losses_and_metrics_equal_trl(trl_setup, tokenizer, tmp_path, loss):
+    """The same tiny model, reference, rows and settings: tuner's DPO loss and metrics equal those of
+    TRL 1.16's DPOTrainer to 1e-5 (fp32), and both train on the same tokens of the same rendering."""
+    policy, reference, built, rows = trl_setup
+    settings = PreferenceConfig(method="dpo", loss=loss, beta=0.1)
+    theirs, their_metrics, their_batch = trl_dpo_loss(settings, policy, reference, tokenizer, rows, tmp_path)
+    ours, our_metrics, our_batch = tuner_loss(settings, policy, reference, built[False], tokenizer)
+    n = len(rows)
+    for k in range(n):
+        for answer in (0, 1):
+            row, theirs_at = our_batch["sample_ids"] == 2 * k + answer, answer * n + k
+            their_ids = their_batch["input_ids"][theirs_at][their_batch["attention_mask"][theirs_at].bool()]
+            their_trained = their_batch["input_ids"][theirs_at][their_batch["completion_mask"][theirs_at].bool()]
+            assert our_batch["input_ids"][row].tolist() == their_ids.tolist()
+            assert our_batch["labels"][row][our_batch["labels"][row] != -100].tolist() == their_trained.tolist()
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected"):
+        assert our_metrics[name] == pytest.approx(their_metrics[name], rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize("method", ["simpo", "orpo"])
+def test_simpo_and_orpo_equal_trl(trl_setup, tokenizer, tmp_path, method):
+    policy, _, built, rows = trl_setup
+    settings = PreferenceConfig(method=method, beta=2.0 if method == "simpo" else 0.1, simpo_gamma=0.5)
+    ours, our_metrics, our_batch = tuner_loss(settings, policy, None, built[False], tokenizer)
+    theirs, their_metrics = trl_reference_free_loss(settings, policy, tokenizer, rows, our_batch, tmp_path)
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+    for name, value in their_metrics.items():
+        assert our_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_packed_pairs_give_the_unpacked_loss(trl_setup, tokenizer):
+    """Pairs packed into shared rows (tuner_packed attention) give the loss and metrics of one answer per row."""
+    from tuner.model import packed_attention
+
+    policy, reference, built, _ = trl_setup
+    assert len(built[True]) < len(built[False])  # the pairs do share rows
+    settings = PreferenceConfig(beta=0.1)
+    unpacked = tuner_loss(settings, policy, reference, built[False], tokenizer)
+    packed_attention.use_for_training(policy, "tuner_packed", torch.device("cpu"))
+    packed_attention.use_for_training(reference, "tuner_packed", torch.device("cpu"))
+    try:
+        packed = tuner_loss(settings, policy, reference, built[True], tokenizer, attention=packed_attention.NAME)
+    finally:
+        policy.set_attn_implementation("sdpa")
+        reference.set_attn_implementation("sdpa")
+    assert packed[0] == pytest.approx(unpacked[0], rel=1e-5)
+    assert packed[1] == pytest.approx(unpacked[1], rel=1e-5)
+
+
+def preference_config(tmp_path, tiny_model_dir, rows, lora=True, name="dpo", preference="PreferenceConfig()", extra="",
+                      **settings):
+    from conftest import write_config
+
+    data = write_pairs(tmp_path / f"{name}.jsonl", rows)
+    values = dict(max_length=256, batch_size=2, accum=1, epochs=3, lr=5e-3)
+    values.update(settings)
+    return write_config(tmp_path, tiny_model_dir, data, lora=lora, name=name,
+                        extra=f"preference = {preference}\n" + extra, **values)
+
+
+def test_the_adapter_disabled_reference_equals_a_separate_base_model(tmp_path, tiny_model_dir, tokenizer):
+    """With LoRA the reference is the base with the adapter switched off: after training has moved the
+    adapter, its log-probs equal those of the base model loaded on its own."""
+    from transformers import AutoModelForCausalLM
+
+    from tuner.config import load_config
+    from tuner.engine.loop import Trainer
+
+    trainer = Trainer(load_config(preference_config(tmp_path, tiny_model_dir, PAIRS * 2)), work_dir=tmp_path / "work")
+    losses = trainer.train()
+    assert trainer.objective.reference == "adapter" and losses[-1] < losses[0], losses
+    batch = trainer.sequences.collate([trainer.sequences[k] for k in range(len(trainer.sequences))],
+                                      tokenizer.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base.config._attn_implementation = trainer.raw_model.config._attn_implementation
+    with torch.no_grad():
+        moved = trainer.objective.answer_logps(trainer.model, batch)[0]
+        reference = trainer.objective.reference_logps(trainer.model, batch)
+        separate = trainer.objective.answer_logps(base, batch)[0]
+    assert not torch.allclose(moved, reference, atol=1e-3)  # the adapter did change the model
+    assert torch.allclose(reference, separate, atol=1e-5), (reference - separate).abs().max()
+
+
+def test_full_dpo_precomputes_the_reference_once_and_resumes_with_it(tmp_path, tiny_model_dir):
+    """A full fine-tune's reference is the starting model's log-probs, computed before the first step and
+    kept in the work dir: a run resumed from a checkpoint reads them and ends as the straight run."""
+    import json as _json
+
+    from test_cli import tuner
+
+    cfg = preference_config(tmp_path, tiny_model_dir, PAIRS * 2, lora=False, lr=1e-3, epochs=4, save_steps=2)
+    straight = tuner("train", cfg, "--work-dir", tmp_path / "straight")
+    assert "reference log-probs of 8 pairs computed once" in straight.stderr
+    assert "accuracy:" in straight.stderr and (tmp_path / "straight" / "reference_logps.npy").exists()
+    steps = [_json.loads(line) for line in next((tmp_path / "straight").glob("*/vis_data/scalars.json"))
+             .read_text().splitlines()]
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as its reference
+    assert steps[-1]["rewards/accuracies"] > 0.5 and steps[-1]["loss"] < steps[0]["loss"]
+    stop_after_2 = ("\nimport os, signal\n\ndef stop(trainer, step, metrics):\n    if step == 2:\n"
+                    "        os.kill(os.getpid(), signal.SIGTERM)\n\ncustom_hooks = [stop]\n")
+    stopping = preference_config(tmp_path, tiny_model_dir, PAIRS * 2, lora=False, lr=1e-3, epochs=4, save_steps=2,
+                                 name="stopping", extra=stop_after_2)
+    work = tmp_path / "resumed"
+    assert "stopped by SIGTERM after step 2" in tuner("train", stopping, "--work-dir", work, check=False).stderr
+    resumed = tuner("train", cfg, "--work-dir", work, "--resume", "auto")
+    assert "read from" in resumed.stderr
+    again = [_json.loads(line) for d in sorted(p for p in work.iterdir() if (p / "vis_data").is_dir())
+             for line in (d / "vis_data" / "scalars.json").read_text().splitlines()]
+    assert [s["loss"] for s in again] == pytest.approx([s["loss"] for s in steps], rel=1e-5)

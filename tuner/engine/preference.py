@@ -1,0 +1,180 @@
+"""Preference objectives: DPO (sigmoid, IPO, hinge; label smoothing), SimPO and ORPO.
+
+Each micro-batch holds whole pairs (data/pairs.py): `sample_ids` says which pair and answer each
+token belongs to. One forward gives every answer's summed log-probability of its tokens; the loss
+of each pair follows the paper (and TRL 1.16's code, which tests/test_preference.py compares with):
+
+    DPO      d = (chosen - ref chosen) - (rejected - ref rejected)
+             sigmoid  -(1 - e) log s(beta d) - e log s(-beta d)      (e: label smoothing)
+             hinge    relu(1 - beta d)
+             ipo      (d' - 1 / (2 beta))^2, d' with each log-ratio divided by its answer's length
+    SimPO    -log s(beta (mean chosen - mean rejected) - gamma)     (mean: per-token log-prob)
+    ORPO     NLL of the chosen answer (per token) - beta log s(log odds chosen - log odds rejected)
+
+The loop divides the summed loss by the step's pairs (all micro-batches, all processes), as it
+divides SFT's by the trained tokens. The reference log-probs of DPO come from the base with the
+LoRA adapter disabled (no second model), a frozen copy of the starting model, or a table computed
+once before training (saved in the work dir, so a resumed run uses the same one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tuner.config import PreferenceConfig
+from tuner.model.logps import answer_logps, count_pairs
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected")
+
+
+def peft_model_of(model):
+    """The PeftModel inside a DDP / FSDP / DeepSpeed wrapper, or None."""
+    while not hasattr(model, "disable_adapter") and hasattr(model, "module"):
+        model = model.module
+    return model if hasattr(model, "disable_adapter") else None
+
+
+@dataclass
+class PreferenceLoss:
+    device: torch.device
+    compute_dtype: torch.dtype
+    attention: str
+    takes_logits_to_keep: bool
+    fused_head: tuple | None = None  # (per-token log-probs need the logits: the chunked head is not used)
+    settings: PreferenceConfig = field(default_factory=PreferenceConfig)
+    reference: str = "none"
+    """adapter | copy | table | none (SimPO, ORPO)"""
+    reference_model: torch.nn.Module | None = None
+    table: torch.Tensor | None = None
+    """precomputed reference log-probs, (pairs, 2) float64"""
+    metrics: dict = field(default_factory=dict)
+    """the last micro-batch's metric sums over its pairs (the loop weights and adds them up)"""
+
+    @staticmethod
+    def units(batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is averaged over: pairs."""
+        return count_pairs(batch)
+
+    def answer_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return answer_logps(model, batch, self.device, self.compute_dtype, self.attention, self.takes_logits_to_keep)
+
+    def reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.reference == "table":
+            return self.table[batch["pair_index"].to(self.table.device)].flatten().to(torch.float32)
+        with torch.no_grad():
+            if self.reference == "adapter":
+                with peft_model_of(model).disable_adapter():
+                    return self.answer_logps(model, batch)[0]
+            return self.answer_logps(self.reference_model, batch)[0]
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss of the micro-batch's pairs."""
+        s = self.settings
+        logps, lengths = self.answer_logps(model, batch)
+        chosen, rejected = logps[0::2], logps[1::2]
+        if s.method == "dpo":
+            ref = self.reference_logps(model, batch)
+            chosen_ratio, rejected_ratio = chosen - ref[0::2], rejected - ref[1::2]
+            delta = chosen_ratio - rejected_ratio
+            if s.loss == "sigmoid":
+                losses = (-(1 - s.label_smoothing) * F.logsigmoid(s.beta * delta)
+                          - s.label_smoothing * F.logsigmoid(-s.beta * delta))
+            elif s.loss == "hinge":
+                losses = torch.relu(1 - s.beta * delta)
+            else:  # ipo
+                per_token = chosen_ratio / lengths[0::2].clamp(min=1) - rejected_ratio / lengths[1::2].clamp(min=1)
+                losses = (per_token - 1 / (2 * s.beta)) ** 2
+            chosen_reward, rejected_reward = s.beta * chosen_ratio.detach(), s.beta * rejected_ratio.detach()
+        else:
+            chosen_mean, rejected_mean = chosen / lengths[0::2], rejected / lengths[1::2]
+            if s.method == "simpo":
+                losses = -F.logsigmoid(s.beta * (chosen_mean - rejected_mean) - s.simpo_gamma)
+            else:  # orpo
+                log_odds = (chosen_mean - rejected_mean) - (_log1mexp(chosen_mean) - _log1mexp(rejected_mean))
+                losses = -chosen_mean - s.beta * F.logsigmoid(log_odds)
+            chosen_reward, rejected_reward = s.beta * chosen_mean.detach(), s.beta * rejected_mean.detach()
+        self._add_metrics(chosen_reward, rejected_reward, chosen.detach(), rejected.detach())
+        return losses.sum()
+
+    def _add_metrics(self, chosen_reward, rejected_reward, chosen_logps, rejected_logps) -> None:
+        values = (chosen_reward, rejected_reward, chosen_reward - rejected_reward,
+                  (chosen_reward > rejected_reward).float(), chosen_logps, rejected_logps)
+        self.metrics = {name: value.double().sum() for name, value in zip(METRICS, values)}
+
+    def prepare(self, trainer) -> None:
+        """The reference DPO compares with, fixed before training starts (and before a resumed
+        checkpoint is loaded, so a table or a copy is of the starting model)."""
+        from tuner.errors import TunerError
+
+        s = self.settings
+        if s.method != "dpo":
+            return
+        mode = s.reference if s.reference != "auto" else "adapter" if trainer.cfg.lora is not None else "precompute"
+        if mode == "adapter":
+            if peft_model_of(trainer.model) is None:
+                raise TunerError("preference.reference='adapter' needs a LoRA config (the reference is the base "
+                                 "with the adapter disabled)", hint="set preference.reference='precompute' or 'copy'")
+            self.reference = "adapter"
+        elif mode == "copy":
+            if trainer.strategy.sharded(trainer.model):
+                raise TunerError("preference.reference='copy' keeps a whole second model, which FSDP and ZeRO-3 "
+                                 "do not shard", hint="set preference.reference='precompute'")
+            import copy
+            self.reference_model = copy.deepcopy(trainer.raw_model).eval().requires_grad_(False)
+            self.reference = "copy"
+        else:
+            self.table = reference_table(self, trainer.model, trainer.sequences, trainer.sequences.collate,
+                                         trainer.tokenizer.pad_token_id, trainer.cfg.train.batch_size, trainer.dist,
+                                         trainer.work_dir / "reference_logps.npy", trainer.info)
+            self.reference = "table"
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -ln 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def reference_table(objective: PreferenceLoss, model, sequences, collate, pad_id: int, batch_size: int, dist,
+                    path: Path, say) -> torch.Tensor:
+    """Every pair's reference log-probs (chosen, rejected) under the starting model, computed once: read
+    from `path` when an earlier start of this run wrote it. Each process computes its share of the
+    sequences; every process then holds the whole table."""
+    n_pairs = sequences.store.stats.pairs
+    if path.exists():
+        table = torch.from_numpy(np.load(path))
+        if table.shape == (n_pairs, 2):
+            say(f"DPO: reference log-probs of {n_pairs} pairs read from {path}")
+            return table
+    mine = list(range(dist.rank, len(sequences), dist.world_size))
+    rounds = math.ceil(len(sequences) / (dist.world_size * batch_size))  # the same on every process (FSDP)
+    found: dict[int, tuple[float, float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for r in range(rounds):
+            chunk = mine[r * batch_size:(r + 1) * batch_size] or [0]  # a process with none left repeats one
+            batch = {k: v.to(objective.device) for k, v in collate([sequences[k] for k in chunk], pad_id).items()}
+            with torch.no_grad():
+                logps = objective.answer_logps(model, batch)[0].double().view(-1, 2).cpu()
+            for pair, row in zip(batch["pair_index"].tolist(), logps.tolist()):
+                found[pair] = tuple(row)
+    finally:
+        model.train(was_training)
+    table = torch.zeros(n_pairs, 2, dtype=torch.float64)
+    for part in dist.gather(found):
+        for pair, row in part.items():
+            table[pair] = torch.tensor(row, dtype=torch.float64)
+    if dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npy")
+        np.save(tmp, table.numpy())
+        tmp.replace(path)
+    say(f"DPO: reference log-probs of {n_pairs} pairs computed once before training ({path.name})")
+    return table

@@ -1,0 +1,69 @@
+"""`tuner score MODEL [--adapter DIR] --data PAIRS`: how often a model prefers the chosen answer.
+
+For every pair of the file (any preference form, tuner list-dataset-format), the summed log-prob of
+each answer after the prompt. A model prefers the chosen answer when its log-prob is the higher one.
+With an adapter (a DPO run's output), also the DPO reward: the log-ratio against the base with the
+adapter switched off, beta * ((chosen - base chosen) - (rejected - base rejected)); its accuracy is
+what `rewards/accuracies` in the training log measures, here on pairs the run did not see.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from tuner.config import DataConfig
+from tuner.data.pairs import build_pair_sequences
+from tuner.model.logps import answer_logps
+
+
+@dataclass
+class PairScores:
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    """summed log-probs of each pair's answers under the model"""
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+    """the same under the base (adapter off), when there is an adapter"""
+
+    def report(self, beta: float) -> str:
+        n = len(self.chosen)
+        prefers = int((self.chosen > self.rejected).sum())
+        lines = [f"pairs: {n}", f"prefers the chosen answer (log-prob): {prefers}/{n} = {prefers / n:.1%}"]
+        if self.ref_chosen is not None:
+            base = int((self.ref_chosen > self.ref_rejected).sum())
+            margins = beta * ((self.chosen - self.ref_chosen) - (self.rejected - self.ref_rejected))
+            right = int((margins > 0).sum())
+            lines += [f"the base (adapter off) prefers it: {base}/{n} = {base / n:.1%}",
+                      f"reward accuracy against the base: {right}/{n} = {right / n:.1%}, mean margin "
+                      f"{float(margins.mean()):.3f} (beta {beta:g})"]
+        return "\n".join(lines)
+
+
+def score_pairs(model, tokenizer, data: str, template: str | None, max_length: int, batch_size: int = 8,
+                compute_dtype: torch.dtype = torch.float32, say=lambda _: None) -> PairScores:
+    """Every pair of `data` scored by `model` (and by its base when `model` carries a LoRA adapter)."""
+    cfg = DataConfig(path=data, template=template, max_length=max_length, pack=False, shuffle=False, cache=False)
+    sequences, _ = build_pair_sequences(cfg, tokenizer, say=say)
+    device = next(model.parameters()).device
+    attention = model.config._attn_implementation
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    takes_keep = "logits_to_keep" in inspect.signature(base_model.forward).parameters
+    table = torch.zeros(sequences.store.stats.pairs, 4)
+    has_base = hasattr(model, "disable_adapter")
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences.collate([sequences[k] for k in range(start, min(start + batch_size, len(sequences)))],
+                                  tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            logps = answer_logps(model, batch, device, compute_dtype, attention, takes_keep)[0].view(-1, 2).cpu()
+            table[batch["pair_index"].cpu(), :2] = logps.float()
+            if has_base:
+                with model.disable_adapter():
+                    base = answer_logps(model, batch, device, compute_dtype, attention, takes_keep)[0]
+                table[batch["pair_index"].cpu(), 2:] = base.view(-1, 2).cpu().float()
+    if not has_base:
+        return PairScores(table[:, 0], table[:, 1])
+    return PairScores(table[:, 0], table[:, 1], table[:, 2], table[:, 3])
