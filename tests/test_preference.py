@@ -253,6 +253,7 @@ def test_the_adapter_disabled_reference_equals_a_separate_base_model(tmp_path, t
     assert torch.allclose(reference, separate, atol=1e-5), (reference - separate).abs().max()
 
 
+@pytest.mark.slow
 def test_full_dpo_precomputes_the_reference_once_and_resumes_with_it(tmp_path, tiny_model_dir):
     """A full fine-tune's reference is the starting model's log-probs, computed before the first step and
     kept in the work dir: a run resumed from a checkpoint reads them and ends as the straight run."""
