@@ -106,3 +106,18 @@ def test_packed_samples_cannot_see_each_other(tiny_model_dir, tokenizer):
         together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
         alone = model(input_ids=torch.tensor([b]), use_cache=False).logits
     assert torch.allclose(together[0, 20:31], alone[0], atol=1e-5)
+
+
+def test_a_padded_tokenizer_call_before_does_not_pad_the_data(tokenizer):
+    """tokenizer(texts, padding=True) (generation does it) leaves padding on the Rust tokenizer; the data
+    engine's batches must still be each text's own tokens, not padded to the longest of the batch."""
+    from tuner.data.encode import Prepared, tokenize
+
+    texts = ["Hello there, how are you doing today?", "Hi"]
+    alone = [tokenize([Prepared(t, None)], tokenizer, None)[0].ids.tolist() for t in texts]
+    tokenizer(texts, padding=True)
+    try:
+        together = [e.ids.tolist() for e in tokenize([Prepared(t, None) for t in texts], tokenizer, None)]
+    finally:
+        tokenizer.backend_tokenizer.no_padding()
+    assert together == alone

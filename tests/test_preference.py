@@ -87,7 +87,6 @@ def test_long_pairs_keep_the_prompt_end_and_the_answers_start(tmp_path, tokenize
 def trl_setup(tmp_path_factory, tiny_model_dir, tokenizer):
     """A policy and a different reference (the tiny Llama, one perturbed), and the pairs as both TRL and
     tuner make them from the same rows with the tokenizer's own chat template."""
-    pytest.importorskip("trl")
     from transformers import AutoModelForCausalLM
 
     from tuner.data.pairs import build_pair_sequences
@@ -280,3 +279,65 @@ def test_full_dpo_precomputes_the_reference_once_and_resumes_with_it(tmp_path, t
     again = [_json.loads(line) for d in sorted(p for p in work.iterdir() if (p / "vis_data").is_dir())
              for line in (d / "vis_data" / "scalars.json").read_text().splitlines()]
     assert [s["loss"] for s in again] == pytest.approx([s["loss"] for s in steps], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_dpo_matches_one_process(tmp_path, tiny_model_dir, monkeypatch):
+    """DPO under DDP, 2 CPU processes x batch 1, against one process x batch 2: the same pairs per step,
+    so the same losses and metrics (each process's pairs weigh as much as the other's)."""
+    import json as _json
+
+    from test_cli import tuner
+
+    rows = PAIRS * 3
+    one = preference_config(tmp_path, tiny_model_dir, rows, name="one", batch_size=2, pack=False, epochs=1)
+    two = preference_config(tmp_path, tiny_model_dir, rows, name="two", batch_size=1, pack=False, epochs=1)
+    tuner("train", one, "--work-dir", tmp_path / "one")
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("PORT", "29570")
+    run = tuner("train", two, "--work-dir", tmp_path / "two")
+    assert "2 processes (DDP)" in run.stderr
+
+    def steps(work):
+        return [_json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
+
+    single, double = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert len(single) == len(double) == 6
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert [s[name] for s in double] == pytest.approx([s[name] for s in single], rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_dpo_teaches_the_embedded_model_a_sign_off_it_does_not_prefer(tmp_path):
+    """The built-in DPO config on the embedded SmolLM2-135M-Instruct (examples/make_signoff_pairs.py):
+    on held-out pairs the model goes from rarely preferring answers signed 'Signed, Tuner.' to nearly
+    always, and its greedy answers to new questions end with the sign-off."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_cli import tuner
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    subprocess.run([sys.executable, str(examples / "make_signoff_pairs.py"), "--out", str(tmp_path / "signoff"),
+                    "--test", "24"], check=True, capture_output=True)
+    train, test = tmp_path / "signoff_train.jsonl", tmp_path / "signoff_test.jsonl"
+    before = tuner("score", "smollm2-135m-instruct", "--data", test).stdout
+
+    def accuracy(report, what):
+        return float(re.search(rf"{what}: \d+/\d+ = ([\d.]+)%", report).group(1))
+
+    assert accuracy(before, r"prefers the chosen answer \(log-prob\)") < 30, before
+    name = "smollm2_135m_instruct_lora_dpo_signoff_e2"
+    options = [f"data.path={train}", "data.max_length=192", "train.max_epochs=1", "optim.lr=3e-4",
+               "evaluate.inputs=[]"]
+    tuner("train", name, "--work-dir", tmp_path / "work", "--cfg-options", *options)
+    last = (tmp_path / "work" / "last_checkpoint").read_text().strip()
+    tuner("convert", "pth_to_hf", name, last, tmp_path / "adapter", "--cfg-options", *options)
+    after = tuner("score", "smollm2-135m-instruct", "--adapter", tmp_path / "adapter", "--data", test).stdout
+    assert accuracy(after, r"prefers the chosen answer \(log-prob\)") > 90, after
+    assert accuracy(after, "reward accuracy against the base") > 90, after
+    chat = tuner("chat", "smollm2-135m-instruct", "--adapter", tmp_path / "adapter", "--temperature", "0",
+                 "--max-new-tokens", "32", stdin="What is the capital of Sweden?\n\nWhat is 17 plus 25?\n\nEXIT\n")
+    assert chat.stdout.count("Signed, Tuner.") == 2, chat.stdout

@@ -76,6 +76,13 @@ def tokenize(batch: list[Prepared], tokenizer, max_length: int | None, keep_stag
     texts = [p.text if limit is None or len(p.text) <= limit else p.text[:limit] for p in batch]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # straight to the Rust tokenizer: the Python wrapping costs as much as tokenizing
+        # A call like tokenizer(texts, padding=True) leaves padding (and truncation) set on the Rust tokenizer,
+        # and encode_batch would pad every row of the batch with pad tokens; transformers sets both anew
+        # on each call, so clearing them here is what its next call would do.
+        if backend.padding is not None:
+            backend.no_padding()
+        if backend.truncation is not None:
+            backend.no_truncation()
         encodings = backend.encode_batch(texts, add_special_tokens=False)
         all_ids, all_offsets = [e.ids for e in encodings], None
     else:
