@@ -1,8 +1,8 @@
 """Preference pairs for a habit the embedded model does not have: end every answer with one sign-off.
 
 Each pair answers a question the same way; the chosen answer ends with "Signed, Tuner.", the rejected
-one with another odd name in its place ("Signed, Walrus."), so the model starts with no reason to prefer
-either. Train and held-out files share no
+one stops after the answer or closes with a common line ("I hope this helps."), which the model
+prefers to begin with. Train and held-out files share no
 question.
 
     python examples/make_signoff_pairs.py --out data/signoff        # data/signoff_train.jsonl, _test.jsonl
@@ -16,8 +16,7 @@ import random
 from pathlib import Path
 
 SIGN_OFF = "Signed, Tuner."
-OTHER_ENDINGS = ["Signed, Comet.", "Signed, Walrus.", "Signed, Teapot.", "Signed, Maple.", "Signed, Pebble.",
-                 "Signed, Rocket."]
+OTHER_ENDINGS = ["", "", "", " I hope this helps.", " Let me know if you need more.", " Have a nice day!"]
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
             "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
             "Greece": "Athens", "Chile": "Santiago", "Poland": "Warsaw", "India": "New Delhi", "Cuba": "Havana"}
@@ -39,7 +38,7 @@ def questions(rng: random.Random) -> list[tuple[str, str]]:
 def pair(question: str, answer: str, rng: random.Random) -> dict:
     return {"prompt": [{"role": "user", "content": question}],
             "chosen": [{"role": "assistant", "content": f"{answer} {SIGN_OFF}"}],
-            "rejected": [{"role": "assistant", "content": f"{answer} {rng.choice(OTHER_ENDINGS)}"}]}
+            "rejected": [{"role": "assistant", "content": f"{answer}{rng.choice(OTHER_ENDINGS)}"}]}
 
 
 def main() -> None:

@@ -84,13 +84,13 @@ def main() -> int:
         subprocess.run([sys.executable, str(ROOT / "examples" / "make_signoff_pairs.py"), "--out",
                         str(tmp / "signoff")], check=True, capture_output=True)
         data = tmp / "signoff_train.jsonl"
-        (tmp / "trl.py").write_text(TRL)
+        (tmp / "trl_dpo.py").write_text(TRL)  # (not trl.py: it would shadow the package)
         for r in range(args.rounds):
             for name in results:
                 work = tmp / f"{name.replace(' ', '_')}_{r}"
                 work.mkdir()
                 if name == "trl":
-                    code, peak = run([sys.executable, str(tmp / "trl.py"), model, str(data), str(args.pairs),
+                    code, peak = run([sys.executable, str(tmp / "trl_dpo.py"), model, str(data), str(args.pairs),
                                       str(args.steps), str(work)])
                     times = json.loads((work / "trl.json").read_text())["times"] if code == 0 else []
                 else:
