@@ -57,6 +57,11 @@ class TokenStats:
     pairs: int = 0
     """preference pairs: samples 2k (prompt + chosen) and 2k + 1 (prompt + rejected)"""
 
+    def add_counts(self, other: "TokenStats") -> None:
+        """Add the sample and token counts of `other` (a chunk's, a row's) to these."""
+        for name in ("tokens", "trained_tokens", "truncated", "dropped_too_long", "dropped_no_loss", "pairs"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 @dataclass(frozen=True)
 class ImageSettings:
@@ -194,13 +199,15 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
     made.update(zip(pair_positions, tokenize_pairs(pairs, tokenizer, max_length)))
     kept, samples = [], []
     for position in sorted(made):
-        items = made[position]
-        if len(items) == 2 and not all(_keep(item, cfg, TokenStats(), images) for item in items):
-            counts.dropped_too_long += any(item.truncated for item in items)  # (a pair goes whole or not at all)
-            counts.dropped_no_loss += not any(item.truncated for item in items)
+        items, trial = made[position], TokenStats()
+        keeps = [_keep(item, cfg, trial, images) for item in items]
+        if len(items) == 2 and not all(keeps):  # a pair goes whole or not at all
+            counts.dropped_too_long += bool(trial.dropped_too_long)
+            counts.dropped_no_loss += not trial.dropped_too_long
             continue
-        for item in items:
-            if _keep(item, cfg, counts, images):
+        counts.add_counts(trial)
+        for item, keep in zip(items, keeps):
+            if keep:
                 kept.append(position)
                 samples.append(item)
         counts.pairs += len(items) == 2
@@ -309,8 +316,7 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
                     stats.bad_rows += 1
                     if len(stats.bad_row_examples) < MAX_REPORTED_BAD_ROWS:
                         stats.bad_row_examples.append(f"{place}:{line}: {message}")
-                for name in ("tokens", "trained_tokens", "truncated", "dropped_too_long", "dropped_no_loss", "pairs"):
-                    setattr(stats, name, getattr(stats, name) + getattr(encoded.counts, name))
+                stats.add_counts(encoded.counts)
                 ids_file.write(encoded.ids.tobytes())
                 trained_file.write(encoded.trained.tobytes())
                 ends.append(total + np.cumsum(encoded.lengths))
