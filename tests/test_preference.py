@@ -252,6 +252,32 @@ def test_the_adapter_disabled_reference_equals_a_separate_base_model(tmp_path, t
     assert torch.allclose(reference, separate, atol=1e-5), (reference - separate).abs().max()
 
 
+def test_a_copied_reference_is_the_starting_model(tmp_path, tiny_model_dir, tokenizer):
+    """reference='copy' (full fine-tuning): a frozen copy of the model as training starts; after training
+    its log-probs are still the base model's own."""
+    from transformers import AutoModelForCausalLM
+
+    from tuner.config import load_config
+    from tuner.engine.loop import Trainer
+
+    cfg = preference_config(tmp_path, tiny_model_dir, PAIRS * 2, lora=False, lr=1e-3, name="copy",
+                            preference="PreferenceConfig(reference='copy')")
+    trainer = Trainer(load_config(cfg), work_dir=tmp_path / "work")
+    losses = trainer.train()
+    assert trainer.objective.reference == "copy" and losses[-1] < losses[0], losses
+    assert not any(p.requires_grad for p in trainer.objective.reference_model.parameters())
+    batch = trainer.sequences.collate([trainer.sequences[k] for k in range(len(trainer.sequences))],
+                                      tokenizer.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base.config._attn_implementation = trainer.raw_model.config._attn_implementation
+    with torch.no_grad():
+        trained = trainer.objective.answer_logps(trainer.model, batch)[0]
+        reference = trainer.objective.reference_logps(trainer.model, batch)
+        separate = trainer.objective.answer_logps(base, batch)[0]
+    assert not torch.allclose(trained, reference, atol=1e-3)
+    assert torch.allclose(reference, separate, atol=1e-5), (reference - separate).abs().max()
+
+
 @pytest.mark.slow
 def test_full_dpo_precomputes_the_reference_once_and_resumes_with_it(tmp_path, tiny_model_dir):
     """A full fine-tune's reference is the starting model's log-probs, computed before the first step and
