@@ -229,25 +229,31 @@ def preference_config(tmp_path, tiny_model_dir, rows, lora=True, name="dpo", pre
                         extra=f"preference = {preference}\n" + extra, **values)
 
 
+def logps_after_training(trainer, tiny_model_dir, tokenizer):
+    """Every answer's log-probs under the trained model, under its reference, and under the base model
+    loaded on its own."""
+    from transformers import AutoModelForCausalLM
+
+    batch = trainer.sequences.collate([trainer.sequences[k] for k in range(len(trainer.sequences))],
+                                      tokenizer.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base.config._attn_implementation = trainer.raw_model.config._attn_implementation
+    with torch.no_grad():
+        return (trainer.objective.answer_logps(trainer.model, batch)[0],
+                trainer.objective.reference_logps(trainer.model, batch),
+                trainer.objective.answer_logps(base, batch)[0])
+
+
 def test_the_adapter_disabled_reference_equals_a_separate_base_model(tmp_path, tiny_model_dir, tokenizer):
     """With LoRA the reference is the base with the adapter switched off: after training has moved the
     adapter, its log-probs equal those of the base model loaded on its own."""
-    from transformers import AutoModelForCausalLM
-
     from tuner.config import load_config
     from tuner.engine.loop import Trainer
 
     trainer = Trainer(load_config(preference_config(tmp_path, tiny_model_dir, PAIRS * 2)), work_dir=tmp_path / "work")
     losses = trainer.train()
     assert trainer.objective.reference == "adapter" and losses[-1] < losses[0], losses
-    batch = trainer.sequences.collate([trainer.sequences[k] for k in range(len(trainer.sequences))],
-                                      tokenizer.pad_token_id)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    base.config._attn_implementation = trainer.raw_model.config._attn_implementation
-    with torch.no_grad():
-        moved = trainer.objective.answer_logps(trainer.model, batch)[0]
-        reference = trainer.objective.reference_logps(trainer.model, batch)
-        separate = trainer.objective.answer_logps(base, batch)[0]
+    moved, reference, separate = logps_after_training(trainer, tiny_model_dir, tokenizer)
     assert not torch.allclose(moved, reference, atol=1e-3)  # the adapter did change the model
     assert torch.allclose(reference, separate, atol=1e-5), (reference - separate).abs().max()
 
@@ -255,8 +261,6 @@ def test_the_adapter_disabled_reference_equals_a_separate_base_model(tmp_path, t
 def test_a_copied_reference_is_the_starting_model(tmp_path, tiny_model_dir, tokenizer):
     """reference='copy' (full fine-tuning): a frozen copy of the model as training starts; after training
     its log-probs are still the base model's own."""
-    from transformers import AutoModelForCausalLM
-
     from tuner.config import load_config
     from tuner.engine.loop import Trainer
 
@@ -266,14 +270,7 @@ def test_a_copied_reference_is_the_starting_model(tmp_path, tiny_model_dir, toke
     losses = trainer.train()
     assert trainer.objective.reference == "copy" and losses[-1] < losses[0], losses
     assert not any(p.requires_grad for p in trainer.objective.reference_model.parameters())
-    batch = trainer.sequences.collate([trainer.sequences[k] for k in range(len(trainer.sequences))],
-                                      tokenizer.pad_token_id)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    base.config._attn_implementation = trainer.raw_model.config._attn_implementation
-    with torch.no_grad():
-        trained = trainer.objective.answer_logps(trainer.model, batch)[0]
-        reference = trainer.objective.reference_logps(trainer.model, batch)
-        separate = trainer.objective.answer_logps(base, batch)[0]
+    trained, reference, separate = logps_after_training(trainer, tiny_model_dir, tokenizer)
     assert not torch.allclose(trained, reference, atol=1e-3)
     assert torch.allclose(reference, separate, atol=1e-5), (reference - separate).abs().max()
 

@@ -7,7 +7,6 @@ loss, backward, clip, step, schedule, hooks. Everything else is setup.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import random
@@ -48,6 +47,7 @@ from tuner.errors import Interrupted, TunerError
 from tuner.model import fast_lora
 from tuner.model.adapt import count_parameters
 from tuner.model.device import default_device, resolve_compute_dtype
+from tuner.model.logps import takes_logits_to_keep
 
 
 @contextlib.contextmanager
@@ -120,7 +120,7 @@ class Trainer:
         # The loop calls self.model (wrapped for several processes); everything else uses raw_model.
         self.model = self.strategy.wrap(self.raw_model, self.device, self.built_sharded)
         base = self.raw_model.get_base_model() if hasattr(self.raw_model, "get_base_model") else self.raw_model
-        self.model_takes_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.model_takes_logits_to_keep = takes_logits_to_keep(base)
         self.fused_head = self._fused_head(base)
         self.objective = objective_for(cfg)(self.device, self.compute_dtype, self.attention,
                                             self.model_takes_logits_to_keep, self.fused_head)

@@ -9,14 +9,13 @@ what `rewards/accuracies` in the training log measures, here on pairs the run di
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from tuner.config import DataConfig
 from tuner.data.pairs import build_pair_sequences
-from tuner.model.logps import answer_logps
+from tuner.model.logps import answer_logps, takes_logits_to_keep
 
 
 @dataclass
@@ -49,8 +48,7 @@ def score_pairs(model, tokenizer, data: str, template: str | None, max_length: i
     sequences, _ = build_pair_sequences(cfg, tokenizer, say=say)
     device = next(model.parameters()).device
     attention = model.config._attn_implementation
-    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    takes_keep = "logits_to_keep" in inspect.signature(base_model.forward).parameters
+    takes_keep = takes_logits_to_keep(model)
     table = torch.zeros(sequences.store.stats.pairs, 4)
     has_base = hasattr(model, "disable_adapter")
     for start in range(0, len(sequences), batch_size):

@@ -7,6 +7,8 @@ rejected at odd ones. Used by the preference objectives (engine/preference.py) a
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,12 @@ from tuner.model import packed_attention
 from tuner.model.device import autocast
 
 PAIR_KEYS = ("input_ids", "position_ids", "labels", "sample_ids", "pair_index")  # not passed to the model
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model (a PeftModel's base) computes logits only at the positions it is given."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def count_pairs(batch: dict[str, torch.Tensor]) -> int:
