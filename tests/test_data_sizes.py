@@ -107,13 +107,13 @@ def test_a_huge_row_is_cut_before_tokenizing_with_the_same_tokens(tokenizer):
     assert len(prepared.text) > 4_000_000
     seen = []
     backend = tokenizer.backend_tokenizer
-    real = backend.encode_batch
+    real = backend.encode_batch_fast
 
     class Recording:
         def __getattr__(self, name):
             return getattr(backend, name)
 
-        def encode_batch(self, texts, **kwargs):
+        def encode_batch_fast(self, texts, **kwargs):
             seen.extend(len(t) for t in texts)
             return real(texts, **kwargs)
 
@@ -154,3 +154,46 @@ def test_an_uncached_token_store_is_removed_when_the_process_ends(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "tuner-tokens-" in run.stdout  # it was there while the process ran
     assert not [p for p in temp.iterdir() if p.name.startswith("tuner-tokens-")]
+
+
+LOCATING_TEXTS = ["Hello", " leading space", "\n\nnew lines\n", "指令：把这句话翻译成英文。", "emoji 😀🎉 and ü€",
+                  "Cafe\u0301 (not NFC)", "\u212b angstrom sign", "tabs\tand  double  spaces ", "x" * 3000,
+                  "<|im_end|> typed by a user", "12345678901234567890", "mixed 한국어 text"]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "qwen2_5", "qwen3", "llama3_2", "deepseek_v3", "mistral_nemo",
+                                  "gemma3", "internlm2"])
+def test_trained_flags_from_token_bytes_equal_those_from_offsets(tokenizer, name):
+    """The fast path (ids only, each token's bytes summed) gives the ids and trained flags that reading
+    every token's offsets gives, on each real tokenizer, for replies in many scripts, unnormalized text,
+    spaces at the edges and a cut text; a tokenizer it cannot serve takes the offsets path."""
+    from real_tokenizers import real_tokenizer
+
+    from tuner.data.encode import Prepared, _trained_by_starts, token_bytes, tokenize
+    from tuner.data.templates import get_template
+
+    tok = tokenizer if name == "smollm2" else real_tokenizer(name)
+    fast = token_bytes(tok) is not None
+    assert fast == (name not in ("gemma3", "internlm2")), name
+    template = get_template(None, tok)
+    rng = random.Random(0)
+    batch = []
+    for i in range(40):
+        user, reply = rng.choice(LOCATING_TEXTS), rng.choice(LOCATING_TEXTS) + rng.choice(LOCATING_TEXTS)
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        if i % 3 == 0:
+            messages += [{"role": "user", "content": rng.choice(LOCATING_TEXTS)},
+                         {"role": "assistant", "content": rng.choice(LOCATING_TEXTS)}]
+        rendered = template.render(messages)
+        batch.append(Prepared(rendered.text, rendered.spans))
+    max_length = 300  # some texts are cut before tokenizing
+    got = tokenize(batch, tok, max_length)
+    limit = max_length * max(len(t) for t in tok.get_vocab()) + 1
+    for prepared, encoded in zip(batch, got):
+        text = prepared.text[:limit]
+        encoding = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        starts = [a for a, _ in encoding.offsets]
+        want = _trained_by_starts(__import__("numpy").asarray(starts), prepared.spans)[:max_length]
+        assert encoded.ids.tolist() == encoding.ids[:max_length]
+        assert encoded.trained.tolist() == want.tolist(), (name, text[:80])
+    assert sum(e.trained.any() for e in got) >= 25 and sum(e.truncated for e in got) >= 3

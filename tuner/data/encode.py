@@ -59,11 +59,19 @@ def prepare(mapped: dict, template, system: str | None) -> Prepared:
 def longest_token(tokenizer) -> int:
     """Characters in the tokenizer's longest token (at least 1), worked out once per tokenizer: no
     token covers more text than this, so a text of n * longest_token characters has at least n tokens."""
-    cached = getattr(tokenizer, "_tuner_longest_token", None)
-    if cached is None:
-        cached = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
-        tokenizer._tuner_longest_token = cached
-    return cached
+    return _worked_out_once(tokenizer, "longest_token",
+                            lambda: max((len(t) for t in tokenizer.get_vocab()), default=1) or 1)
+
+
+def _worked_out_once(tokenizer, name: str, compute):
+    """`compute()`, kept on the tokenizer until its vocabulary changes (a copy given more tokens
+    works it out again)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    key = (id(backend), backend.get_vocab_size(with_added_tokens=True)) if backend is not None else None
+    cache = tokenizer.__dict__.setdefault("_tuner_once", {})
+    if name not in cache or cache[name][0] != key:
+        cache[name] = (key, compute())
+    return cache[name][1]
 
 
 def tokenize(batch: list[Prepared], tokenizer, max_length: int | None, keep_stages: bool = False) -> list[Encoded]:
@@ -83,11 +91,18 @@ def tokenize(batch: list[Prepared], tokenizer, max_length: int | None, keep_stag
             backend.no_padding()
         if backend.truncation is not None:
             backend.no_truncation()
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        all_ids, all_offsets = [e.ids for e in encodings], None
+        located = token_bytes(tokenizer)
+        if located is not None or all(p.spans is None for p in batch):  # the ids alone say where tokens start
+            all_ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+            encodings = None
+        else:
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            all_ids = [e.ids for e in encodings]
+        all_offsets = None
     else:
-        encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        all_ids, all_offsets = encodings["input_ids"], encodings["offset_mapping"]
+        located = encodings = None
+        done = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        all_ids, all_offsets = done["input_ids"], done["offset_mapping"]
     out = []
     for k, prepared in enumerate(batch):
         ids = all_ids[k]
@@ -95,11 +110,17 @@ def tokenize(batch: list[Prepared], tokenizer, max_length: int | None, keep_stag
             if tokenizer.eos_token_id is not None:
                 ids = ids + [tokenizer.eos_token_id]
             trained = np.ones(len(ids), dtype=bool)
-        elif all_offsets is None:
-            trained = _trained_by_span_edges(encodings[k], len(ids), prepared.spans, len(texts[k]))
-        else:
+        elif all_offsets is not None:
             starts = np.fromiter((a for a, _ in all_offsets[k]), dtype=np.int64, count=len(ids))
             trained = _trained_by_starts(starts, prepared.spans)
+        elif encodings is not None:
+            trained = _trained_by_span_edges(encodings[k], len(ids), prepared.spans, len(texts[k]))
+        else:
+            trained = _trained_by_bytes(np.asarray(ids, dtype=np.int64), *located, prepared.spans, texts[k])
+            if trained is None:  # the ids do not add up to the text (a rare normalization): read the offsets
+                encoding = backend.encode(texts[k], add_special_tokens=False)
+                ids, trained = encoding.ids, _trained_by_span_edges(encoding, len(encoding.ids), prepared.spans,
+                                                                    len(texts[k]))
         truncated = max_length is not None and len(ids) > max_length
         if truncated:
             ids, trained = ids[:max_length], trained[:max_length]
@@ -108,6 +129,82 @@ def tokenize(batch: list[Prepared], tokenizer, max_length: int | None, keep_stag
             encoded.stages = {"messages": prepared.messages, "text": prepared.text}
         out.append(encoded)
     return out
+
+
+def token_bytes(tokenizer) -> tuple[np.ndarray, bool] | None:
+    """How many bytes of text each token id stands for, when the ids alone locate every token in the text:
+    a byte-level BPE (GPT-2, SmolLM2, Qwen2.5/3, Llama 3, DeepSeek) whose normalizer changes nothing but
+    NFC, whose added tokens take no spaces beside them, and whose offsets are not trimmed; None otherwise.
+    The Rust tokenizer then skips computing offsets (a fifth of its time) and the trained flags come from
+    the running sum of these lengths. With it: whether the normalizer is NFC (a text NFC would change
+    takes the offsets path). Worked out once per tokenizer."""
+    return _worked_out_once(tokenizer, "token_bytes", lambda: _token_bytes(tokenizer))
+
+
+def _token_bytes(tokenizer) -> tuple[np.ndarray, bool] | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import json
+
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    spec = json.loads(backend.to_str())
+    added = spec.get("added_tokens") or []
+    if (spec["model"].get("type") != "BPE" or "ByteLevel" not in _kinds(spec.get("pre_tokenizer"), "pretokenizers")
+            or set(_kinds(spec.get("normalizer"), "normalizers")) - {"NFC"} or _trims(spec.get("post_processor"))
+            or any(t.get("lstrip") or t.get("rstrip") for t in added)):
+        return None
+    alphabet = set(ByteLevel.alphabet())
+    vocab = spec["model"]["vocab"]
+    lengths = np.zeros(max([*vocab.values(), *(t["id"] for t in added)]) + 1, dtype=np.int64)
+    added_text = {t["content"] for t in added}
+    for token, i in vocab.items():
+        if token in added_text:  # (DeepSeek's special tokens are in both: the added token's text counts)
+            continue
+        if not alphabet.issuperset(token):
+            return None
+        lengths[i] = len(token)  # one byte per character of the byte-level alphabet
+    for t in added:
+        lengths[t["id"]] = len(t["content"].encode("utf-8"))
+    return lengths, "NFC" in _kinds(spec.get("normalizer"), "normalizers")
+
+
+def _kinds(part: dict | None, key: str) -> list[str]:
+    """The types in a tokenizer.json component, or in a Sequence of them (under `key`)."""
+    if part is None:
+        return []
+    return [k for p in part[key] for k in _kinds(p, key)] if part.get("type") == "Sequence" else [part.get("type")]
+
+
+def _trims(post_processor: dict | None) -> bool:
+    """Whether a post-processor moves offsets off the spaces at a token's edges (GPT-2's ByteLevel)."""
+    if post_processor is None:
+        return False
+    return (any(_trims(p) for p in post_processor.get("processors", []))
+            or (post_processor.get("type") == "ByteLevel" and post_processor.get("trim_offsets", False)))
+
+
+def _trained_by_bytes(ids: np.ndarray, lengths: np.ndarray, nfc: bool, spans, text: str) -> np.ndarray | None:
+    """Tokens that start inside a span, located by the bytes each id stands for; None when the ids do not
+    spell out the text byte for byte (an NFC normalizer changed it), so the caller reads the offsets."""
+    import unicodedata
+
+    ascii_text = text.isascii()
+    if not ascii_text and nfc and not unicodedata.is_normalized("NFC", text):
+        return None
+    sizes = lengths[ids] if len(ids) else np.zeros(0, np.int64)
+    ends = np.cumsum(sizes)
+    total = len(text) if ascii_text else len(text.encode("utf-8"))
+    if (ends[-1] if len(ends) else 0) != total:
+        return None
+    starts = ends - sizes
+    trained = np.zeros(len(ids), dtype=bool)
+    for a, b in spans:
+        if not ascii_text:  # characters -> bytes
+            a, b = len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))
+        trained[np.searchsorted(starts, a):np.searchsorted(starts, b)] = True
+    return trained
 
 
 def _trained_by_starts(starts: np.ndarray, spans) -> np.ndarray:

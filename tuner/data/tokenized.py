@@ -26,7 +26,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from tuner.config import DataConfig, DatasetSource
-from tuner.data.encode import Encoded, prepare, tokenize
+from tuner.data.encode import Encoded, prepare, token_bytes, tokenize
 from tuner.data.formats import FORMATS, RowError, detect_format, llava_map_fn
 from tuner.data.preference import prepare_pair, tokenize_pairs
 from tuner.data.sources import BAD_ROW, data_files, is_hub_dataset, iter_rows
@@ -300,6 +300,7 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
             yield [item for _, item in chunk]
 
     processes = cfg.num_proc or os.cpu_count() or 1
+    token_bytes(tokenizer)  # worked out here once, not in each forked worker
     pool = multiprocessing.get_context("fork").Pool(processes) if processes > 1 else None
     results = pool.imap(_encode_chunk, chunk_stream()) if pool else map(_encode_chunk, chunk_stream())
     try:
