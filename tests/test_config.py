@@ -139,3 +139,29 @@ def test_config_docs_are_up_to_date():
     tool = Path(__file__).resolve().parents[1] / "tools" / "config_docs.py"
     result = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+PREFERENCE = {"smollm2_135m_instruct_lora_dpo_signoff_e2": ("dpo", "lora"),
+              "smollm2_135m_instruct_lora_orpo_signoff_e2": ("orpo", "lora"),
+              "smollm2_135m_instruct_lora_reward_signoff_e1": ("reward", "lora"),
+              "internlm2_chat_1_8b_dpo_full_ultrafeedback_e1": ("dpo", "full"),
+              "internlm2_chat_7b_dpo_qlora_ultrafeedback_e1": ("dpo", "qlora"),
+              "internlm2_chat_1_8b_reward_lora_ultrafeedback_e1": ("reward", "lora"),
+              "qwen2_5_7b_instruct_dpo_qlora_ultrafeedback_e1": ("dpo", "qlora"),
+              "qwen2_5_1_5b_instruct_orpo_lora_ultrafeedback_e1": ("orpo", "lora"),
+              "llama3_8b_instruct_orpo_qlora_ultrafeedback_e1": ("orpo", "qlora"),
+              "llama3_8b_instruct_reward_qlora_ultrafeedback_e1": ("reward", "qlora")}
+
+
+@pytest.mark.parametrize("name", PREFERENCE)
+def test_preference_configs_say_what_their_names_say(name):
+    """XTuner-style names: the family, the method (dpo / orpo / reward) and full / lora / qlora match the config;
+    a reward model has a scalar head and no evaluate-chat."""
+    cfg = load_config(name)
+    method, finetune = PREFERENCE[name]
+    assert cfg.preference.method == method and cfg.method == finetune
+    assert cfg.head == ("reward" if method == "reward" else "lm")
+    assert (not cfg.evaluate.inputs) == (method == "reward")
+    family = name.split("_")[0]
+    assert {"smollm2": None, "internlm2": "internlm2_chat", "qwen2": "qwen2_5_chat", "llama3": "llama3_chat"}[
+        family] == cfg.data.template

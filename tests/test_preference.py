@@ -37,6 +37,9 @@ def test_every_preference_form_maps_to_one_shape():
     whole = preference_map_fn({"chosen": PAIRS[2]["prompt"] + PAIRS[2]["chosen"],
                                "rejected": PAIRS[2]["prompt"] + PAIRS[2]["rejected"]})  # UltraFeedback
     assert whole == {"messages": PAIRS[2]["prompt"], "chosen": PAIRS[2]["chosen"], "rejected": PAIRS[2]["rejected"]}
+    binarized = preference_map_fn({"prompt": "And times 3?", "chosen": PAIRS[2]["prompt"] + PAIRS[2]["chosen"],
+                                   "rejected": PAIRS[2]["prompt"] + PAIRS[2]["rejected"]})  # ultrafeedback_binarized
+    assert binarized == whole
     hh = preference_map_fn({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Bye, take care.",
                             "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Whatever."})
     assert [m["content"] for m in hh["messages"]] == ["Hi", "Hello!", "Bye"]

@@ -74,6 +74,8 @@ def cmd_convert(args) -> int:
         out = hf.pth_to_hf(cfg, args.pth, args.save_dir, fp32=args.fp32, max_shard_size=args.max_shard_size,
                            save_format=args.save_format)
         kind = "adapter" if cfg.lora is not None else "model"
+        if cfg.head == "reward":
+            kind = "reward model" + (" (LoRA merged in)" if cfg.lora is not None else "")
         if cfg.llava is not None:
             kind = "LLaVA model" if args.save_format == "hf" else "LLaVA projector" + (
                 " and adapter" if cfg.lora or cfg.llava.visual_encoder_lora else "")
@@ -106,9 +108,17 @@ def cmd_mmbench(args) -> int:
 def cmd_score(args) -> int:
     import sys
 
-    from tuner.generation.load import load_chat_model
-    from tuner.generation.score import score_pairs
+    from tuner.generation.load import load_chat_model, load_reward_model
+    from tuner.generation.score import score_pairs, score_with_reward_model
 
+    reward = load_reward_model(args.model, args.torch_dtype, args.trust_remote_code)
+    if reward is not None:
+        model, tokenizer, compute = reward
+        if args.adapter:
+            raise TunerError(f"{args.model} is a reward model; --adapter is for a DPO run's adapter")
+        print(score_with_reward_model(model, tokenizer, args.data, args.prompt_template, args.max_length,
+                                      args.batch_size, compute).report())
+        return 0
     model, tokenizer, compute = load_chat_model(args.model, args.adapter, args.torch_dtype,
                                                 warn=lambda line: print(line, file=sys.stderr),
                                                 trust_remote_code=args.trust_remote_code)
@@ -269,10 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("score", help="how often a model (or a DPO adapter) prefers the chosen answers of "
-                                     "preference pairs")
-    p.add_argument("model", help="HF folder, hub id, or smollm2-135m-instruct")
+                                     "preference pairs; a reward model's rewards (and accuracy on pairs)")
+    p.add_argument("model", help="HF folder, hub id, or smollm2-135m-instruct; or a reward model folder "
+                                 "(pth_to_hf of a preference.method='reward' run)")
     p.add_argument("--adapter", help="a LoRA adapter folder: also scores the base with it switched off")
-    p.add_argument("--data", required=True, help="preference pairs (any form tuner list-dataset-format names)")
+    p.add_argument("--data", required=True, help="preference pairs (any form tuner list-dataset-format names); "
+                                                 "for a reward model also conversations")
     p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per answer with its prompt")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta, for the reward margins")

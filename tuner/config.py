@@ -304,9 +304,10 @@ class LlavaConfig:
 class PreferenceConfig:
     """Preference training on pairs of a chosen and a rejected answer (data in the `preference`
     format), usually after SFT. Without this section a config trains on the answers themselves."""
-    method: Literal["dpo", "orpo", "simpo"] = "dpo"
+    method: Literal["dpo", "orpo", "simpo", "reward"] = "dpo"
     """dpo: against a reference model; orpo: odds ratio plus the chosen answer's NLL, no reference;
-    simpo: length-normalized log-probs with a target margin, no reference"""
+    simpo: length-normalized log-probs with a target margin, no reference; reward: a reward model (a
+    scalar head on the LLM, read at each answer's last token) trained so chosen scores above rejected"""
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     """DPO's loss: sigmoid (the paper's), ipo (squared, length-normalized), hinge"""
     beta: float = 0.1
@@ -315,6 +316,9 @@ class PreferenceConfig:
     """DPO sigmoid: the share of pairs assumed mislabelled (conservative DPO)"""
     simpo_gamma: float = 0.5
     """SimPO: the target reward margin (over beta)"""
+    center_rewards: float = 0.0
+    """reward: the weight of (chosen + rejected)^2, which keeps the rewards near 0 (TRL's
+    center_rewards_coefficient; 0.01 is usual)"""
     reference: Literal["auto", "adapter", "copy", "precompute"] = "auto"
     """DPO's reference model: adapter (LoRA: the base with the adapter disabled, no second model),
     copy (a frozen copy of the start), precompute (the start's log-probs computed once before training,
@@ -350,6 +354,11 @@ class Config:
     llava: Optional[LlavaConfig] = None
     preference: Optional[PreferenceConfig] = None
     custom_hooks: list = field(default_factory=list)
+
+    @property
+    def head(self) -> str:
+        """'reward' for a reward model (a scalar head), 'lm' for everything that generates."""
+        return "reward" if self.preference is not None and self.preference.method == "reward" else "lm"
 
     @property
     def method(self) -> str:

@@ -19,7 +19,7 @@ import torch
 from tuner.config import Config
 from tuner.engine.checkpoint import load_checkpoint
 from tuner.errors import TunerError
-from tuner.model.adapt import load_adapter, read_adapter_config
+from tuner.model.adapt import load_adapter, peft_lora_config, read_adapter_config
 from tuner.model.load import DTYPES, load_causal_lm, load_tokenizer, resolve_model_path
 
 
@@ -63,6 +63,8 @@ def pth_to_hf(cfg: Config, pth: str | Path, save_dir: str | Path, fp32: bool = F
                 llava_convert.write_llava_hf(cfg, weights, out, max_shard_size)
             else:
                 llava_convert.write_llava_parts(cfg, weights, out)
+        elif cfg.head == "reward":
+            _write_reward_model(cfg, weights, out, max_shard_size)
         elif cfg.lora is not None:
             _write_adapter(cfg, weights, out)
         else:
@@ -71,15 +73,9 @@ def pth_to_hf(cfg: Config, pth: str | Path, save_dir: str | Path, fp32: bool = F
 
 
 def _write_adapter(cfg: Config, weights: dict, out: Path) -> None:
-    from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
 
-    lora = cfg.lora
-    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=lora.target_modules, use_rslora=lora.use_rslora,
-                                 use_dora=lora.use_dora, modules_to_save=lora.modules_to_save,
-                                 task_type="CAUSAL_LM", base_model_name_or_path=cfg.model.path)
-    peft_config.save_pretrained(str(out))
+    peft_lora_config(cfg.lora, base=cfg.model.path).save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     save_trained_tokenizer(cfg, out)  # chat and merge take the tokenizer, and the template trained with, from here
@@ -103,6 +99,31 @@ def _write_full_model(cfg: Config, weights: dict, out: Path, max_shard_size: str
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise TunerError(f"the checkpoint lacks weights of the model: {missing[:3]}")
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    save_trained_tokenizer(cfg, out)
+
+
+def _write_reward_model(cfg: Config, weights: dict, out: Path, max_shard_size: str) -> None:
+    """A reward model as one folder that AutoModelForSequenceClassification loads as it is: LoRA's
+    adapters merged into the base (a reward model is scored, not adapted further), the head included."""
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    if cfg.lora is None:
+        model = load_causal_lm(cfg.model.path, cfg.model.trust_remote_code, meta=True, head="reward")
+        model.load_state_dict(weights, assign=True, strict=False)
+    else:
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        model = load_causal_lm(cfg.model.path, cfg.model.trust_remote_code, head="reward",
+                               dtype=DTYPES[cfg.model.dtype])
+        model = get_peft_model(model, peft_lora_config(cfg.lora, "SEQ_CLS"))
+        result = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys:
+            raise TunerError(f"the checkpoint holds weights this model lacks: {result.unexpected_keys[:3]}")
+        model = model.merge_and_unload()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise TunerError(f"the checkpoint lacks weights of the model: {missing[:3]}")
+    model.config.pad_token_id = tokenizer.pad_token_id  # batches of several rows need it
     model.save_pretrained(out, max_shard_size=max_shard_size)
     save_trained_tokenizer(cfg, out)
 

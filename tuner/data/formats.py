@@ -215,16 +215,21 @@ def _hh_messages(text: str, name: str) -> list[dict]:
             for who, said in zip(parts[1::2], parts[2::2])]
 
 
+def _whole_conversation(value) -> bool:
+    """A message list holding more than the assistant's answer."""
+    return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in value)
+
+
 def preference_map_fn(row: dict) -> dict:
     """Any of the forms in this module's docstring -> {"messages", "chosen", "rejected"}."""
     for name in ("chosen", "rejected"):
         if row.get(name) in (None, "", []):
             raise RowError(name, f"missing or empty (row has: {', '.join(row) or 'nothing'})")
-    if "prompt" in row:
+    if "prompt" in row and not (_whole_conversation(row["chosen"]) or _whole_conversation(row["rejected"])):
         prompt = _as_messages(row["prompt"], "prompt", "user")
         chosen = _as_messages(row["chosen"], "chosen", "assistant")
         rejected = _as_messages(row["rejected"], "rejected", "assistant")
-    else:  # whole conversations: the prompt is what they share
+    else:  # whole conversations: the prompt is what they share (UltraFeedback binarized also has it as 'prompt')
         chosen_all = (_hh_messages(row["chosen"], "chosen") if isinstance(row["chosen"], str)
                       else _as_messages(row["chosen"], "chosen", "assistant"))
         rejected_all = (_hh_messages(row["rejected"], "rejected") if isinstance(row["rejected"], str)

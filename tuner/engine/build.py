@@ -50,6 +50,8 @@ def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callabl
         for line in report.details().splitlines():
             info(f"Data: {line}")
         model, built_sharded = strategy.load_model(cfg, device, dist, info)
+        if cfg.head == "reward":  # (its own forward needs it to find each row's last token)
+            model.config.pad_token_id = tokenizer.pad_token_id
     attention = packed_attention.use_for_training(model, cfg.model.attn_implementation, device)
     if cfg.data.pack and cfg.llava is None:
         packed_attention.check_packing(model, attention)
@@ -64,7 +66,8 @@ def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callabl
     if cfg.llava is not None:
         model = _llava_trainable(cfg, model, info)
     elif cfg.lora is not None:
-        model = apply_lora(model, cfg.lora, quantized=cfg.model.quantization is not None)
+        model = apply_lora(model, cfg.lora, quantized=cfg.model.quantization is not None,
+                           task="SEQ_CLS" if cfg.head == "reward" else "CAUSAL_LM")
     else:
         model = prepare_full(model, cfg.model.freeze)
     return Run(tokenizer, sequences, getattr(sequences, "collate", collate), model, attention, built_sharded)

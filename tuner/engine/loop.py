@@ -154,8 +154,11 @@ class Trainer:
         # Every process takes part in saving (RNG states are gathered); the rest is the main process's.
         # Generating from a sharded model needs every process, so under FSDP / ZeRO-3 all of them evaluate.
         sharded = self.strategy.sharded(self.model)
-        evaluate = EvaluateChatHook(cfg.evaluate.inputs, cfg.evaluate.freq, cfg.evaluate.system,
-                                    cfg.evaluate.max_new_tokens, cfg.evaluate.image)
+        if cfg.head == "reward" and cfg.evaluate.inputs:
+            self.info("Evaluate-chat: off, a reward model scores answers and does not write them")
+        inputs = cfg.evaluate.inputs if cfg.head == "lm" else []
+        evaluate = EvaluateChatHook(inputs, cfg.evaluate.freq, cfg.evaluate.system, cfg.evaluate.max_new_tokens,
+                                    cfg.evaluate.image)
         self.hooks = [CheckpointHook(cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit)]
         if self.dist.is_main:
             self.hooks = [LoggerHook(t.log_interval), *self.hooks, evaluate]

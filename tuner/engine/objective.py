@@ -76,8 +76,11 @@ class NextTokenLoss:
 
 def objective_for(cfg: Config):
     """The objective a config trains with: next-token cross-entropy, or a preference objective
-    (engine/preference.py) when the config has a `preference` section."""
+    (engine/preference.py; engine/reward.py for a reward model) when the config has a `preference` section."""
     if cfg.preference is None:
         return NextTokenLoss
+    if cfg.preference.method == "reward":
+        from tuner.engine.reward import RewardLoss
+        return functools.partial(RewardLoss, settings=cfg.preference)
     from tuner.engine.preference import PreferenceLoss
     return functools.partial(PreferenceLoss, settings=cfg.preference)

@@ -155,7 +155,7 @@ class Single:
 
     def load_model(self, cfg: Config, device, dist, info) -> tuple[object, bool]:
         """(the base model, whether it was built already sharded)."""
-        return load_model(cfg.model, device), False
+        return load_model(cfg.model, device, head=cfg.head), False
 
     def wrap(self, raw_model, device, built_sharded: bool):
         """The module the loop calls (a wrapper, or the model itself); the rest keeps using `raw_model`."""
@@ -225,7 +225,7 @@ class FSDP(Single):
             return super().load_model(cfg, device, dist, info)
         info(f"Model: weights read by rank 0 only, the other {dist.world_size - 1} build it on the "
              "meta device; FSDP hands out the shards")
-        return load_model(cfg.model, "cpu", meta=not dist.is_main), True
+        return load_model(cfg.model, "cpu", meta=not dist.is_main, head=cfg.head), True
 
     def wrap(self, raw_model, device, built_sharded: bool):
         return shard(raw_model, device, from_rank0=built_sharded)
@@ -267,7 +267,7 @@ class DeepSpeed(Single):
             return super().load_model(cfg, device, dist, info)
         # a full fine-tune loads float32 there, as the master weights must be (a cast would miss the partitions)
         with zero.partitioned_construction(self.config):
-            model = load_model(cfg.model, "cpu", dtype=torch.float32 if cfg.lora is None else None)
+            model = load_model(cfg.model, "cpu", dtype=torch.float32 if cfg.lora is None else None, head=cfg.head)
         info(f"Model: built partitioned over {dist.world_size} processes (ZeRO-3)")
         return model, True
 

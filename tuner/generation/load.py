@@ -11,7 +11,13 @@ import torch
 from tuner.errors import TunerError
 from tuner.model.adapt import load_adapter
 from tuner.model.device import default_device, resolve_compute_dtype
-from tuner.model.load import load_causal_lm, load_tokenizer, resolve_model_path
+from tuner.model.load import (
+    load_causal_lm,
+    load_config,
+    load_tokenizer,
+    resolve_model_path,
+)
+from tuner.model.rewards import is_reward_model
 
 TORCH_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -21,6 +27,9 @@ def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: st
     """(model, tokenizer, compute dtype) ready for `Generator`; warns when weights live off the device."""
     device = default_device()
     path = resolve_model_path(model_path)
+    if is_reward_model(load_config(path, trust_remote_code)):
+        raise TunerError(f"{model_path} is a reward model (a score head, no text head): it scores answers and "
+                         "does not write them", hint=f"tuner score {model_path} --data FILE")
     kwargs: dict = {"dtype": TORCH_DTYPES[torch_dtype]}
     if bits:
         kwargs["quantization_config"] = _quantization(bits, torch_dtype)
@@ -37,6 +46,16 @@ def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: st
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_path
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
     return model, tokenizer, resolve_compute_dtype(torch_dtype, device)
+
+
+def load_reward_model(model_path: str, torch_dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer, compute dtype) when the folder is a reward model, else None."""
+    path = resolve_model_path(model_path)
+    if not is_reward_model(load_config(path, trust_remote_code)):
+        return None
+    device = default_device()
+    model = load_causal_lm(path, trust_remote_code, head="reward", dtype=TORCH_DTYPES[torch_dtype]).to(device).eval()
+    return model, load_tokenizer(path, trust_remote_code), resolve_compute_dtype(torch_dtype, device)
 
 
 def _quantization(bits: int, torch_dtype: str):

@@ -1,4 +1,6 @@
 """`tuner score MODEL [--adapter DIR] --data PAIRS`: how often a model prefers the chosen answer.
+`tuner score RM_DIR --data FILE` with a reward model: each answer's reward, and with pairs how often
+the chosen one scores higher (the reward model's accuracy).
 
 For every pair of the file (any preference form, tuner list-dataset-format), the summed log-prob of
 each answer after the prompt. A model prefers the chosen answer when its log-prob is the higher one.
@@ -15,7 +17,9 @@ import torch
 
 from tuner.config import DataConfig
 from tuner.data.pairs import build_pair_sequences
+from tuner.data.tokenized import load_token_store
 from tuner.model.logps import answer_logps, takes_logits_to_keep
+from tuner.model.rewards import sample_rewards
 
 
 @dataclass
@@ -65,3 +69,44 @@ def score_pairs(model, tokenizer, data: str, template: str | None, max_length: i
     if not has_base:
         return PairScores(table[:, 0], table[:, 1])
     return PairScores(table[:, 0], table[:, 1], table[:, 2], table[:, 3])
+
+
+@dataclass
+class RewardScores:
+    rewards: torch.Tensor
+    """one per sample of the data: conversations in order, or chosen, rejected, chosen, ... for pairs"""
+    pairs: bool
+
+    def report(self) -> str:
+        if not self.pairs:
+            lines = [f"{i}\t{r:.4f}" for i, r in enumerate(self.rewards.tolist())]
+            return "\n".join(["row\treward", *lines, f"conversations: {len(self.rewards)}, mean reward "
+                                                    f"{float(self.rewards.mean()):.4f}"])
+        chosen, rejected = self.rewards[0::2], self.rewards[1::2]
+        n, right = len(chosen), int((chosen > rejected).sum())
+        return "\n".join([f"pairs: {n}", f"the reward model ranks the chosen answer higher: {right}/{n} = "
+                                           f"{right / n:.1%}",
+                          f"mean reward chosen {float(chosen.mean()):.4f}, rejected {float(rejected.mean()):.4f}, "
+                          f"margin {float((chosen - rejected).mean()):.4f}"])
+
+
+def score_with_reward_model(model, tokenizer, data: str, template: str | None, max_length: int, batch_size: int = 8,
+                            compute_dtype: torch.dtype = torch.float32, say=lambda _: None) -> RewardScores:
+    """Every sample of `data` (conversations, or both answers of each pair) scored by a reward model, one
+    sample per row, the reward read at its last token as in training."""
+    cfg = DataConfig(path=data, template=template, max_length=max_length, pack=False, shuffle=False, cache=False)
+    store, _ = load_token_store(cfg, tokenizer, say)
+    device = next(model.parameters()).device
+    attention = model.config._attn_implementation
+    rewards = torch.zeros(len(store))
+    for start in range(0, len(store), batch_size):
+        rows = [store.sample(k)[0].tolist() for k in range(start, min(start + batch_size, len(store)))]
+        width = max(map(len, rows))
+        pad = [width - len(r) for r in rows]
+        batch = {"input_ids": torch.tensor([r + [tokenizer.pad_token_id] * p for r, p in zip(rows, pad)]),
+                 "position_ids": torch.tensor([list(range(width))] * len(rows)),
+                 "sample_ids": torch.tensor([[i] * len(r) + [-1] * p for i, (r, p) in enumerate(zip(rows, pad))])}
+        with torch.no_grad():
+            found = sample_rewards(model, {k: v.to(device) for k, v in batch.items()}, device, compute_dtype, attention)
+        rewards[start:start + len(rows)] = found.cpu()
+    return RewardScores(rewards, bool(store.stats.pairs))

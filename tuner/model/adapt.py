@@ -11,22 +11,29 @@ from tuner.config import LoraConfig
 from tuner.errors import TunerError
 
 
-def apply_lora(model, cfg: LoraConfig, quantized: bool = False):
-    """Wrap `model` in a peft LoRA model; adapters are float32 whatever the base dtype."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
+def apply_lora(model, cfg: LoraConfig, quantized: bool = False, task: str = "CAUSAL_LM"):
+    """Wrap `model` in a peft LoRA model; adapters are float32 whatever the base dtype. `task` SEQ_CLS
+    (a reward model): peft also trains and saves the new score head whole."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_config = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,  # 'all-linear' excludes the output head in peft
-        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-        modules_to_save=cfg.modules_to_save, task_type="CAUSAL_LM")
-    model = get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_lora_config(cfg, task))
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return model
+
+
+def peft_lora_config(cfg: LoraConfig, task: str = "CAUSAL_LM", base: str | None = None):
+    """peft's LoraConfig for tuner's (training and pth_to_hf make the same one)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,  # 'all-linear' excludes the output head in peft
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        modules_to_save=cfg.modules_to_save, task_type=task, base_model_name_or_path=base)
 
 
 def prepare_full(model, freeze: list[str] | None = None):

@@ -131,29 +131,38 @@ def load_config(path: str, trust_remote_code: bool = False):
     return call_loader(AutoConfig.from_pretrained, resolve_model_path(path), trust_remote_code=trust_remote_code)
 
 
-def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = False, announce: bool = True, **kwargs):
+def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = False, announce: bool = True,
+                   head: str = "lm", **kwargs):
     """The one place a causal LM is loaded (training, chat, serve, merge, LLaVA): a local folder,
     the hub, the embedded model, InternLM2 as Llama. `meta`: the structure only, no weights read.
-    `announce`: say on stderr when the model is a conversion (training logs it itself)."""
-    from transformers import AutoModelForCausalLM
+    `announce`: say on stderr when the model is a conversion (training logs it itself). `head`
+    'reward': the same LLM with a scalar head for a reward model (transformers' sequence-classification
+    model with one label; a new head unless the folder is a reward model already)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+    if head == "reward":
+        kwargs["num_labels"] = 1
     resolved = resolve_model_path(path)
     if announce and not meta and (converted := describe_conversion(path)):
         from rich.console import Console
         Console(stderr=True).print(f"[tuner] {path}: {converted}", markup=False, soft_wrap=True)
     if meta:  # the same structure, dtype and attention from_pretrained would give, with no weights
         config = load_config(resolved, trust_remote_code)
+        if head == "reward":
+            config.num_labels = 1
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **{
+            return auto.from_config(config, trust_remote_code=trust_remote_code, **{
                 k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation")})
-    return _causal_lm_from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
+    return _causal_lm_from_pretrained(resolved, trust_remote_code=trust_remote_code, auto=auto, **kwargs)
 
 
-def _causal_lm_from_pretrained(source: str, **kwargs):
-    """transformers' AutoModelForCausalLM.from_pretrained: its one call in tuner."""
+def _causal_lm_from_pretrained(source: str, auto=None, **kwargs):
+    """transformers' AutoModelForCausalLM (or, for a reward model, AutoModelForSequenceClassification)
+    .from_pretrained: its one call in tuner."""
     from transformers import AutoModelForCausalLM
 
-    return call_loader(AutoModelForCausalLM.from_pretrained, source, **kwargs)
+    return call_loader((auto or AutoModelForCausalLM).from_pretrained, source, **kwargs)
 
 
 def read_gguf(file: Path):
@@ -166,7 +175,7 @@ def read_gguf(file: Path):
 
 
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_training: bool = True, meta: bool = False,
-               dtype: torch.dtype | None = None):
+               dtype: torch.dtype | None = None, head: str = "lm"):
     """The base model in `cfg.dtype` (or `dtype`), quantized with bitsandbytes when `cfg.quantization` is set.
     `meta`: the structure only, on the meta device (FSDP's other ranks: their shards come from rank 0)."""
     kwargs = dict(dtype=dtype or DTYPES[cfg.dtype])
@@ -174,7 +183,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
         kwargs["attn_implementation"] = cfg.attn_implementation  # family supports it, eager otherwise (Gemma 2)
     if cfg.quantization:
         kwargs["quantization_config"] = _bnb_config(cfg)
-    model = load_causal_lm(cfg.path, cfg.trust_remote_code, meta=meta, announce=not for_training, **kwargs)
+    model = load_causal_lm(cfg.path, cfg.trust_remote_code, meta=meta, announce=not for_training, head=head, **kwargs)
     if meta:
         pass
     elif cfg.quantization:
