@@ -6,6 +6,11 @@ prefers to begin with. Train and held-out files share no
 question.
 
     python examples/make_signoff_pairs.py --out data/signoff        # data/signoff_train.jsonl, _test.jsonl
+    python examples/make_signoff_pairs.py --out data/signoff --on-policy   # the model's own answers
+
+--on-policy: the answers are the embedded model's own (greedy, a few minutes on a CPU), signed in the
+chosen answer and left as they are in the rejected one. DPO on these teaches the habit where the
+model's generations go: after its own answers, not after short written ones.
 """
 
 from __future__ import annotations
@@ -41,14 +46,40 @@ def pair(question: str, answer: str, rng: random.Random) -> dict:
             "rejected": [{"role": "assistant", "content": f"{answer}{rng.choice(OTHER_ENDINGS)}"}]}
 
 
+def own_answers(questions: list[str], batch_size: int = 16, max_new_tokens: int = 96) -> list[str | None]:
+    """The embedded model's greedy answer to each question (None when it did not finish)."""
+    from tuner.generation.generate import GenerationSettings, Generator
+    from tuner.generation.load import load_chat_model
+
+    model, tokenizer, compute = load_chat_model("smollm2-135m-instruct", torch_dtype="fp32")
+    generator = Generator(model, tokenizer, compute_dtype=compute)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [generator.prompt_ids([{"role": "user", "content": q}]) for q in questions[start:start + batch_size]]
+        answers += [r.text.strip() if r.finish_reason == "stop" and r.text.strip() else None
+                    for r in generator.generate(prompts, settings)]
+        print(f"answered {len(answers)}/{len(questions)}", flush=True)
+    return answers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/signoff", help="prefix of the _train.jsonl and _test.jsonl files")
     parser.add_argument("--test", type=int, default=40, help="held-out pairs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--on-policy", action="store_true", help="answer with the embedded model's own replies")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    pairs = [pair(q, a, rng) for q, a in questions(rng)]
+    asked = questions(rng)
+    if args.on_policy:
+        answers = own_answers([q for q, _ in asked])
+        pairs = [{"prompt": [{"role": "user", "content": q}],
+                  "chosen": [{"role": "assistant", "content": f"{a} {SIGN_OFF}"}],
+                  "rejected": [{"role": "assistant", "content": a}]}
+                 for (q, _), a in zip(asked, answers) if a and SIGN_OFF not in a]
+    else:
+        pairs = [pair(q, a, rng) for q, a in asked]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name, rows in (("test", pairs[:args.test]), ("train", pairs[args.test:])):

@@ -144,6 +144,7 @@ def test_config_docs_are_up_to_date():
 PREFERENCE = {"smollm2_135m_instruct_lora_dpo_signoff_e2": ("dpo", "lora"),
               "smollm2_135m_instruct_lora_orpo_signoff_e2": ("orpo", "lora"),
               "smollm2_135m_instruct_lora_reward_signoff_e1": ("reward", "lora"),
+              "smollm2_135m_instruct_lora_kto_signoff_e2": ("kto", "lora"),
               "internlm2_chat_1_8b_dpo_full_ultrafeedback_e1": ("dpo", "full"),
               "internlm2_chat_7b_dpo_qlora_ultrafeedback_e1": ("dpo", "qlora"),
               "internlm2_chat_1_8b_reward_lora_ultrafeedback_e1": ("reward", "lora"),

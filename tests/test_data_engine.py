@@ -76,7 +76,12 @@ def test_every_source_type_and_auto_detection(tmp_path, tokenizer):
 
 
 def test_hub_dataset_offline_is_a_clear_error(tokenizer, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (read when the libraries are imported: set where they keep it)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(TunerError, match="could not load the dataset 'someone/some-dataset'"):
         build_sequences(DataConfig(path="someone/some-dataset", format="alpaca"), tokenizer)
 

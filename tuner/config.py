@@ -130,7 +130,8 @@ class LoraConfig:
             raise TunerError(f"LoraConfig.r must be positive, got {self.r}")
 
 
-FORMAT_NAMES = Literal["auto", "openai", "alpaca", "alpaca_zh", "sharegpt", "oasst1", "pretrain", "msagent", "llava", "preference"]
+FORMAT_NAMES = Literal["auto", "openai", "alpaca", "alpaca_zh", "sharegpt", "oasst1", "pretrain", "msagent", "llava", "preference",
+                       "kto"]
 
 
 @section
@@ -304,10 +305,12 @@ class LlavaConfig:
 class PreferenceConfig:
     """Preference training on pairs of a chosen and a rejected answer (data in the `preference`
     format), usually after SFT. Without this section a config trains on the answers themselves."""
-    method: Literal["dpo", "orpo", "simpo", "reward"] = "dpo"
+    method: Literal["dpo", "orpo", "simpo", "kto", "reward"] = "dpo"
     """dpo: against a reference model; orpo: odds ratio plus the chosen answer's NLL, no reference;
-    simpo: length-normalized log-probs with a target margin, no reference; reward: a reward model (a
-    scalar head on the LLM, read at each answer's last token) trained so chosen scores above rejected"""
+    simpo: length-normalized log-probs with a target margin, no reference; kto: single answers marked
+    desirable or not (data format `kto`; pairs are split into one of each), against a reference;
+    reward: a reward model (a scalar head on the LLM, read at each answer's last token) trained so
+    chosen scores above rejected"""
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     """DPO's loss: sigmoid (the paper's), ipo (squared, length-normalized), hinge"""
     beta: float = 0.1
@@ -316,19 +319,29 @@ class PreferenceConfig:
     """DPO sigmoid: the share of pairs assumed mislabelled (conservative DPO)"""
     simpo_gamma: float = 0.5
     """SimPO: the target reward margin (over beta)"""
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    """KTO: the weights of desirable and undesirable answers' losses (with unbalanced data, about
+    desirable_weight * n_desirable = undesirable_weight * n_undesirable, as the KTO paper advises)"""
     center_rewards: float = 0.0
     """reward: the weight of (chosen + rejected)^2, which keeps the rewards near 0 (TRL's
     center_rewards_coefficient; 0.01 is usual)"""
     reference: Literal["auto", "adapter", "copy", "precompute"] = "auto"
-    """DPO's reference model: adapter (LoRA: the base with the adapter disabled, no second model),
-    copy (a frozen copy of the start), precompute (the start's log-probs computed once before training,
-    a forward per step saved); auto: adapter with LoRA, else precompute"""
+    """DPO's and KTO's reference model: adapter (LoRA: the base with the adapter disabled, no second
+    model), copy (a frozen copy of the start), precompute (DPO: the start's log-probs computed once
+    before training, a forward per step saved); auto: adapter with LoRA, else precompute (KTO: copy)"""
 
     def validate(self):
         if self.beta <= 0:
             raise TunerError(f"PreferenceConfig.beta must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise TunerError(f"PreferenceConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.method == "kto" and self.reference == "precompute":
+            raise TunerError("PreferenceConfig.reference='precompute' is for DPO: KTO's KL term pairs each prompt "
+                             "with another answer of its batch, which changes every epoch",
+                             hint="use reference='adapter' (LoRA) or 'copy'")
+        if min(self.desirable_weight, self.undesirable_weight) <= 0:
+            raise TunerError("PreferenceConfig.desirable_weight and undesirable_weight must be positive")
 
 
 SECTIONS: dict[str, type] = {

@@ -245,10 +245,26 @@ def preference_map_fn(row: dict) -> dict:
     return {"messages": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def kto_map_fn(row: dict) -> dict:
+    """TRL's unpaired form {"prompt", "completion", "label": true / false} -> {"messages", "completion",
+    "desirable"}: one answer, good (desirable) or bad, for KTO."""
+    if row.get("completion") in (None, "", []):
+        raise RowError("completion", f"missing or empty (row has: {', '.join(row) or 'nothing'})")
+    label = row.get("label")
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise RowError("label", f"must be true (a desirable answer) or false (an undesirable one), got {label!r}")
+    prompt = _as_messages(row.get("prompt"), "prompt", "user")
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and prompt[0].get("role") != "system":
+        prompt = [{"role": "system", "content": system}, *prompt]
+    return {"messages": prompt, "completion": _as_messages(row["completion"], "completion", "assistant"),
+            "desirable": bool(label)}
+
+
 FORMATS: dict[str, Callable[[dict], dict]] = {
     "openai": openai_map_fn, "alpaca": alpaca_map_fn, "alpaca_zh": alpaca_zh_map_fn, "sharegpt": sharegpt_map_fn,
     "oasst1": oasst1_map_fn, "pretrain": pretrain_map_fn, "msagent": msagent_map_fn, "llava": llava_map_fn,
-    "preference": preference_map_fn,
+    "preference": preference_map_fn, "kto": kto_map_fn,
 }
 
 FORMAT_COLUMNS = {
@@ -257,6 +273,7 @@ FORMAT_COLUMNS = {
     "pretrain": "text", "msagent": "conversations with <|startofthink|> tool calls",
     "llava": "conversations (from/value) and image or images (LLaVA configs)",
     "preference": "chosen, rejected [, prompt, system]: strings, messages, or whole conversations (HH-RLHF, UltraFeedback)",
+    "kto": "prompt, completion, label (true: desirable, false: undesirable) [, system]: one answer, for KTO",
 }
 
 
@@ -264,6 +281,8 @@ def detect_format(row: dict) -> str:
     """Which format a row is in, from its columns (for data.format = 'auto')."""
     if "chosen" in row and "rejected" in row:
         return "preference"
+    if "completion" in row and "label" in row:
+        return "kto"
     if "messages" in row:
         return "openai"
     if "instruction" in row and "output" in row:

@@ -13,7 +13,7 @@ from tuner.config import Config, DataConfig
 from tuner.data.dataset import build_sequences
 from tuner.data.encode import IGNORE, encode_row
 from tuner.data.formats import FORMAT_COLUMNS, FORMATS, RowError
-from tuner.data.preference import prepare_pair, tokenize_pairs
+from tuner.data.preference import prepare_pair, prepare_unpaired, tokenize_pairs, tokenize_unpaired
 from tuner.data.sources import BAD_ROW
 from tuner.data.template_check import TemplateReport, compare_templates
 from tuner.data.templates import get_template
@@ -61,6 +61,10 @@ def check_custom_dataset(cfg: Config, tokenizer, samples: int = 2, max_errors: i
             if isinstance(mapped, dict) and "chosen" in mapped:  # a preference pair: both answers
                 pair = tokenize_pairs([prepare_pair(mapped, template, data.system)], tokenizer, data.max_length)[0]
                 encodings = list(zip(("chosen", "rejected"), pair))
+            elif isinstance(mapped, dict) and "completion" in mapped:  # KTO: one answer, desirable or not
+                example = tokenize_unpaired([prepare_unpaired(mapped, template, data.system)], tokenizer,
+                                            data.max_length)[0]
+                encodings = [("desirable" if mapped.get("desirable") else "undesirable", example)]
             else:
                 encodings = [("", encode_row(mapped, tokenizer, template, data.system, data.max_length,
                                              keep_stages=True))]
@@ -91,8 +95,10 @@ def check_custom_dataset(cfg: Config, tokenizer, samples: int = 2, max_errors: i
             lines.append(f"... and {len(errors) - max_errors} more")
         return "\n".join(lines), len(errors)
     sequences, report = _sequences(cfg, tokenizer)
-    first = sequences.plan[0]
-    if cfg.preference is not None:
+    first = sequences.plan[0] if hasattr(sequences, "plan") else None
+    if first is None:  # KTO: one example per sequence
+        lines.append("--- not packed: one example per sequence, each with its KL row (its prompt, another answer)")
+    elif cfg.preference is not None:
         lines.append(f"--- packed: sequence 0 holds {len(first)} pair(s)")
     else:
         lines.append(f"--- packed: sequence 0 holds {len(first)} piece(s) of lengths {[b - a for _, a, b in first]}")
@@ -108,7 +114,9 @@ def log_dataset(cfg: Config, tokenizer, show: str = "all", num: int = 1) -> str:
     lines = [report.summary()]
     for k in range(min(num, len(sequences))):
         sample = sequences[k]
-        if cfg.preference is not None:  # each answer of each pair, in the order they are packed
+        if hasattr(sample, "desirable"):  # KTO
+            parts = [(f", {'desirable' if sample.desirable else 'undesirable'}", sample.ids, sample.labels)]
+        elif cfg.preference is not None:  # each answer of each pair, in the order they are packed
             parts = [(f", pair {index} {'rejected' if answer else 'chosen'}", ids, labels)
                      for ids, labels, answer, index in sample.parts]
         else:
@@ -122,6 +130,9 @@ def log_dataset(cfg: Config, tokenizer, show: str = "all", num: int = 1) -> str:
 
 
 def _sequences(cfg: Config, tokenizer):
+    if cfg.preference is not None and cfg.preference.method == "kto":
+        from tuner.data.kto import build_kto_sequences
+        return build_kto_sequences(cfg.data, tokenizer, cfg.train.seed, say=lambda _: None)
     if cfg.preference is not None:
         from tuner.data.pairs import build_pair_sequences
         return build_pair_sequences(cfg.data, tokenizer, cfg.train.seed, say=lambda _: None)
@@ -143,7 +154,8 @@ def conversations(data: DataConfig, limit: int | None = None, skip_bad: bool = F
             mapped = map_fns[key](row)
             if "messages" not in mapped:
                 continue
-            messages = mapped["messages"] + mapped.get("chosen", [])  # a preference pair: prompt + chosen
+            # a preference pair: prompt + chosen; a KTO example: prompt + its answer
+            messages = mapped["messages"] + mapped.get("chosen", mapped.get("completion", []))
             found.append({"messages": check_messages(messages), "tools": mapped.get("tools") or row.get("tools")})
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # RowError, or a map function tripping
             if skip_bad:

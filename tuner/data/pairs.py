@@ -31,13 +31,19 @@ class PairSample:
 
 def pair_order(store: TokenStore, sources_repeats: list[float], seed: int) -> list[int]:
     """Pair indices for one epoch of mixed sources (repeats 2.0 lists a source twice, 0.5 a seeded half)."""
+    return source_order([count // 2 for count in store.stats.source_samples], sources_repeats, seed)
+
+
+def source_order(counts: list[int], sources_repeats: list[float], seed: int) -> list[int]:
+    """Indices 0.. of the units (pairs, examples) of consecutive sources with `counts` units each, for one
+    epoch: each source's listed `repeats` times (a fraction: a seeded share of it)."""
     order, start = [], 0
     rng = random.Random(seed)
-    for count, repeats in zip(store.stats.source_samples, sources_repeats):
-        indices = list(range(start, start + count // 2))
+    for count, repeats in zip(counts, sources_repeats):
+        indices = list(range(start, start + count))
         whole, fraction = int(repeats), repeats - int(repeats)
         order += indices * whole + sorted(rng.sample(indices, round(fraction * len(indices))))
-        start += count // 2
+        start += count
     return order
 
 

@@ -23,13 +23,15 @@ from tuner.data.encode import Encoded, Prepared, longest_token, tokenize
 from tuner.data.formats import RowError, check_messages
 
 
-def prepare_pair(mapped: dict, template, system: str | None) -> tuple[Prepared, Prepared]:
-    """prompt + chosen and prompt + rejected rendered to text, the answers alone trained."""
+def prepare_pair(mapped: dict, template, system: str | None,
+                 names: tuple[str, ...] = ("chosen", "rejected")) -> tuple[Prepared, Prepared | None]:
+    """prompt + chosen and prompt + rejected rendered to text, the answers alone trained (`names`
+    ('completion',): one answer, KTO's)."""
     prompt = [m for m in mapped.get("messages") or []]
     if not any(isinstance(m, dict) and m.get("role") == "user" for m in prompt):
-        raise RowError("prompt", "is empty: a preference pair needs a user message to answer")
+        raise RowError("prompt", "is empty: a preference example needs a user message to answer")
     answers = {}
-    for name in ("chosen", "rejected"):
+    for name in names:
         messages = mapped.get(name)
         if not isinstance(messages, list) or not messages:
             raise RowError(name, "missing or empty")
@@ -37,17 +39,23 @@ def prepare_pair(mapped: dict, template, system: str | None) -> tuple[Prepared, 
         if bad is not None:
             raise RowError(name, f"must hold the assistant's answer, got {bad.get('role') if isinstance(bad, dict) else bad!r}")
         answers[name] = messages
-    if [m.get("content") for m in answers["chosen"]] == [m.get("content") for m in answers["rejected"]]:
+    if len(names) == 2 and [m.get("content") for m in answers["chosen"]] == [m.get("content") for m in
+                                                                           answers["rejected"]]:
         raise RowError("rejected", "is the same as chosen: the pair says nothing")
     prompt = [{**m, "loss": False} for m in prompt]  # history is context, never trained
     if system is not None and prompt[0].get("role") != "system":
         prompt.insert(0, {"role": "system", "content": system, "loss": False})
     out = []
-    for name in ("chosen", "rejected"):
+    for name in names:
         messages = check_messages(prompt + [{**m, "loss": True} for m in answers[name]])
         rendered = template.render(messages, tools=mapped.get("tools"))
         out.append(Prepared(rendered.text, rendered.spans, messages))
-    return out[0], out[1]
+    return out[0], out[1] if len(out) == 2 else None
+
+
+def prepare_unpaired(mapped: dict, template, system: str | None) -> Prepared:
+    """KTO: prompt + completion rendered to text, the completion alone trained."""
+    return prepare_pair(mapped, template, system, names=("completion",))[0]
 
 
 def _cut_text(prepared: Prepared, limit: int) -> Prepared:
@@ -73,6 +81,15 @@ def tokenize_pairs(pairs: list[tuple[Prepared, Prepared]], tokenizer, max_length
         flat = [_cut_text(p, max_length * longest_token(tokenizer) + 1) for p in flat]
     encoded = tokenize(flat, tokenizer, None)
     return [truncate_pair(encoded[2 * k], encoded[2 * k + 1], max_length) for k in range(len(pairs))]
+
+
+def tokenize_unpaired(examples: list[Prepared], tokenizer, max_length: int | None) -> list[Encoded]:
+    """KTO's single answers, cut as a pair's are (the prompt's end and the answer's start kept)."""
+    if not examples:
+        return []
+    if max_length:
+        examples = [_cut_text(p, max_length * longest_token(tokenizer) + 1) for p in examples]
+    return [truncate_pair(e, e, max_length)[0] for e in tokenize(examples, tokenizer, None)]
 
 
 def truncate_pair(chosen: Encoded, rejected: Encoded, max_length: int | None) -> tuple[Encoded, Encoded]:

@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 from tuner.config import DataConfig, DatasetSource
 from tuner.data.encode import Encoded, prepare, token_bytes, tokenize
 from tuner.data.formats import FORMATS, RowError, detect_format, llava_map_fn
-from tuner.data.preference import prepare_pair, tokenize_pairs
+from tuner.data.preference import prepare_pair, prepare_unpaired, tokenize_pairs, tokenize_unpaired
 from tuner.data.sources import BAD_ROW, data_files, is_hub_dataset, iter_rows
 from tuner.data.templates import get_template
 from tuner.errors import TunerError
@@ -56,10 +56,13 @@ class TokenStats:
     """samples per source, in order"""
     pairs: int = 0
     """preference pairs: samples 2k (prompt + chosen) and 2k + 1 (prompt + rejected)"""
+    unpaired: int = 0
+    """KTO examples (one answer each, desirable or not: desirable.npy)"""
 
     def add_counts(self, other: "TokenStats") -> None:
         """Add the sample and token counts of `other` (a chunk's, a row's) to these."""
-        for name in ("tokens", "trained_tokens", "truncated", "dropped_too_long", "dropped_no_loss", "pairs"):
+        for name in ("tokens", "trained_tokens", "truncated", "dropped_too_long", "dropped_no_loss", "pairs",
+                     "unpaired"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -84,6 +87,8 @@ class TokenStore:
         self.trained = np.memmap(folder / "trained.bin", dtype=np.bool_, mode="r", shape=(total,))
         self.stats = TokenStats(**json.loads((folder / "stats.json").read_text()))
         self.n_images = np.load(folder / "n_images.npy") if (folder / "n_images.npy").exists() else None
+        self.desirable = np.load(folder / "desirable.npy") if (folder / "desirable.npy").exists() else None
+        """KTO: per sample, 1 for a desirable answer, 0 for an undesirable one"""
         if self.n_images is not None:
             self.image_offsets = np.load(folder / "image_offsets.npy")
             size = (folder / "images.jsonl").stat().st_size
@@ -165,6 +170,7 @@ class EncodedChunk:
     kept: np.ndarray  # int32, positions in the chunk of the kept rows
     bad: list[tuple[str, int, str]]  # (place, line, message), in order
     counts: TokenStats
+    desirable: np.ndarray | None = None  # KTO: int8 per kept sample, 1 / 0 (-1: not a KTO example)
     image_lines: list[bytes] | None = None  # LLaVA: each kept sample's image files, one JSON line
     n_images: list[int] | None = None  # LLaVA: each kept sample's number of images
 
@@ -176,6 +182,7 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
     # pack_split: a long document continues in the next sequence, so it is not cut here
     max_length = None if cfg.pack_split else cfg.max_length
     good, positions, pairs, pair_positions, bad = [], [], [], [], []
+    unpaired, unpaired_positions, desirable = [], [], {}
     for position, (place, line, row, key) in enumerate(chunk):
         if BAD_ROW in row:
             bad.append((place, line, row[BAD_ROW]))
@@ -187,6 +194,10 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
             if isinstance(mapped, dict) and "chosen" in mapped:  # a preference pair: two samples
                 pairs.append(prepare_pair(mapped, template, cfg.system))
                 pair_positions.append(position)
+            elif isinstance(mapped, dict) and "completion" in mapped:  # KTO: one answer, desirable or not
+                unpaired.append(prepare_unpaired(mapped, template, cfg.system))
+                unpaired_positions.append(position)
+                desirable[position] = int(bool(mapped.get("desirable")))
             else:
                 good.append(prepare(mapped, template, cfg.system))
                 positions.append(position)
@@ -197,6 +208,7 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
     counts = TokenStats()
     made = {position: [item] for position, item in zip(positions, tokenize(good, tokenizer, max_length))}
     made.update(zip(pair_positions, tokenize_pairs(pairs, tokenizer, max_length)))
+    made.update((p, [e]) for p, e in zip(unpaired_positions, tokenize_unpaired(unpaired, tokenizer, max_length)))
     kept, samples = [], []
     for position in sorted(made):
         items, trial = made[position], TokenStats()
@@ -211,6 +223,7 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
                 kept.append(position)
                 samples.append(item)
         counts.pairs += len(items) == 2
+        counts.unpaired += position in desirable and keeps[0]
     image_lines = n_images = None
     if images is not None:
         image_lines = [(json.dumps(item.images, ensure_ascii=False) + "\n").encode() if item.images else b""
@@ -220,7 +233,8 @@ def _encode_chunk(chunk: list[tuple[str, int, dict, str]]) -> EncodedChunk:
         ids=np.concatenate([item.ids for item in samples]) if samples else np.zeros(0, np.int32),
         trained=np.concatenate([item.trained for item in samples]) if samples else np.zeros(0, bool),
         lengths=np.fromiter((len(item.ids) for item in samples), dtype=np.int64, count=len(samples)),
-        kept=np.asarray(kept, dtype=np.int32), bad=bad, counts=counts, image_lines=image_lines, n_images=n_images)
+        kept=np.asarray(kept, dtype=np.int32), bad=bad, counts=counts, image_lines=image_lines, n_images=n_images,
+        desirable=np.asarray([desirable.get(p, -1) for p in kept], dtype=np.int8) if desirable else None)
 
 
 def _with_image_files(mapped: dict, place: str, images: ImageSettings) -> dict:
@@ -289,7 +303,7 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
     stats = TokenStats()
     _WORKER.update(tokenizer=tokenizer, template=template, cfg=cfg, images=images,
                    map_fns=resolve_map_fns(cfg, stats, images is not None))
-    ends, total = [], 0
+    ends, total, desirable = [], 0, []
     image_offsets, image_bytes, n_images = [0], 0, []
     source_of_chunk: list[list[int]] = []
     per_source = [0] * len(cfg.source_list())
@@ -321,6 +335,8 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
                 ids_file.write(encoded.ids.tobytes())
                 trained_file.write(encoded.trained.tobytes())
                 ends.append(total + np.cumsum(encoded.lengths))
+                desirable.append(encoded.desirable if encoded.desirable is not None
+                                 else np.full(len(encoded.lengths), -1, np.int8))
                 total += int(encoded.lengths.sum())
                 for position in encoded.kept:
                     per_source[sources[position]] += 1
@@ -346,6 +362,11 @@ def tokenize_rows(cfg: DataConfig, tokenizer, folder: Path, progress: Callable[[
     if stats.pairs and 2 * stats.pairs != stats.samples:
         raise TunerError(f"the data mixes {stats.pairs} preference pairs with {stats.samples - 2 * stats.pairs} "
                          "conversations or texts: train them in separate runs (SFT first, then preference training)")
+    if stats.unpaired and (stats.unpaired != stats.samples or stats.pairs):
+        raise TunerError(f"the data mixes {stats.unpaired} KTO examples (prompt / completion / label) with "
+                         f"{stats.samples - stats.unpaired} samples of other kinds: train them in separate runs")
+    if stats.unpaired:
+        np.save(folder / "desirable.npy", np.concatenate(desirable))
     np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     if images is not None:
         np.save(folder / "image_offsets.npy", np.asarray(image_offsets, dtype=np.int64))

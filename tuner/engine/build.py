@@ -41,7 +41,10 @@ def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callabl
         if dist.is_main:
             save_chat_template(cfg, tokenizer, work_dir)
         started = time.perf_counter()
-        if cfg.preference is not None:
+        if cfg.preference is not None and cfg.preference.method == "kto":
+            from tuner.data.kto import build_kto_sequences
+            sequences, report = build_kto_sequences(cfg.data, tokenizer, cfg.train.seed, say=info)
+        elif cfg.preference is not None:
             from tuner.data.pairs import build_pair_sequences
             sequences, report = build_pair_sequences(cfg.data, tokenizer, cfg.train.seed, say=info)
         else:

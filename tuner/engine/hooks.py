@@ -65,10 +65,13 @@ class LoggerHook(Hook):
                     f"grad_norm: {metrics['grad_norm']:.4f}  tokens/s: {metrics['tokens_per_s']:.1f}  "
                     f"mfu: {metrics['mfu']:.1%}  "
                     f"time: {metrics['step_time']:.3f}s")
-            if "rewards/accuracies" in metrics:  # preference training
+            if "rewards/chosen" in metrics:  # preference training
                 line += (f"  rewards chosen / rejected: {metrics['rewards/chosen']:.4f} / "
-                         f"{metrics['rewards/rejected']:.4f}  margin: {metrics['rewards/margins']:.4f}  "
-                         f"accuracy: {metrics['rewards/accuracies']:.1%}")
+                         f"{metrics['rewards/rejected']:.4f}  margin: {metrics['rewards/margins']:.4f}")
+                if "rewards/accuracies" in metrics:
+                    line += f"  accuracy: {metrics['rewards/accuracies']:.1%}"
+                if "kl" in metrics:  # KTO's estimate
+                    line += f"  kl: {metrics['kl']:.4f}"
             trainer.logger.info(line)
             if not console.is_terminal:  # the bar is not drawn into pipes and files: print the line
                 console.print(line, highlight=False, soft_wrap=True)

@@ -82,5 +82,8 @@ def objective_for(cfg: Config):
     if cfg.preference.method == "reward":
         from tuner.engine.reward import RewardLoss
         return functools.partial(RewardLoss, settings=cfg.preference)
+    if cfg.preference.method == "kto":
+        from tuner.engine.kto import KtoLoss
+        return functools.partial(KtoLoss, settings=cfg.preference)
     from tuner.engine.preference import PreferenceLoss
     return functools.partial(PreferenceLoss, settings=cfg.preference)

@@ -114,9 +114,10 @@ class PreferenceLoss:
         from tuner.errors import TunerError
 
         s = self.settings
-        if s.method != "dpo":
+        if s.method not in ("dpo", "kto"):
             return
-        mode = s.reference if s.reference != "auto" else "adapter" if trainer.cfg.lora is not None else "precompute"
+        full_default = "precompute" if s.method == "dpo" else "copy"  # (KTO's KL rows change with each batch)
+        mode = s.reference if s.reference != "auto" else "adapter" if trainer.cfg.lora is not None else full_default
         if mode == "adapter":
             if peft_model_of(trainer.model) is None:
                 raise TunerError("preference.reference='adapter' needs a LoRA config (the reference is the base "

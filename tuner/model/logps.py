@@ -31,7 +31,8 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> int:
 
 def answer_logps(model, batch: dict[str, torch.Tensor], device: torch.device, compute_dtype: torch.dtype,
                  attention: str, takes_logits_to_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of each answer's tokens, its number of tokens), both float32 (2 * pairs,)."""
+    """(summed log-prob of each answer's tokens, its number of tokens), both float32, one per sample id
+    (pairs: chosen, rejected, chosen, ...)."""
     targets, slots = batch["labels"][:, 1:], batch["sample_ids"][:, 1:]
     keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
     kwargs = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
@@ -47,7 +48,7 @@ def answer_logps(model, batch: dict[str, torch.Tensor], device: torch.device, co
     targets, slots = targets[:, keep].flatten(), slots[:, keep].flatten()
     trained = targets != IGNORE
     token_logps = -F.cross_entropy(logits.flatten(0, 1).float()[trained], targets[trained], reduction="none")
-    n = 2 * count_pairs(batch)
+    n = int(batch["sample_ids"].max()) + 1  # (pairs: 2 per pair, the rejected answer last)
     logps = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(0, slots[trained], token_logps)
     lengths = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(
         0, slots[trained], torch.ones_like(token_logps))
