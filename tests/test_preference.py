@@ -117,7 +117,8 @@ def trl_dpo_loss(settings, policy, reference, tokenizer, rows, tmp_path):
 
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=len(rows), report_to=[],
                      use_cpu=True, bf16=False, fp16=False, max_length=None, beta=settings.beta,
-                     loss_type=[settings.loss])
+                     loss_type=[settings.loss] + (["sft"] if settings.sft_weight else []),
+                     loss_weights=[1.0, settings.sft_weight] if settings.sft_weight else None)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
@@ -169,12 +170,13 @@ def tuner_loss(settings, policy, reference, sequences, tokenizer, attention="sdp
     return float(loss), {k: float(v) / objective.units(batch) for k, v in objective.metrics.items()}, batch
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
-def test_dpo_losses_and_metrics_equal_trl(trl_setup, tokenizer, tmp_path, loss):
-    """The same tiny model, reference, rows and settings: tuner's DPO loss and metrics equal those of
-    TRL 1.16's DPOTrainer to 1e-5 (fp32), and both train on the same tokens of the same rendering."""
+@pytest.mark.parametrize("loss,sft", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("sigmoid", 0.5)])
+def test_dpo_losses_and_metrics_equal_trl(trl_setup, tokenizer, tmp_path, loss, sft):
+    """The same tiny model, reference, rows and settings: tuner's DPO loss (also with the chosen answers'
+    NLL added, RPO) and metrics equal those of TRL 1.16's DPOTrainer to 1e-5 (fp32), and both train on
+    the same tokens of the same rendering."""
     policy, reference, built, rows = trl_setup
-    settings = PreferenceConfig(method="dpo", loss=loss, beta=0.1)
+    settings = PreferenceConfig(method="dpo", loss=loss, beta=0.1, sft_weight=sft)
     theirs, their_metrics, their_batch = trl_dpo_loss(settings, policy, reference, tokenizer, rows, tmp_path)
     ours, our_metrics, our_batch = tuner_loss(settings, policy, reference, built[False], tokenizer)
     n = len(rows)

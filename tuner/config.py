@@ -317,6 +317,10 @@ class PreferenceConfig:
     """DPO / SimPO: the scale of the log-ratio (SimPO usually 2.0); ORPO: the odds-ratio term's weight"""
     label_smoothing: float = 0.0
     """DPO sigmoid: the share of pairs assumed mislabelled (conservative DPO)"""
+    sft_weight: float = 0.0
+    """DPO: the weight of the chosen answers' NLL (per token) added to the loss, which keeps the model
+    writing the chosen answers while it moves away from the rejected ones (RPO; TRL's
+    loss_type=['sigmoid', 'sft'] with loss_weights=[1, sft_weight])"""
     simpo_gamma: float = 0.5
     """SimPO: the target reward margin (over beta)"""
     desirable_weight: float = 1.0
@@ -340,6 +344,8 @@ class PreferenceConfig:
             raise TunerError("PreferenceConfig.reference='precompute' is for DPO: KTO's KL term pairs each prompt "
                              "with another answer of its batch, which changes every epoch",
                              hint="use reference='adapter' (LoRA) or 'copy'")
+        if self.sft_weight < 0:
+            raise TunerError(f"PreferenceConfig.sft_weight must be 0 or more, got {self.sft_weight}")
         if min(self.desirable_weight, self.undesirable_weight) <= 0:
             raise TunerError("PreferenceConfig.desirable_weight and undesirable_weight must be positive")
 

@@ -6,6 +6,7 @@ of each pair follows the paper (and TRL 1.16's code, which tests/test_preference
 
     DPO      d = (chosen - ref chosen) - (rejected - ref rejected)
              sigmoid  -(1 - e) log s(beta d) - e log s(-beta d)      (e: label smoothing)
+             + sft_weight * the chosen answers' per-token NLL (RPO), with any of the three
              hinge    relu(1 - beta d)
              ipo      (d' - 1 / (2 beta))^2, d' with each log-ratio divided by its answer's length
     SimPO    -log s(beta (mean chosen - mean rejected) - gamma)     (mean: per-token log-prob)
@@ -91,6 +92,8 @@ class PreferenceLoss:
             else:  # ipo
                 per_token = chosen_ratio / lengths[0::2].clamp(min=1) - rejected_ratio / lengths[1::2].clamp(min=1)
                 losses = (per_token - 1 / (2 * s.beta)) ** 2
+            if s.sft_weight:  # the chosen tokens' mean NLL over the micro-batch, once per pair (as TRL adds it)
+                losses = losses - s.sft_weight * chosen.sum() / lengths[0::2].sum().clamp(min=1)
             chosen_reward, rejected_reward = s.beta * chosen_ratio.detach(), s.beta * rejected_ratio.detach()
         else:
             chosen_mean, rejected_mean = chosen / lengths[0::2], rejected / lengths[1::2]
