@@ -310,21 +310,26 @@ def test_full_dpo_precomputes_the_reference_once_and_resumes_with_it(tmp_path, t
 
 
 @pytest.mark.slow
-def test_two_process_dpo_matches_one_process(tmp_path, tiny_model_dir, monkeypatch):
-    """DPO under DDP, 2 CPU processes x batch 1, against one process x batch 2: the same pairs per step,
-    so the same losses and metrics (each process's pairs weigh as much as the other's)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2"])
+def test_two_process_dpo_matches_one_process(tmp_path, tiny_model_dir, monkeypatch, strategy):
+    """DPO under DDP, FSDP2 and DeepSpeed ZeRO-2, 2 CPU processes x batch 1, against one process x batch 2:
+    the same pairs per step, so the same losses and metrics (each process's pairs weigh as much as the
+    other's); the reference is the base with the LoRA adapter off, inside each wrapper."""
     import json as _json
 
     from test_cli import tuner
 
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
     rows = PAIRS * 3
     one = preference_config(tmp_path, tiny_model_dir, rows, name="one", batch_size=2, pack=False, epochs=1)
     two = preference_config(tmp_path, tiny_model_dir, rows, name="two", batch_size=1, pack=False, epochs=1)
     tuner("train", one, "--work-dir", tmp_path / "one")
     monkeypatch.setenv("NPROC_PER_NODE", "2")
-    monkeypatch.setenv("PORT", "29570")
-    run = tuner("train", two, "--work-dir", tmp_path / "two")
-    assert "2 processes (DDP)" in run.stderr
+    monkeypatch.setenv("PORT", str(29570 + ["ddp", "fsdp", "deepspeed_zero2"].index(strategy)))
+    flags = {"ddp": [], "fsdp": ["--fsdp"], "deepspeed_zero2": ["--deepspeed", "deepspeed_zero2"]}[strategy]
+    run = tuner("train", two, "--work-dir", tmp_path / "two", *flags)
+    assert f"2 processes ({'DEEPSPEED' if 'deepspeed' in strategy else strategy.upper()}" in run.stderr
 
     def steps(work):
         return [_json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]

@@ -53,6 +53,8 @@ class PreferenceLoss:
     reference: str = "none"
     """adapter | copy | table | none (SimPO, ORPO)"""
     reference_model: torch.nn.Module | None = None
+    peft_model: torch.nn.Module | None = None
+    """reference 'adapter': the PeftModel whose adapter is switched off (the loop may call a module inside it)"""
     table: torch.Tensor | None = None
     """precomputed reference log-probs, (pairs, 2) float64"""
     metrics: dict = field(default_factory=dict)
@@ -70,8 +72,8 @@ class PreferenceLoss:
         if self.reference == "table":
             return self.table[batch["pair_index"].to(self.table.device)].flatten().to(torch.float32)
         with torch.no_grad():
-            if self.reference == "adapter":
-                with peft_model_of(model).disable_adapter():
+            if self.reference == "adapter":  # (FSDP calls the model inside PEFT's wrapper: switch it off there)
+                with (self.peft_model or peft_model_of(model)).disable_adapter():
                     return self.answer_logps(model, batch)[0]
             return self.answer_logps(self.reference_model, batch)[0]
 
@@ -122,7 +124,8 @@ class PreferenceLoss:
         full_default = "precompute" if s.method == "dpo" else "copy"  # (KTO's KL rows change with each batch)
         mode = s.reference if s.reference != "auto" else "adapter" if trainer.cfg.lora is not None else full_default
         if mode == "adapter":
-            if peft_model_of(trainer.model) is None:
+            self.peft_model = peft_model_of(trainer.raw_model)
+            if self.peft_model is None:
                 raise TunerError("preference.reference='adapter' needs a LoRA config (the reference is the base "
                                  "with the adapter disabled)", hint="set preference.reference='precompute' or 'copy'")
             self.reference = "adapter"
