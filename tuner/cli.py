@@ -147,6 +147,14 @@ def cmd_list_dataset_format(args) -> int:
     return 0
 
 
+def cmd_check_config(args) -> int:
+    from tuner.config import load_config
+    from tuner.engine.plan import describe_plan
+
+    print(describe_plan(load_config(args.config, args.cfg_options)))
+    return 0
+
+
 def cmd_check_custom_dataset(args) -> int:
     from tuner.config import load_config
     from tuner.data.inspection import check_custom_dataset
@@ -321,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list-dataset-format", help="list the dataset formats and the columns they read")
     p.set_defaults(func=cmd_list_dataset_format)
+
+    p = sub.add_parser("check-config", help="load and type-check a config and print what training would do "
+                                            "(no weights loaded, no data tokenized)")
+    p.add_argument("config")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("check-custom-dataset", help="validate every row and show each stage for a few")
     p.add_argument("config")

@@ -1,0 +1,95 @@
+"""`tuner check-config CFG`: a config loaded and type-checked, and what training it would do, without
+loading a model's weights, tokenizing data or downloading anything:
+
+    model      smollm2-135m-instruct (lora, dpo), dtype float32
+    data       data/signoff_train.jsonl: preference, 32 rows
+    template   the tokenizer's own chat template; max_length 512, packed
+    steps      at most 32 per epoch x 2 epochs on one process (32 pairs, 1 x 1 per step; packing makes fewer)
+    memory     1.04 GiB: weights 0.52, grads 0.02, optimizer 0.04, activations 0.47 (one process, ...)
+
+Rows are counted in local .jsonl files; the memory line comes from the model's structure built on the
+meta device, when its config is on this machine.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tuner.config import EMBEDDED_MODEL, Config
+from tuner.data.sources import data_files, is_hub_dataset
+from tuner.data.tokenized import TokenStats, resolve_map_fns
+from tuner.errors import TunerError
+
+
+def _count_rows(path: Path) -> int | None:
+    """Rows of a local .jsonl file (lines that are not blank); None for other kinds (not read whole)."""
+    if path.suffix != ".jsonl":
+        return None
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def describe_plan(cfg: Config) -> str:
+    lines = [f"config     {cfg.path}"]
+    model = cfg.model
+    what = cfg.method + ("" if cfg.preference is None else f", {cfg.preference.method}")
+    lines.append(f"model      {model.path} ({what}), dtype {model.dtype}"
+                 + (f", {model.quantization} quantized" if model.quantization else "")
+                 + (", runs the model folder's own code" if model.trust_remote_code else ""))
+    stats = TokenStats()
+    resolve_map_fns(cfg.data, stats, images=cfg.llava is not None)  # (reads each local file's first row)
+    rows, counted = 0, True
+    for source in cfg.data.source_list():
+        if is_hub_dataset(source.path):
+            lines.append(f"data       {source.path} [{source.split}] from the Hugging Face hub, format {source.format}")
+            counted = False
+            continue
+        files = data_files(source.path)
+        if not files:
+            raise TunerError(f"data path {source.path!r}: no such file, or no data files in the folder")
+        for f in files:
+            n = _count_rows(f)
+            counted = counted and n is not None
+            rows += round((n or 0) * source.repeats)
+            lines.append(f"data       {f}: {stats.formats.get(str(f), source.format)}"
+                         + (f", {n} rows" if n is not None else "") + (f", x{source.repeats:g}" if source.repeats != 1 else ""))
+    template = cfg.data.template or "the tokenizer's own chat template"
+    lines.append(f"template   {template}; max_length {cfg.data.max_length}, "
+                 + ("packed" if cfg.data.pack else "not packed"))
+    t = cfg.train
+    per_step = t.batch_size * t.accumulative_counts
+    if counted and rows:
+        unit = "pairs" if cfg.preference is not None and cfg.preference.method != "kto" else "rows"
+        lines.append(f"steps      at most {math.ceil(rows / per_step)} per epoch x {t.max_epochs} epochs on one process "
+                     f"({rows} {unit}, {t.batch_size} x {t.accumulative_counts} per step; packing makes fewer)")
+    lines.append(f"train      batch {t.batch_size} x accumulation {t.accumulative_counts}, lr {cfg.optim.lr:g}, "
+                 f"dtype {t.dtype}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}; "
+                 "one process (torchrun / NPROC_PER_NODE, --fsdp or --deepspeed as for tuner train)")
+    memory = _memory_line(cfg)
+    if memory:
+        lines.append(memory)
+    return "\n".join(lines)
+
+
+def _memory_line(cfg: Config) -> str | None:
+    """The memory estimate from the model's structure, when its config is on this machine."""
+    from tuner.engine.budget import estimate_memory
+    from tuner.model import internlm2
+    from tuner.model.adapt import apply_lora
+    from tuner.model.load import DTYPES, load_causal_lm
+
+    local = Path(cfg.model.path).expanduser()
+    if cfg.llava is not None or not (cfg.model.path == EMBEDDED_MODEL or local.is_dir()):
+        return None  # (a hub id is not looked up: nothing is downloaded to check a config)
+    if local.is_dir() and internlm2.is_internlm2(local):
+        return "memory     estimated at the first tuner train (this InternLM2 folder is converted to Llama first)"
+    dtype = DTYPES[cfg.model.dtype]
+    model = load_causal_lm(cfg.model.path, cfg.model.trust_remote_code, meta=True, announce=False, head=cfg.head,
+                           **({} if dtype == "auto" else {"dtype": dtype}))
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, task="SEQ_CLS" if cfg.head == "reward" else "CAUSAL_LM")
+    compute_bytes = 4 if cfg.train.dtype in ("fp32", "float32") else 2
+    estimate = estimate_memory(model, cfg.train.batch_size * cfg.data.max_length, cfg.train.gradient_checkpointing,
+                               compute_bytes, 2 if cfg.optim.name.endswith("8bit") else 8)
+    return f"memory     {estimate.describe().removeprefix('memory estimate ')} (one process, before sharding)"
