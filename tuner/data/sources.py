@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from tuner.data.modelscope import download, modelscope_id
 from tuner.errors import TunerError
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
@@ -19,8 +20,10 @@ BAD_ROW = "__tuner_bad_row__"  # a row that could not be read: {BAD_ROW: message
 
 
 def data_files(path: str | Path) -> list[Path]:
-    """The files behind a data path: the file itself, or the supported files of a folder."""
-    path = Path(path)
+    """The files behind a data path: the file itself, or the supported files of a folder (a ModelScope
+    dataset's: downloaded first)."""
+    repo = modelscope_id(str(path))
+    path = download(repo, "dataset") if repo else Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
         if not files:
@@ -34,7 +37,10 @@ def data_files(path: str | Path) -> list[Path]:
 
 
 def is_hub_dataset(path: str) -> bool:
-    """'tatsu-lab/alpaca' is a hub name; './data', 'data.jsonl' and existing paths are local."""
+    """'tatsu-lab/alpaca' is a hub name; './data', 'data.jsonl' and existing paths are local (and a
+    ModelScope dataset is read from its downloaded folder)."""
+    if modelscope_id(path):
+        return False
     return (not Path(path).exists() and path.count("/") == 1 and not path.startswith((".", "/", "~"))
             and Path(path).suffix not in SUFFIXES)
 

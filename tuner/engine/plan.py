@@ -13,10 +13,12 @@ meta device, when its config is on this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 from tuner.config import EMBEDDED_MODEL, Config
+from tuner.data.modelscope import modelscope_id
 from tuner.data.sources import data_files, is_hub_dataset
 from tuner.data.tokenized import TokenStats, resolve_map_fns
 from tuner.errors import TunerError
@@ -38,11 +40,14 @@ def describe_plan(cfg: Config) -> str:
                  + (f", {model.quantization} quantized" if model.quantization else "")
                  + (", runs the model folder's own code" if model.trust_remote_code else ""))
     stats = TokenStats()
-    resolve_map_fns(cfg.data, stats, images=cfg.llava is not None)  # (reads each local file's first row)
+    local = [s for s in cfg.data.source_list() if not (is_hub_dataset(s.path) or modelscope_id(s.path))]
+    if local:  # the formats of local files (their first rows read); hub datasets are not looked at
+        resolve_map_fns(dataclasses.replace(cfg.data, path="", sources=local), stats, images=cfg.llava is not None)
     rows, counted = 0, True
     for source in cfg.data.source_list():
-        if is_hub_dataset(source.path):
-            lines.append(f"data       {source.path} [{source.split}] from the Hugging Face hub, format {source.format}")
+        if is_hub_dataset(source.path) or modelscope_id(source.path):
+            where = f"[{source.split}] from the Hugging Face hub" if is_hub_dataset(source.path) else "from ModelScope"
+            lines.append(f"data       {source.path} {where}, format {source.format}")
             counted = False
             continue
         files = data_files(source.path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tuner.config import EMBEDDED_MODEL, ModelConfig
+from tuner.data.modelscope import download, modelscope_id
 from tuner.errors import TunerError
 
 SUPPORTED = ("tuner takes the causal LMs transformers knows (Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3, Mixtral, "
@@ -21,11 +22,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(path: str) -> str:
-    """'smollm2-135m-instruct' or a .gguf file -> its cached folder; a local folder -> itself; else a hub id.
-    An InternLM2 folder (local or from the hub) -> its Llama conversion in tuner's cache."""
+    """'smollm2-135m-instruct' or a .gguf file -> its cached folder; a local folder -> itself; a ModelScope
+    id -> its downloaded folder; else a hub id. An InternLM2 folder (local or from a hub) -> its Llama
+    conversion in tuner's cache."""
     if path == EMBEDDED_MODEL:
         from tuner.model.embedded import embedded_model_dir
         return str(embedded_model_dir())
+    repo = modelscope_id(path)
+    if repo:  # modelscope://ORG/NAME (or ORG/NAME with TUNER_HUB=modelscope): its snapshot in modelscope's cache
+        return _native(download(repo, "model"))
     local = Path(path).expanduser()
     if local.is_file() and local.suffix == ".gguf":
         from tuner.model.embedded import gguf_model_dir
