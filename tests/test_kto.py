@@ -63,7 +63,7 @@ def test_kto_loss_kl_and_metrics_equal_trl(tmp_path, tiny_model_dir, tokenizer, 
     from_pairs = kto_sequences(tmp_path, tokenizer, PAIRS, "pairs.jsonl")
     batch = sequences.collate([sequences[k] for k in range(len(sequences))], tokenizer.pad_token_id)
     again = from_pairs.collate([from_pairs[k] for k in range(len(from_pairs))], tokenizer.pad_token_id)
-    assert all(torch.equal(batch[k], again[k]) for k in batch if k != "example_index")
+    assert all(torch.equal(batch[k], again[k]) for k in batch)
     for prefix, mask in (("", "attention_mask"), ("kl_", "KL_attention_mask")):
         for row in range(len(ROWS)):
             ours = batch[prefix + "input_ids"][row][batch[prefix + "sample_ids"][row] >= 0]

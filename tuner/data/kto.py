@@ -20,7 +20,7 @@ import torch
 
 from tuner.config import DataConfig
 from tuner.data.dataset import IGNORE, DataReport, length_histogram
-from tuner.data.pairs import pair_order, source_order
+from tuner.data.pairs import pad_rows, pair_order, source_order
 from tuner.data.tokenized import TokenStore, load_token_store
 from tuner.errors import TunerError
 
@@ -31,7 +31,6 @@ class KtoExample:
     labels: list[int]
     start: int  # the answer's first token
     desirable: bool
-    index: int  # the sample in the token store
 
 
 class KtoSequences:
@@ -51,22 +50,10 @@ class KtoSequences:
         labels = np.where(trained, ids, IGNORE)
         labels[0] = IGNORE
         start = int(np.argmax(trained)) if trained.any() else len(ids)
-        return KtoExample(ids.tolist(), labels.tolist(), start, bool(self.desirable[i]), i)
+        return KtoExample(ids.tolist(), labels.tolist(), start, bool(self.desirable[i]))
 
     def collate(self, batch: list[KtoExample], pad_id: int) -> dict[str, torch.Tensor]:
         return collate_kto(batch, pad_id)
-
-
-def _padded(rows: list[tuple[list[int], list[int]]], pad_id: int, prefix: str = "") -> dict[str, list]:
-    width = max(len(ids) for ids, _ in rows)
-    out = {f"{prefix}{k}": [] for k in ("input_ids", "labels", "position_ids", "sample_ids")}
-    for i, (ids, labels) in enumerate(rows):
-        pad = width - len(ids)
-        out[f"{prefix}input_ids"].append(ids + [pad_id] * pad)
-        out[f"{prefix}labels"].append(labels + [IGNORE] * pad)
-        out[f"{prefix}position_ids"].append(list(range(width)))
-        out[f"{prefix}sample_ids"].append([i] * len(ids) + [-1] * pad)
-    return out
 
 
 def collate_kto(batch: list[KtoExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -76,9 +63,8 @@ def collate_kto(batch: list[KtoExample], pad_id: int) -> dict[str, torch.Tensor]
     before = batch[-1:] + batch[:-1]
     kl_rows = [(e.ids[:e.start] + b.ids[b.start:], [IGNORE] * e.start + b.labels[b.start:])
                for e, b in zip(batch, before)]
-    out = {**_padded(rows, pad_id), **_padded(kl_rows, pad_id, "kl_")}
+    out = {**pad_rows(rows, pad_id), **pad_rows(kl_rows, pad_id, "kl_")}
     out["desirable"] = [e.desirable for e in batch]
-    out["example_index"] = [e.index for e in batch]
     return {k: torch.tensor(v) for k, v in out.items()}
 
 

@@ -103,6 +103,20 @@ def collate_pairs(batch: list[PairSample], pad_id: int) -> dict[str, torch.Tenso
     return {k: torch.tensor(v) for k, v in out.items()}
 
 
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, prefix: str = "") -> dict[str, list]:
+    """(ids, labels) rows, one sample each (sample id = row), right-padded to the longest: input_ids,
+    labels, position_ids and sample_ids (-1 on padding), each name after `prefix`."""
+    width = max(len(ids) for ids, _ in rows)
+    out = {f"{prefix}{k}": [] for k in ("input_ids", "labels", "position_ids", "sample_ids")}
+    for i, (ids, labels) in enumerate(rows):
+        pad = width - len(ids)
+        out[f"{prefix}input_ids"].append(ids + [pad_id] * pad)
+        out[f"{prefix}labels"].append(labels + [IGNORE] * pad)
+        out[f"{prefix}position_ids"].append(list(range(width)))
+        out[f"{prefix}sample_ids"].append([i] * len(ids) + [-1] * pad)
+    return out
+
+
 def build_pair_sequences(cfg: DataConfig, tokenizer, seed: int = 0, say=print) -> tuple[PairSequences, DataReport]:
     store, from_cache = load_token_store(cfg, tokenizer, say)
     if not store.stats.pairs:

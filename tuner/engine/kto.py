@@ -43,13 +43,16 @@ class KtoLoss(PreferenceLoss):
         good = batch["desirable"].to(ratio.device)
         losses = torch.where(good, s.desirable_weight * (1 - F.sigmoid(s.beta * (ratio - z))),
                              s.undesirable_weight * (1 - F.sigmoid(s.beta * (z - ratio))))
-        rewards, n = s.beta * ratio.detach(), len(good)
-        # Per-example means over the desirable / undesirable ones (as TRL logs them), weighted by the
-        # micro-batch's examples so the loop's average over the step is a mean of these.
-        chosen = rewards[good].mean() if good.any() else torch.zeros((), device=rewards.device)
-        rejected = rewards[~good].mean() if (~good).any() else torch.zeros((), device=rewards.device)
+        rewards, logps = s.beta * ratio.detach(), logps.detach()
+        # Means over the desirable / undesirable answers (as TRL logs them), weighted by the micro-batch's
+        # examples so the loop's average over the step is a mean of these.
+        chosen, rejected = _mean(rewards, good), _mean(rewards, ~good)
         values = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
-                  "kl": z, "logps/chosen": logps.detach()[good].mean() if good.any() else chosen * 0,
-                  "logps/rejected": logps.detach()[~good].mean() if (~good).any() else chosen * 0}
-        self.metrics = {name: value.double() * n for name, value in values.items()}
+                  "kl": z, "logps/chosen": _mean(logps, good), "logps/rejected": _mean(logps, ~good)}
+        self.metrics = {name: value.double() * len(good) for name, value in values.items()}
         return losses.sum()
+
+
+def _mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` where `where` holds (0 when it holds nowhere)."""
+    return values[where].mean() if where.any() else values.new_zeros(())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tuner.config import DataConfig
-from tuner.data.pairs import build_pair_sequences
+from tuner.data.pairs import build_pair_sequences, pad_rows
 from tuner.data.tokenized import load_token_store
 from tuner.model.logps import answer_logps, takes_logits_to_keep
 from tuner.model.rewards import sample_rewards
@@ -101,11 +101,8 @@ def score_with_reward_model(model, tokenizer, data: str, template: str | None, m
     rewards = torch.zeros(len(store))
     for start in range(0, len(store), batch_size):
         rows = [store.sample(k)[0].tolist() for k in range(start, min(start + batch_size, len(store)))]
-        width = max(map(len, rows))
-        pad = [width - len(r) for r in rows]
-        batch = {"input_ids": torch.tensor([r + [tokenizer.pad_token_id] * p for r, p in zip(rows, pad)]),
-                 "position_ids": torch.tensor([list(range(width))] * len(rows)),
-                 "sample_ids": torch.tensor([[i] * len(r) + [-1] * p for i, (r, p) in enumerate(zip(rows, pad))])}
+        padded = pad_rows([(r, r) for r in rows], tokenizer.pad_token_id)  # (labels unused)
+        batch = {k: torch.tensor(padded[k]) for k in ("input_ids", "position_ids", "sample_ids")}
         with torch.no_grad():
             found = sample_rewards(model, {k: v.to(device) for k, v in batch.items()}, device, compute_dtype, attention)
         rewards[start:start + len(rows)] = found.cpu()
