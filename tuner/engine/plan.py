@@ -21,7 +21,11 @@ from tuner.config import EMBEDDED_MODEL, Config
 from tuner.data.modelscope import modelscope_id
 from tuner.data.sources import data_files, is_hub_dataset
 from tuner.data.tokenized import TokenStats, resolve_map_fns
-from tuner.errors import TunerError
+
+
+def _remote(path: str) -> bool:
+    """A Hugging Face hub or ModelScope dataset: not looked at (nothing is downloaded to check a config)."""
+    return is_hub_dataset(path) or modelscope_id(path) is not None
 
 
 def _count_rows(path: Path) -> int | None:
@@ -40,20 +44,17 @@ def describe_plan(cfg: Config) -> str:
                  + (f", {model.quantization} quantized" if model.quantization else "")
                  + (", runs the model folder's own code" if model.trust_remote_code else ""))
     stats = TokenStats()
-    local = [s for s in cfg.data.source_list() if not (is_hub_dataset(s.path) or modelscope_id(s.path))]
+    local = [s for s in cfg.data.source_list() if not _remote(s.path)]
     if local:  # the formats of local files (their first rows read); hub datasets are not looked at
         resolve_map_fns(dataclasses.replace(cfg.data, path="", sources=local), stats, images=cfg.llava is not None)
     rows, counted = 0, True
     for source in cfg.data.source_list():
-        if is_hub_dataset(source.path) or modelscope_id(source.path):
+        if _remote(source.path):
             where = f"[{source.split}] from the Hugging Face hub" if is_hub_dataset(source.path) else "from ModelScope"
             lines.append(f"data       {source.path} {where}, format {source.format}")
             counted = False
             continue
-        files = data_files(source.path)
-        if not files:
-            raise TunerError(f"data path {source.path!r}: no such file, or no data files in the folder")
-        for f in files:
+        for f in data_files(source.path):  # (a missing file or an empty folder is an error there)
             n = _count_rows(f)
             counted = counted and n is not None
             rows += round((n or 0) * source.repeats)
