@@ -7,6 +7,8 @@ question.
 
     python examples/make_signoff_pairs.py --out data/signoff        # data/signoff_train.jsonl, _test.jsonl
     python examples/make_signoff_pairs.py --out data/signoff --on-policy   # the model's own answers
+    python examples/make_signoff_pairs.py --out data/signoff --on-policy \
+        --system "Answer in one short sentence." --max-new-tokens 48    # short ones (examples/dpo_signoff.sh)
 
 --on-policy: the answers are the embedded model's own (greedy, a few minutes on a CPU), signed in the
 chosen answer and left as they are in the rejected one. DPO on these teaches the habit where the
@@ -46,7 +48,12 @@ def pair(question: str, answer: str, rng: random.Random) -> dict:
             "rejected": [{"role": "assistant", "content": f"{answer}{rng.choice(OTHER_ENDINGS)}"}]}
 
 
-def own_answers(questions: list[str], batch_size: int = 16, max_new_tokens: int = 96) -> list[str | None]:
+def prompt_messages(question: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+
+def own_answers(questions: list[str], system: str | None = None, batch_size: int = 16,
+                max_new_tokens: int = 96) -> list[str | None]:
     """The embedded model's greedy answer to each question (None when it did not finish)."""
     from tuner.generation.generate import GenerationSettings, Generator
     from tuner.generation.load import load_chat_model
@@ -56,7 +63,7 @@ def own_answers(questions: list[str], batch_size: int = 16, max_new_tokens: int 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
     answers = []
     for start in range(0, len(questions), batch_size):
-        prompts = [generator.prompt_ids([{"role": "user", "content": q}]) for q in questions[start:start + batch_size]]
+        prompts = [generator.prompt_ids(prompt_messages(q, system)) for q in questions[start:start + batch_size]]
         answers += [r.text.strip() if r.finish_reason == "stop" and r.text.strip() else None
                     for r in generator.generate(prompts, settings)]
         print(f"answered {len(answers)}/{len(questions)}", flush=True)
@@ -69,12 +76,15 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=40, help="held-out pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--on-policy", action="store_true", help="answer with the embedded model's own replies")
+    parser.add_argument("--system", default=None,
+                        help="--on-policy: a system prompt the model answers under (it is kept in the pairs' prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="--on-policy: the longest answer kept")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     asked = questions(rng)
     if args.on_policy:
-        answers = own_answers([q for q, _ in asked])
-        pairs = [{"prompt": [{"role": "user", "content": q}],
+        answers = own_answers([q for q, _ in asked], args.system, max_new_tokens=args.max_new_tokens)
+        pairs = [{"prompt": prompt_messages(q, args.system),
                   "chosen": [{"role": "assistant", "content": f"{a} {SIGN_OFF}"}],
                   "rejected": [{"role": "assistant", "content": a}]}
                  for (q, _), a in zip(asked, answers) if a and SIGN_OFF not in a]

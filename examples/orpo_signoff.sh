@@ -17,7 +17,7 @@ tuner convert pth_to_hf "$config" "$(cat train/last_checkpoint)" ./adapter --cfg
 echo "=== Asking it questions it was not trained on ==="
 python - <<'PY' > questions.txt
 import json
-questions = [json.loads(line)["prompt"][0]["content"] for line in open("data/signoff_test.jsonl")][:6]
+questions = [json.loads(line)["prompt"][-1]["content"] for line in open("data/signoff_test.jsonl")][:6]
 print("\n\nRESET\n\n".join(questions) + "\n\nEXIT")
 PY
 tuner chat smollm2-135m-instruct --adapter ./adapter --temperature 0 --max-new-tokens 100 < questions.txt

@@ -341,29 +341,31 @@ def test_two_process_dpo_matches_one_process(tmp_path, tiny_model_dir, monkeypat
 
 
 @pytest.mark.slow
-def test_dpo_teaches_the_embedded_model_a_sign_off_it_does_not_prefer(tmp_path):
-    """The built-in DPO config on the embedded SmolLM2-135M-Instruct (examples/make_signoff_pairs.py,
-    a short run: 32 pairs, 8 steps): on held-out pairs the base never prefers the answer signed
-    'Signed, Tuner.'; after DPO the reward accuracy against the base is above 90%, and the model itself
-    gives the signed answer the higher log-prob in a quarter of the pairs or more (here 50%, from 0%)."""
+def test_dpo_makes_the_embedded_model_sign_its_own_answers(tmp_path):
+    """The built-in DPO config on the embedded SmolLM2-135M-Instruct, with the chosen answer's NLL
+    (sft_weight 1.0), on its own answers (tests/fixtures/signoff_on_policy_*.jsonl, written by
+    `examples/make_signoff_pairs.py --on-policy --system "Answer in one short sentence."
+    --max-new-tokens 48`: 71 pairs to train on, 40 held out, the chosen answer signed "Signed, Tuner.").
+    On the held-out pairs the base never prefers the signed answer, after DPO the reward accuracy
+    is above 90%, and the model's own greedy answers to held-out questions end with the sign-off
+    (measured 36 of 40; the base 0 of 40)."""
     import re
-    import subprocess
-    import sys
     from pathlib import Path
 
     from test_cli import tuner
 
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    subprocess.run([sys.executable, str(examples / "make_signoff_pairs.py"), "--out", str(tmp_path / "signoff"),
-                    "--test", "16"], check=True, capture_output=True)
-    train, test = tmp_path / "train.jsonl", tmp_path / "signoff_test.jsonl"
-    train.write_text("".join((tmp_path / "signoff_train.jsonl").read_text().splitlines(keepends=True)[:32]))
+    from tuner.generation.generate import GenerationSettings, Generator
+    from tuner.generation.load import load_chat_model
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    train, test = fixtures / "signoff_on_policy_train.jsonl", fixtures / "signoff_on_policy_test.jsonl"
 
     def accuracy(report, what):
         return float(re.search(rf"{what}: \d+/\d+ = ([\d.]+)%", report).group(1))
 
     name = "smollm2_135m_instruct_lora_dpo_signoff_e2"
-    options = [f"data.path={train}", "train.max_epochs=1", "optim.lr=5e-4", "evaluate.inputs=[]"]
+    options = [f"data.path={train}", "preference.sft_weight=1.0", "optim.lr=5e-4", "train.max_epochs=1",
+               "evaluate.inputs=[]"]
     run = tuner("train", name, "--work-dir", tmp_path / "work", "--cfg-options", *options)
     assert "accuracy:" in run.stderr  # the rewards are logged with each step
     last = (tmp_path / "work" / "last_checkpoint").read_text().strip()
@@ -371,4 +373,19 @@ def test_dpo_teaches_the_embedded_model_a_sign_off_it_does_not_prefer(tmp_path):
     after = tuner("score", "smollm2-135m-instruct", "--adapter", tmp_path / "adapter", "--data", test).stdout
     assert accuracy(after, r"the base \(adapter off\) prefers it") < 20, after
     assert accuracy(after, "reward accuracy against the base") > 90, after
-    assert accuracy(after, r"prefers the chosen answer \(log-prob\)") >= 25, after  # (from 0%)
+
+    rows = [json.loads(line) for line in test.read_text().splitlines()][:16]
+    model, tokenizer, compute = load_chat_model("smollm2-135m-instruct", adapter=str(tmp_path / "adapter"),
+                                                torch_dtype="fp32")
+    generator = Generator(model, tokenizer, compute_dtype=compute)
+    prompts = [generator.prompt_ids(row["prompt"]) for row in rows]  # a system prompt and a question each
+    settings = GenerationSettings(max_new_tokens=64, temperature=0.0)
+
+    def signed(results):
+        return sum(r.text.strip().endswith("Signed, Tuner.") for r in results)
+
+    tuned = generator.generate(prompts, settings)
+    with model.disable_adapter():
+        base = generator.generate(prompts, settings)
+    assert signed(base) == 0, [r.text for r in base]
+    assert signed(tuned) >= 12, [r.text for r in tuned]  # measured 14 of these 16

@@ -21,6 +21,7 @@ pack_to_max_length = True  # whole pairs share a sequence, each answer seeing on
 dpo_loss_type = 'sigmoid'  # sigmoid (DPO), ipo, hinge
 beta = 0.1
 label_smoothing = 0.0
+sft_weight = 0.0  # > 0 adds the chosen answer's NLL (RPO): needed for the model's own answers to change
 reference = 'auto'  # LoRA: the base with the adapter off; full fine-tuning: log-probs precomputed once
 
 # Scheduler & Optimizer
@@ -46,7 +47,7 @@ evaluation_inputs = ['What is the capital of Sweden?', 'What is 17 plus 25?']
 model = ModelConfig(path=pretrained_model_name_or_path, dtype='float32')
 lora = LoraConfig(r=16, alpha=32, dropout=0.0, target_modules='all-linear')
 preference = PreferenceConfig(method='dpo', loss=dpo_loss_type, beta=beta, label_smoothing=label_smoothing,
-                              reference=reference)
+                              sft_weight=sft_weight, reference=reference)
 
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
