@@ -215,12 +215,9 @@ def mistral_ids(reference, messages: list[dict], tools: list | None = None) -> l
     return reference[mode].encode_chat_completion(request).tokens
 
 
-def xtuner_templates() -> dict[str, dict]:
-    """XTuner's own PROMPT_TEMPLATE (xtuner/utils/templates.py of the xtuner==0.2.0 wheel, fetched
-    with pip once), read as data: {name: {'SYSTEM': ..., 'INSTRUCTION': ..., 'SUFFIX': ..., ...}}."""
-    import ast
+def xtuner_wheel() -> Path:
+    """The xtuner==0.2.0 wheel from PyPI (fetched with pip once, never installed)."""
     import sys
-    import zipfile
 
     folder = CACHE / "xtuner-0.2.0"
     wheels = list(folder.glob("xtuner-0.2.0-*.whl"))
@@ -234,6 +231,32 @@ def xtuner_templates() -> dict[str, dict]:
                 raise
             pytest.skip(f"cannot fetch the xtuner wheel with pip: {e}")
         wheels = list(folder.glob("xtuner-0.2.0-*.whl"))
+    return wheels[0]
+
+
+def xtuner_configs() -> Path:
+    """The folder `xtuner/configs` of the xtuner==0.2.0 wheel: XTuner's own config files, extracted once."""
+    import shutil
+    import zipfile
+
+    folder = CACHE / "xtuner-0.2.0" / "extracted"
+    if not (folder / "xtuner" / "configs").is_dir():
+        with zipfile.ZipFile(xtuner_wheel()) as wheel:
+            names = [n for n in wheel.namelist() if n.startswith("xtuner/configs/")]
+            tmp = folder.with_name("extracted.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)  # a run stopped halfway
+            wheel.extractall(tmp, names)
+            tmp.rename(folder)
+    return folder / "xtuner" / "configs"
+
+
+def xtuner_templates() -> dict[str, dict]:
+    """XTuner's own PROMPT_TEMPLATE (xtuner/utils/templates.py of the xtuner==0.2.0 wheel, fetched
+    with pip once), read as data: {name: {'SYSTEM': ..., 'INSTRUCTION': ..., 'SUFFIX': ..., ...}}."""
+    import ast
+    import zipfile
+
+    wheels = [xtuner_wheel()]
     source = zipfile.ZipFile(wheels[0]).read("xtuner/utils/templates.py").decode()
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PROMPT_TEMPLATE":

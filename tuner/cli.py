@@ -65,6 +65,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if args.action == "xtuner-config":
+        import sys
+
+        from tuner.convert.xtuner_config import convert_file
+
+        converted = convert_file(args.src, args.dst, force=args.force)
+        for note in converted.notes:
+            print(f"note: {args.src} {note}", file=sys.stderr)
+        notes = len(converted.notes)
+        print(f"Wrote {args.dst} ({notes} note{'' if notes == 1 else 's'} in its header); "
+              f"check it: tuner check-config {args.dst}")
+        return 0
     from tuner.convert import hf
 
     if args.action == "pth_to_hf":
@@ -244,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override config fields, e.g. optim.lr=1e-4 data.max_length=512")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("convert", help="pth_to_hf: checkpoint -> HF folder; merge: base + adapter -> model")
+    p = sub.add_parser("convert", help="pth_to_hf: checkpoint -> HF folder; merge: base + adapter -> model; "
+                                       "xtuner-config: an XTuner config -> a tuner config")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = actions.add_parser("pth_to_hf", help="write a PEFT adapter (LoRA) or a full HF model (full)")
     c.add_argument("config")
@@ -256,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "LlavaForConditionalGeneration folder that plain transformers loads")
     c.add_argument("--max-shard-size", default="2GB")
     c.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    x = actions.add_parser("xtuner-config", help="an XTuner 0.1.x config -> a tuner config (xtuner not needed)")
+    x.add_argument("src", help="the XTuner config (.py)")
+    x.add_argument("dst", help="the tuner config to write")
+    x.add_argument("--force", action="store_true", help="overwrite DST")
     m = actions.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("base")
     m.add_argument("adapter")

@@ -131,7 +131,7 @@ class LoraConfig:
 
 
 FORMAT_NAMES = Literal["auto", "openai", "alpaca", "alpaca_zh", "sharegpt", "oasst1", "pretrain", "msagent", "llava", "preference",
-                       "kto"]
+                       "kto", "xtuner"]
 
 
 @section

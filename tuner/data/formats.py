@@ -163,6 +163,26 @@ def msagent_map_fn(row: dict) -> dict:
     return {"messages": messages}
 
 
+def xtuner_map_fn(row: dict) -> dict:
+    """XTuner's own single-file format (its custom-dataset docs):
+    {"conversation": [{"system": "Be brief.", "input": "Hi", "output": "Hello"}, {"input": "Bye", "output": "Bye!"}]}
+    -> system "Be brief.", user "Hi", assistant "Hello", user "Bye", assistant "Bye!"
+    """
+    _require(row, "conversation")
+    turns = row["conversation"]
+    if not isinstance(turns, list) or not turns:
+        raise RowError("conversation", "must be a non-empty list of {system, input, output} turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "output" not in turn:
+            raise RowError(f"conversation[{i}]", "must be an object with 'input' and 'output'")
+        if turn.get("system"):
+            messages.append({"role": "system", "content": turn["system"]})
+        messages += [{"role": "user", "content": turn.get("input") or ""},
+                     {"role": "assistant", "content": turn["output"] or ""}]
+    return {"messages": messages}
+
+
 IMAGE_TOKEN = "<image>"
 
 
@@ -264,7 +284,7 @@ def kto_map_fn(row: dict) -> dict:
 FORMATS: dict[str, Callable[[dict], dict]] = {
     "openai": openai_map_fn, "alpaca": alpaca_map_fn, "alpaca_zh": alpaca_zh_map_fn, "sharegpt": sharegpt_map_fn,
     "oasst1": oasst1_map_fn, "pretrain": pretrain_map_fn, "msagent": msagent_map_fn, "llava": llava_map_fn,
-    "preference": preference_map_fn, "kto": kto_map_fn,
+    "preference": preference_map_fn, "kto": kto_map_fn, "xtuner": xtuner_map_fn,
 }
 
 FORMAT_COLUMNS = {
@@ -274,6 +294,7 @@ FORMAT_COLUMNS = {
     "llava": "conversations (from/value) and image or images (LLaVA configs)",
     "preference": "chosen, rejected [, prompt, system]: strings, messages, or whole conversations (HH-RLHF, UltraFeedback)",
     "kto": "prompt, completion, label (true: desirable, false: undesirable) [, system]: one answer, for KTO",
+    "xtuner": "conversation: [{system, input, output}, ...] (XTuner's own format)",
 }
 
 
@@ -285,6 +306,8 @@ def detect_format(row: dict) -> str:
         return "kto"
     if "messages" in row:
         return "openai"
+    if "conversation" in row:
+        return "xtuner"
     if "instruction" in row and "output" in row:
         return "alpaca"
     if "instruction_zh" in row and "output_zh" in row:
