@@ -143,9 +143,12 @@ def test_errors_are_clear_with_real_exit_codes(tmp_path, tiny_model_dir, data_fi
     broken.write_text("from tuner.config import *\nmodel = ModelConfig(path=1)\n")
     _fails_cleanly(run("train", broken), "broken.py:2: ModelConfig.path must be str")
     missing_rows = tmp_path / "rows.jsonl"
-    missing_rows.write_text('{"conversation": []}\n')
+    missing_rows.write_text('{"dialogue": []}\n')
     _fails_cleanly(run("train", write_config(tmp_path, tiny_model_dir, missing_rows)),
-                   "rows.jsonl:1: cannot tell the format from the columns conversation; set data.format to one of")
+                   "rows.jsonl:1: cannot tell the format from the columns dialogue; set data.format to one of")
+    missing_rows.write_text('{"conversation": []}\n')  # XTuner's own format, empty
+    _fails_cleanly(run("train", write_config(tmp_path, tiny_model_dir, missing_rows)),
+                   "rows.jsonl:1: field 'conversation': must be a non-empty list of {system, input, output} turns")
     _fails_cleanly(run("train", write_config(tmp_path, tmp_path / "no_model", data_file)), "model folder not found")
     _fails_cleanly(run("convert", "pth_to_hf", cfg, tmp_path / "nope.pth", tmp_path / "out"), "cannot read checkpoint")
     _fails_cleanly(run("convert", "merge", tiny_model_dir, tmp_path, tmp_path / "m"), "not an adapter folder")

@@ -566,7 +566,7 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
     out.append(_imports("tuner.config", sorted(sections)))
     if map_fns:
         out.append(_imports("tuner.data.xtuner_map_fns", map_fns))
-    out += ["", _banner("PART 1  Settings"), "# Model", f"pretrained_model_name_or_path = {model['path']!r}"]
+    out += ["", banner("PART 1  Settings"), "# Model", f"pretrained_model_name_or_path = {model['path']!r}"]
     if llava is not None:
         out.append(f"visual_encoder_name_or_path = {llava['visual_encoder']!r}")
         out.append(f"pretrained_pth = {llava.get('pretrained_pth')!r}")
@@ -600,7 +600,7 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
             f"evaluation_inputs = {evaluate['inputs']!r}"]
     if evaluate.get("image"):
         out.append(f"evaluation_image = {evaluate['image']!r}")
-    out += ["", _banner("PART 2  Model & Tokenizer")]
+    out += ["", banner("PART 2  Model & Tokenizer")]
     model_args = ["path=pretrained_model_name_or_path", f"dtype={model['dtype']!r}"]
     if model.get("quantization"):
         model_args.append(f"quantization={model['quantization']!r}")
@@ -622,7 +622,7 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
         args = [f"method={preference['method']!r}"] + [
             f"{key}={'dpo_loss_type' if key == 'loss' else key}" for key in preference if key != "method"]
         out.append(f"preference = PreferenceConfig({', '.join(args)})")
-    out += ["", _banner("PART 3  Dataset & Dataloader")]
+    out += ["", banner("PART 3  Dataset & Dataloader")]
     if data.get("sources"):
         items = []
         for s in data["sources"]:
@@ -647,14 +647,14 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
         else:
             out += [f"data = DataConfig(path=data_path, {what}, template=prompt_template, max_length=max_length,",
                     "                  pack=pack_to_max_length)"]
-    out += ["", _banner("PART 4  Scheduler & Optimizer"),
+    out += ["", banner("PART 4  Scheduler & Optimizer"),
             "optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, max_norm=max_norm)",
             "train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,"]
     extra = f", max_steps={train['max_steps']}" if train.get("max_steps") else ""
     extra += f", seed={train['seed']}" if "seed" in train else ""
     out += [f"                    warmup_ratio=warmup_ratio, scheduler={train['scheduler']!r}, "
             f"dtype={train['dtype']!r}{extra})",
-            "", _banner("PART 5  Runtime"),
+            "", banner("PART 5  Runtime"),
             "checkpoint = CheckpointConfig(save_steps=save_steps, save_total_limit=save_total_limit)"]
     evaluate_args = "inputs=evaluation_inputs, freq=evaluation_freq, system=SYSTEM"
     if evaluate.get("max_new_tokens"):
@@ -681,8 +681,13 @@ def _section(name: str, values: dict) -> str:
     return f"{name}({', '.join(f'{k}={v!r}' for k, v in values.items())})"
 
 
-def _banner(title: str) -> str:
-    rule, left = "#" * 71, (69 - len(title)) // 2  # centred as XTuner's (and tuner's) banners are
+# XTuner's section banners as its configs (and tuner's) write them: not quite centred.
+BANNER_INDENT = {"PART 1  Settings": 26, "PART 2  Model & Tokenizer": 22, "PART 3  Dataset & Dataloader": 22,
+                 "PART 4  Scheduler & Optimizer": 20, "PART 5  Runtime": 27}
+
+
+def banner(title: str) -> str:
+    rule, left = "#" * 71, BANNER_INDENT[title]
     return f"{rule}\n#{' ' * left}{title.ljust(69 - left)}#\n{rule}"
 
 

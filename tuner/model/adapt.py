@@ -18,7 +18,14 @@ def apply_lora(model, cfg: LoraConfig, quantized: bool = False, task: str = "CAU
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, peft_lora_config(cfg, task))
+    try:
+        model = get_peft_model(model, peft_lora_config(cfg, task))
+    except ValueError as e:
+        if "lora_dropout" in str(e):  # a mixture of experts' fused expert weights (transformers 5): peft's
+            # ParamWrapper adapts a parameter, not a layer's input, so it cannot drop out the input
+            raise TunerError(f"LoRA on this model's expert weights needs lora dropout 0 (LoraConfig.dropout is "
+                             f"{cfg.dropout}): {e}", hint="set lora.dropout=0.0 (--cfg-options lora.dropout=0)") from None
+        raise
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
