@@ -69,7 +69,19 @@ def test_every_generated_config_says_what_its_name_says():
                 assert source.map_fn.__name__ == "code_alpaca_map_fn"
             else:
                 assert source.format == library.DATASETS[dataset].form.split("'")[1], name
-    assert families >= {"internlm2", "qwen2_5", "qwen3", "llama3", "mistral", "mixtral", "gemma", "phi", "deepseek",
+    for model in library.MODELS:
+        if model.name not in library.LLAVA_LLMS:
+            continue
+        for stage in library.LLAVA_STAGES:
+            cfg = load_config(library.llava_name(model, stage))
+            pretrain = stage == "pretrain"
+            assert cfg.model.path == model.hub_id and cfg.data.template == model.template
+            assert cfg.llava.freeze_llm and cfg.llava.freeze_visual_encoder
+            assert (cfg.llava.pretrained_pth is None) == pretrain and (cfg.method == "qlora") == (not pretrain)
+            if not pretrain:  # the finetune stage starts from the pretrain stage's projector
+                assert library.llava_name(model, "pretrain") in cfg.llava.pretrained_pth
+        families.add("llava")
+    assert families >= {"llava", "internlm2", "qwen2_5", "qwen3", "llama3", "mistral", "mixtral", "gemma", "phi", "deepseek",
                         "yi", "baichuan", "chatglm", "minicpm"}
 
 

@@ -230,16 +230,81 @@ def _imports(module: str, names: list[str]) -> str:
     return "\n".join(lines + [current.rstrip(", ") + ")"])
 
 
+# LLaVA: these LLMs with CLIP ViT-L/14-336, XTuner's two stages (8 GPUs, LLaVA-Pretrain then LLaVA-Instruct).
+LLAVA_LLMS = ("internlm2_chat_7b", "internlm2_5_chat_7b", "qwen2_5_7b_instruct", "qwen3_8b", "llama3_1_8b_instruct",
+              "phi3_mini_4k_instruct")
+LLAVA_STAGES = ("pretrain", "finetune")
+
+
+def llava_name(model: Model, stage: str) -> str:
+    method = "" if stage == "pretrain" else "qlora_"
+    return f"llava_{model.name}_{method}clip_vit_large_p14_336_e1_gpu8_{stage}"
+
+
+def render_llava(model: Model, stage: str) -> str:
+    pretrain = stage == "pretrain"
+    sections = ["CheckpointConfig", "DataConfig", "EvaluateConfig", "LlavaConfig", "ModelConfig", "OptimConfig",
+                "TrainConfig"] + ([] if pretrain else ["LoraConfig"])
+    what = ("the pretrain stage: the encoder and the LLM frozen, the projector learns from LLaVA-Pretrain captions"
+            if pretrain else "the finetune stage: QLoRA on the LLM and the projector, on LLaVA-Instruct, from the "
+                             "pretrain stage's projector")
+    lines = [GENERATED_MARK, f"# LLaVA, {model.hub_id} + CLIP ViT-L/14-336 (576 tokens per image), {what}.",
+             "# 8 GPUs: NPROC_PER_NODE=8 tuner train CFG --deepspeed deepspeed_zero2.",
+             _imports("tuner.config", sorted(sections)), "", banner("PART 1  Settings"), "# Model",
+             f"llm_name_or_path = {model.hub_id!r}",
+             "visual_encoder_name_or_path = 'openai/clip-vit-large-patch14-336'"]
+    if not pretrain:
+        lines.append(f"pretrained_pth = './work_dirs/{llava_name(model, 'pretrain')}/iter_2181.pth'  "
+                     "# the pretrain stage's last checkpoint")
+    data = ("LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "LLaVA-Pretrain/images") if pretrain else (
+        "LLaVA-Instruct-150K/llava_v1_5_mix665k.json", "llava_images")
+    template = f"{model.template!r}" if model.template else "None  # the tokenizer's own chat template"
+    lines += ["", "# Data", "data_root = './data/llava_data/'", f"data_path = data_root + {data[0]!r}",
+              f"image_folder = data_root + {data[1]!r}", f"prompt_template = {template}",
+              "max_length = 2048  # text tokens plus 576 per image", "pack_to_max_length = True", "",
+              "# Scheduler & Optimizer", f"batch_size = {32 if pretrain else 16}  # per device",
+              "accumulative_counts = 1", "max_epochs = 1", f"lr = {'1e-3' if pretrain else '2e-4'}",
+              "warmup_ratio = 0.03", "max_norm = 1.0  # grad clip", "", "# Save", "save_steps = 500",
+              "save_total_limit = 2  # maximum checkpoints to keep (-1 means unlimited)", "",
+              "# Evaluate the generation performance during the training", "evaluation_freq = 500",
+              "evaluation_images = './data/llava_data/view.jpg'  # a local image file",
+              "evaluation_inputs = ['请描述一下这张照片', 'Please describe this picture']", "",
+              banner("PART 2  Model & Tokenizer")]
+    if pretrain:
+        lines += ["model = ModelConfig(path=llm_name_or_path, dtype='bfloat16')",
+                  "lora = None  # the LLM is frozen in this stage",
+                  "llava = LlavaConfig(visual_encoder=visual_encoder_name_or_path, image_folder=image_folder,",
+                  "                    freeze_llm=True, freeze_visual_encoder=True, pretrained_pth=None,",
+                  "                    select_layer=-2, pad_image_to_square=False)"]
+    else:
+        lines += ["model = ModelConfig(path=llm_name_or_path, dtype='bfloat16', quantization='4bit')",
+                  "lora = LoraConfig(r=512, alpha=256, dropout=0.05, target_modules='all-linear')",
+                  "llava = LlavaConfig(visual_encoder=visual_encoder_name_or_path, image_folder=image_folder,",
+                  "                    freeze_llm=True, freeze_visual_encoder=True, pretrained_pth=pretrained_pth,",
+                  "                    select_layer=-2, pad_image_to_square=True)"]
+    lines += ["", banner("PART 3  Dataset & Dataloader"),
+              "data = DataConfig(path=data_path, template=prompt_template, max_length=max_length, pack=pack_to_max_length)",
+              "", banner("PART 4  Scheduler & Optimizer"),
+              "optim = OptimConfig(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), max_norm=max_norm)",
+              "train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,",
+              "                    warmup_ratio=warmup_ratio, scheduler='cosine', dtype='auto', gradient_checkpointing=True)",
+              "", banner("PART 5  Runtime"),
+              "checkpoint = CheckpointConfig(save_steps=save_steps, save_total_limit=save_total_limit)",
+              "evaluate = EvaluateConfig(inputs=evaluation_inputs, freq=evaluation_freq, image=evaluation_images)"]
+    return "\n".join(lines) + "\n"
+
+
 def library() -> dict[Path, str]:
     """{file: text} of every generated config (hand-written names skipped)."""
-    out = {}
+    made = {}
     for model in MODELS:
         for method, dataset in plan(model):
-            path = ROOT / model.family / f"{config_name(model, method, dataset)}.py"
-            if path.exists() and not path.read_text(encoding="utf-8").startswith(GENERATED_MARK):
-                continue  # a hand-written config of that name
-            out[path] = render(model, method, dataset)
-    return out
+            made[ROOT / model.family / f"{config_name(model, method, dataset)}.py"] = render(model, method, dataset)
+        if model.name in LLAVA_LLMS:
+            for stage in LLAVA_STAGES:
+                made[ROOT / "llava" / f"{llava_name(model, stage)}.py"] = render_llava(model, stage)
+    return {path: text for path, text in made.items()  # a hand-written config of the same name stays
+            if not path.exists() or path.read_text(encoding="utf-8").startswith(GENERATED_MARK)}
 
 
 def stale(files: dict[Path, str]) -> list[Path]:
