@@ -203,10 +203,11 @@ class _Reader:
                "dropout": float(self.value(lora.get("lora_dropout", 0.0), "lora_dropout", "lora_dropout"))}
         targets = lora.get("target_modules")
         out["target_modules"] = "all-linear" if targets in (None, "all-linear") else list(targets)
-        for key, ours in (("use_rslora", "use_rslora"), ("use_dora", "use_dora"), ("modules_to_save", "modules_to_save")):
+        for key in ("use_rslora", "use_dora"):
             if lora.get(key):
-                out[ours] = lora[key] if key == "modules_to_save" and isinstance(lora[key], list) else (
-                    list(lora[key]) if key == "modules_to_save" else True)
+                out[key] = True
+        if lora.get("modules_to_save"):
+            out["modules_to_save"] = list(lora["modules_to_save"])
         if lora.get("bias", "none") != "none":
             self.note("bias=", f"lora bias={lora['bias']!r} dropped: tuner's adapters have no bias")
         return out
@@ -250,8 +251,9 @@ class _Reader:
             self.refuse("type=", f"dataset type {kind or d.get('type')!r} has no tuner counterpart")
         out: dict = {}
         if kind == "LLaVADataset":
-            path = d.get("data_path") or (d.get("offline_processed_text_folder") and self.refuse(
-                "offline_processed_text_folder", "LLaVA data pre-processed offline: give the JSON file instead"))
+            path = d.get("data_path")
+            if not path and d.get("offline_processed_text_folder"):
+                self.refuse("offline_processed_text_folder", "LLaVA data pre-processed offline: give the JSON file")
             out.update(path=str(self.value(path, "data_path", "the data path")), format="llava")
             out["image_folder"] = str(self.value(d.get("image_folder") or "", "image_folder", "image_folder"))
             out["pad_image_to_square"] = bool(d.get("pad_image_to_square", False))
@@ -305,8 +307,8 @@ class _Reader:
         loader = _name(dataset.get("type"))
         split = dataset.get("split", "train")
         split = split if isinstance(split, str) else "train"
-        if loader in ("load", "load_dataset") and isinstance(dataset.get("type"), Symbol) and \
-                "MsDataset" in dataset["type"].name or loader == "load_dataset" and "OmDataset" in repr(dataset["type"]):
+        origin = dataset["type"].name if isinstance(dataset.get("type"), Symbol) else ""
+        if "MsDataset" in origin or "OmDataset" in origin:  # ModelScope's loaders
             name = dataset.get("dataset_name") or dataset.get("path")
             return {"path": f"modelscope://{self.value(name, 'dataset_name', 'the ModelScope dataset')}",
                     "split": split}
@@ -563,9 +565,9 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
         out.append("# Not carried over, or different in tuner:")
         for note in r.notes:
             out += textwrap.wrap(f"{path.name} {note}", 106, initial_indent="#   ", subsequent_indent="#     ")
-    out.append(_imports("tuner.config", sorted(sections)))
+    out.append(imports("tuner.config", sorted(sections)))
     if map_fns:
-        out.append(_imports("tuner.data.xtuner_map_fns", map_fns))
+        out.append(imports("tuner.data.xtuner_map_fns", map_fns))
     out += ["", banner("PART 1  Settings"), "# Model", f"pretrained_model_name_or_path = {model['path']!r}"]
     if llava is not None:
         out.append(f"visual_encoder_name_or_path = {llava['visual_encoder']!r}")
@@ -642,7 +644,7 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
                     "data = DataConfig(sources=sources, template=prompt_template, max_length=max_length, "
                     "pack=pack_to_max_length)"]
             if "DatasetSource" not in sections:
-                out[[i for i, line in enumerate(out) if line.startswith("from tuner.config")][0]] = _imports(
+                out[[i for i, line in enumerate(out) if line.startswith("from tuner.config")][0]] = imports(
                     "tuner.config", sorted(sections + ["DatasetSource"]))
         else:
             out += [f"data = DataConfig(path=data_path, {what}, template=prompt_template, max_length=max_length,",
@@ -691,7 +693,7 @@ def banner(title: str) -> str:
     return f"{rule}\n#{' ' * left}{title.ljust(69 - left)}#\n{rule}"
 
 
-def _imports(module: str, names: list[str]) -> str:
+def imports(module: str, names: list[str]) -> str:
     """`from module import (a, b, ...)` wrapped at 110 columns like the built-in configs."""
     head = f"from {module} import "
     one = head + ", ".join(names)
