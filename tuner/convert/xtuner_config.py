@@ -560,7 +560,7 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
     what = {"SupervisedFinetune": "supervised fine-tuning", "DPO": "DPO", "ORPO": "ORPO",
             "RewardModel": "a reward model", "LLaVAModel": "LLaVA"}[kind]
     method = "full fine-tuning" if lora is None else ("QLoRA" if model.get("quantization") else "LoRA")
-    out.append(f"# {what}, {method}, of {model['path']}.")
+    out.append(f"# {what[0].upper() + what[1:]}, {method}, of {model['path']}.")
     if r.notes:
         out.append("# Not carried over, or different in tuner:")
         for note in r.notes:
