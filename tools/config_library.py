@@ -122,9 +122,13 @@ def plan(model: Model) -> list[tuple[str, str]]:
     return runs
 
 
+def epochs(dataset: str) -> int:
+    """One pass over pretraining text and preference pairs, three over instructions (XTuner's e1 / e3)."""
+    return 1 if dataset in ("custom_pretrain", "ultrafeedback") else 3
+
+
 def config_name(model: Model, method: str, dataset: str) -> str:
-    epochs = 1 if dataset in ("custom_pretrain", "ultrafeedback") else 3
-    return f"{model.name}_{method}_{DATASETS[dataset].name}_e{epochs}"
+    return f"{model.name}_{method}_{DATASETS[dataset].name}_e{epochs(dataset)}"
 
 
 def _gpu_line(model: Model, method: str) -> str:
@@ -163,7 +167,6 @@ def render(model: Model, method: str, dataset_key: str) -> str:
         lr = "5e-6"
     elif preference == "orpo":
         lr = "8e-6"
-    max_epochs = 1 if dataset_key in ("custom_pretrain", "ultrafeedback") else 3
     inputs = EVALUATION_INPUTS.get(dataset_key, DEFAULT_INPUTS)
     template = f"{model.template!r}" if model.template else "None  # the tokenizer's own chat template"
     lines += ["", banner("PART 1  Settings"), "# Model", f"pretrained_model_name_or_path = {model.hub_id!r}", "",
@@ -178,7 +181,7 @@ def render(model: Model, method: str, dataset_key: str) -> str:
     elif preference == "orpo":
         lines += ["# Preference objective", "beta = 0.1  # the odds-ratio term's weight (the ORPO paper's lambda)", ""]
     lines += ["# Scheduler & Optimizer", "batch_size = 1  # per device", "accumulative_counts = 16",
-              f"max_epochs = {max_epochs}", f"lr = {lr}", "warmup_ratio = 0.03", "max_norm = 1.0  # grad clip", "",
+              f"max_epochs = {epochs(dataset_key)}", f"lr = {lr}", "warmup_ratio = 0.03", "max_norm = 1.0  # grad clip", "",
               "# Save", "save_steps = 500", "save_total_limit = 2  # maximum checkpoints to keep (-1 means unlimited)",
               "", "# Evaluate the generation performance during the training", "evaluation_freq = 500",
               "SYSTEM = None", f"evaluation_inputs = {inputs!r}", "", banner("PART 2  Model & Tokenizer")]
@@ -198,13 +201,12 @@ def render(model: Model, method: str, dataset_key: str) -> str:
     elif preference == "orpo":
         lines.append("preference = PreferenceConfig(method='orpo', beta=beta)")
     lines += ["", banner("PART 3  Dataset & Dataloader")]
-    form = d.form
     if d.split != "train":
-        lines += [f"data = DataConfig(sources=[DatasetSource(path=data_path, split=data_split, {form})],",
+        lines += [f"data = DataConfig(sources=[DatasetSource(path=data_path, split=data_split, {d.form})],",
                   "                  template=prompt_template, system=SYSTEM, max_length=max_length, "
                   "pack=pack_to_max_length)"]
     else:
-        lines += [f"data = DataConfig(path=data_path, {form}, template=prompt_template, system=SYSTEM,",
+        lines += [f"data = DataConfig(path=data_path, {d.form}, template=prompt_template, system=SYSTEM,",
                   "                  max_length=max_length, pack=pack_to_max_length)"]
     checkpointing = ", gradient_checkpointing=True" if model.size_b >= 7 or preference else ""
     lines += ["", banner("PART 4  Scheduler & Optimizer"),

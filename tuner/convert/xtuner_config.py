@@ -176,7 +176,7 @@ class _Reader:
         path = self.value(llm.get("pretrained_model_name_or_path"), "pretrained_model_name_or_path", "the model path")
         model = {"path": str(path), "dtype": self.dtype(llm.get("torch_dtype"), "torch_dtype")}
         if llm.get("trust_remote_code"):
-            if "internlm2" in str(path).lower() or "internlm2_5" in str(path).lower():
+            if "internlm2" in str(path).lower():  # InternLM2 and InternLM2.5
                 self.note("trust_remote_code", "trust_remote_code=True dropped: tuner loads InternLM2 as "
                                                "transformers' Llama, without the model's own code")
             else:
@@ -351,7 +351,7 @@ def convert_namespace(path: Path, ns: dict) -> Converted:
     if not isinstance(model_cfg, dict):
         raise Refused(f"{path}: no `model = dict(type=...)`; is this an XTuner 0.1.x training config?")
     kind = _name(model_cfg.get("type"))
-    if _name(model_cfg.get("type")) == "from_pretrained" and ns.get("training_args") is not None:
+    if kind == "from_pretrained" and ns.get("training_args") is not None:
         r.refuse("training_args", "a config for Hugging Face's Trainer (`xtuner train --hf`): its settings are "
                                   "TrainingArguments, not XTuner's runner; convert the XTuner-runner variant")
     if kind not in ("SupervisedFinetune", "DPO", "ORPO", "RewardModel", "LLaVAModel"):
@@ -419,8 +419,7 @@ def _schedule(r: _Reader, ns: dict) -> dict:
     warmup = 0.0
     schedules = ns.get("param_scheduler") or []
     schedules = schedules if isinstance(schedules, (list, tuple)) else [schedules]
-    names = [_name(s.get("type")) for s in schedules if isinstance(s, dict)]
-    scheduler = "constant"
+    scheduler = "constant"  # no scheduler: a constant learning rate
     for s in schedules:
         if not isinstance(s, dict):
             continue
@@ -442,8 +441,6 @@ def _schedule(r: _Reader, ns: dict) -> dict:
         else:
             r.note("param_scheduler", f"scheduler {name} is not tuner's; the new config decays with cosine")
             scheduler = "cosine"
-    if not names:
-        scheduler = "constant"
     out["warmup_ratio"] = round(warmup, 6)
     out["scheduler"] = scheduler
     return out
@@ -553,7 +550,7 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
         sections.append("LlavaConfig")
     if preference is not None:
         sections.append("PreferenceConfig")
-    if data.get("sources"):
+    if data.get("sources") or data.get("split", "train") != "train":
         sections.append("DatasetSource")
     map_fns = sorted({s["map_fn"] for s in data.get("sources") or [data] if s.get("map_fn")})
     out = [f"# Converted from the XTuner config {path.name} by `tuner convert xtuner-config`."]
@@ -643,9 +640,6 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
             out += [f"sources = [DatasetSource(path=data_path, {what}{split})]",
                     "data = DataConfig(sources=sources, template=prompt_template, max_length=max_length, "
                     "pack=pack_to_max_length)"]
-            if "DatasetSource" not in sections:
-                out[[i for i, line in enumerate(out) if line.startswith("from tuner.config")][0]] = imports(
-                    "tuner.config", sorted(sections + ["DatasetSource"]))
         else:
             out += [f"data = DataConfig(path=data_path, {what}, template=prompt_template, max_length=max_length,",
                     "                  pack=pack_to_max_length)"]
@@ -672,7 +666,7 @@ def _wrapped(head: str, items: list[str]) -> str:
     lines, current = [], head
     for i, item in enumerate(items):
         piece = item + (", " if i < len(items) - 1 else ")")
-        if len(current) + len(piece.rstrip()) > 110 and current.strip() != head.strip():
+        if len(current) + len(item) + 2 > 110 and current.strip() != head.strip():  # room for ", " or ")"
             lines.append(current.rstrip())
             current = " " * len(head)
         current += piece
@@ -695,19 +689,8 @@ def banner(title: str) -> str:
 
 def imports(module: str, names: list[str]) -> str:
     """`from module import (a, b, ...)` wrapped at 110 columns like the built-in configs."""
-    head = f"from {module} import "
-    one = head + ", ".join(names)
-    if len(one) <= 110:
-        return one
-    lines, current = [], head + "("
-    for name in names:
-        piece = name + ", "
-        if len(current) + len(piece) > 110:
-            lines.append(current.rstrip())
-            current = " " * len(head) + " "
-        current += piece
-    lines.append(current.rstrip(", ") + ")")
-    return "\n".join(lines)
+    one = f"from {module} import {', '.join(names)}"
+    return one if len(one) <= 110 else _wrapped(f"from {module} import (", names)
 
 
 def convert_file(src: str | Path, dst: str | Path, force: bool = False) -> Converted:
