@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_families import family_dirs  # noqa: F401 - the family matrix's tiny models (a fixture)
 
 from tuner.config import load_config
 from tuner.configs_index import builtin_configs
@@ -91,35 +92,32 @@ ARCH_FAMILY = {"LlamaConfig": "llama3", "Qwen2Config": "qwen2_5", "Qwen3Config":
 
 
 @pytest.fixture(scope="module")
-def arch_dirs(tmp_path_factory, tokenizer):
-    """A tiny random model folder per architecture of the table."""
+def arch_dirs(tmp_path_factory, tokenizer, family_dirs):  # noqa: F811 - pytest passes the fixture
+    """A tiny random model folder per architecture of the table: the family matrix's, plus Mixtral and
+    InternLM2 (as the hub ships it)."""
     import transformers
     from internlm2_fixture import sentencepiece_model, write_checkpoint
-    from test_families import FAMILIES, SMALL, family_tokenizer
+    from test_families import SMALL
 
     made = {}
 
     def make(arch):
-        if arch in made:
-            return made[arch]
-        folder = tmp_path_factory.mktemp(arch)
-        if arch == "internlm2":
-            write_checkpoint(folder, sentencepiece_model())
-        else:
-            if arch == "MixtralConfig":
-                name, extra, tok = "MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, tokenizer
-            else:
-                family = ARCH_FAMILY[arch]
-                name, extra, _, _ = FAMILIES[family]
-                tok = family_tokenizer(family, tokenizer)
-            config = getattr(transformers, name)(**{**SMALL, **extra, "vocab_size": len(tok),
-                                                    "pad_token_id": tok.pad_token_id or 0,
-                                                    "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
-            torch.manual_seed(0)
-            transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-            tok.save_pretrained(folder)
-        made[arch] = folder
-        return folder
+        if arch in ARCH_FAMILY:
+            return family_dirs(ARCH_FAMILY[arch])
+        if arch not in made:
+            folder = tmp_path_factory.mktemp(arch)
+            if arch == "internlm2":
+                write_checkpoint(folder, sentencepiece_model())
+            else:  # MixtralConfig, with the SmolLM2 tokenizer
+                config = transformers.MixtralConfig(**{**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                       "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                                                       "bos_token_id": tokenizer.bos_token_id,
+                                                       "eos_token_id": tokenizer.eos_token_id})
+                torch.manual_seed(0)
+                transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+            made[arch] = folder
+        return made[arch]
     return make
 
 
