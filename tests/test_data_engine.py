@@ -86,6 +86,37 @@ def test_hub_dataset_offline_is_a_clear_error(tokenizer, monkeypatch):
         build_sequences(DataConfig(path="someone/some-dataset", format="alpaca"), tokenizer)
 
 
+def test_a_new_revision_of_a_hub_dataset_is_tokenized_again(tokenizer, monkeypatch, tmp_path):
+    """The tokenized cache of a hub dataset is keyed by the commit it resolves to: the hub's answer
+    online, the local hub cache's ref offline, a pinned `revision` as given."""
+    import types
+
+    import huggingface_hub
+
+    from tuner.data.tokenized import cache_key
+
+    data = DataConfig(path="someone/some-dataset", format="alpaca")
+    sha = {"value": "a" * 40}
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, name, revision=None, timeout=None: types.SimpleNamespace(sha=sha["value"]))
+    first = cache_key(data, tokenizer)
+    assert cache_key(data, tokenizer) == first
+    sha["value"] = "b" * 40  # the dataset's owner pushed a new version
+    assert cache_key(data, tokenizer) != first
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    ref = tmp_path / "datasets--someone--some-dataset" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("a" * 40)
+    assert cache_key(data, tokenizer) == first  # offline: the commit the local cache holds
+    ref.write_text("c" * 40)
+    assert cache_key(data, tokenizer) != first
+    pinned = DataConfig(sources=[DatasetSource(path="someone/some-dataset", format="alpaca", revision="v1.0")])
+    assert cache_key(pinned, tokenizer) not in (first, cache_key(data, tokenizer))
+
+
 def test_mixing_with_repeats(tmp_path, tokenizer):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in _sharegpt_rows(10)))

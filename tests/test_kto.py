@@ -106,3 +106,113 @@ def test_kto_rows_in_check_custom_dataset_and_log_dataset(tmp_path, tiny_model_d
     shown = log_dataset(cfg, tokenizer, show="masked_text", num=2)
     assert "sequence 0, desirable: masked_text" in shown and "sequence 1, undesirable" in shown
     assert "Paris." in shown
+
+
+def test_kto_refuses_a_batch_of_one(tmp_path, tiny_model_dir):
+    """With one example per micro-batch its KL row would be its own answer (no KL anchor): refused when
+    the config loads, --cfg-options included, with exit 1 from the CLI."""
+    from test_cli import tuner
+
+    from tuner.config import load_config
+    from tuner.errors import TunerError
+
+    cfg = preference_config(tmp_path, tiny_model_dir, ROWS, name="kto_one", pack=False, batch_size=1,
+                            preference="PreferenceConfig(method='kto')")
+    with pytest.raises(TunerError, match="needs train.batch_size >= 2"):
+        load_config(cfg)
+    ok = preference_config(tmp_path, tiny_model_dir, ROWS, name="kto_two", pack=False, batch_size=2,
+                           preference="PreferenceConfig(method='kto')")
+    with pytest.raises(TunerError, match="needs train.batch_size >= 2, got 1"):
+        load_config(ok, ["train.batch_size=1"])
+    run = tuner("train", cfg, "--work-dir", tmp_path / "w", check=False)
+    assert run.returncode == 1 and "needs train.batch_size >= 2" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("n,batch,world", [(9, 2, 1), (9, 2, 2), (5, 4, 2), (7, 3, 1), (2, 2, 2)])
+def test_a_kl_row_never_takes_its_own_answer(n, batch, world):
+    """Every sequence's KL partner is another sequence, an epoch's last micro-batch of one and the empty
+    micro-batch of a rank with nothing left (it runs sequence 0) included; and the step's KL rows over all
+    ranks are the ones one process with the whole batch makes (so DDP equals one process)."""
+    from tuner.engine.batches import StepSchedule
+
+    def pairs(schedule, step, ranks):
+        out = set()
+        for rank in range(ranks):
+            for idx, others in zip(schedule.micro_batches(step, rank), schedule.kl_partners(step, rank)):
+                assert len(others) == len(idx or [0])
+                for i, p in zip(idx or [0], others):
+                    assert i != p, (step, rank, idx, others)
+                    if idx:
+                        out.add((i, p))
+        return out
+
+    schedule = StepSchedule(n, batch, 1, seed=3, shuffle=True, world_size=world)
+    whole = StepSchedule(n, batch * world, 1, seed=3, shuffle=True, world_size=1)
+    for step in range(schedule.steps_per_epoch * 2):
+        assert pairs(schedule, step, world) == pairs(whole, step, 1)
+
+
+def test_kto_batches_pair_each_prompt_with_another_answer(tmp_path, tokenizer):
+    """An epoch's last micro-batch of one example: its KL row is its prompt with another example's answer,
+    not its own (which made the KL term vanish)."""
+    from tuner.engine.batches import StepBatches, StepSchedule
+
+    sequences = kto_sequences(tmp_path, tokenizer, ROWS[:3], "three.jsonl")
+    schedule = StepSchedule(len(sequences), 2, 1, seed=0, shuffle=False)
+    last = StepBatches(schedule, sequences, sequences.collate, tokenizer.pad_token_id, 0, lambda b: 1)[1]
+    (batch,) = last.batches
+    assert len(batch["desirable"]) == 1
+    row = batch["input_ids"][0][batch["sample_ids"][0] >= 0].tolist()
+    kl_row = batch["kl_input_ids"][0][batch["kl_sample_ids"][0] >= 0].tolist()
+    own, other = sequences[2], sequences[0]
+    assert row == own.ids and kl_row == own.ids[:own.start] + other.ids[other.start:] != row
+    with pytest.raises(ValueError, match="batch of one"):
+        sequences.collate([own], tokenizer.pad_token_id)
+
+
+@pytest.mark.slow
+def test_two_process_kto_equals_one_process(tmp_path, tiny_model_dir, monkeypatch):
+    """KTO under DDP, 2 CPU processes x batch 2, against one process x batch 4: the same KL rows per step
+    and the mean of the processes' KL estimates, so the same losses and KL. (The logged reward means are
+    per micro-batch, weighted by its examples: they differ where the processes' shares of desirable
+    answers differ.)"""
+    import json as _json
+
+    from test_cli import tuner
+
+    rows = ROWS * 2  # 16 examples: 4 steps of 4, no remainder
+    settings = dict(pack=False, epochs=1, preference="PreferenceConfig(method='kto')")
+    one = preference_config(tmp_path, tiny_model_dir, rows, name="one", batch_size=4, **settings)
+    two = preference_config(tmp_path, tiny_model_dir, rows, name="two", batch_size=2, **settings)
+    tuner("train", one, "--work-dir", tmp_path / "one")
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("PORT", "29585")
+    assert "2 processes (DDP" in tuner("train", two, "--work-dir", tmp_path / "two").stderr
+
+    def steps(work):
+        return [_json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
+
+    single, double = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert len(single) == len(double) == 4
+    assert any(s["kl"] > 0 for s in single[1:])  # the KL estimate is in play
+    for name in ("loss", "kl"):
+        assert [s[name] for s in double] == pytest.approx([s[name] for s in single], rel=1e-4, abs=1e-6), name
+
+
+def test_full_kto_under_fsdp_or_zero3_names_what_works(tiny_model_dir):
+    """A frozen copy is not sharded, so full-FT KTO under FSDP / ZeRO-3 is refused; the hint names what
+    works (it used to say reference='precompute', which KTO refuses)."""
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    from tuner.engine.kto import KtoLoss
+    from tuner.errors import TunerError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(lora=None), raw_model=model, model=model, dist=None,
+                                    strategy=types.SimpleNamespace(sharded=lambda m: True))
+    objective = KtoLoss(torch.device("cpu"), torch.float32, "sdpa", True, settings=PreferenceConfig(method="kto"))
+    with pytest.raises(TunerError) as refused:
+        objective.prepare(trainer)
+    assert "reference='precompute'" not in refused.value.hint and "reference='adapter'" in refused.value.hint

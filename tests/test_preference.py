@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from tuner.config import DataConfig, PreferenceConfig
 from tuner.data.formats import RowError, detect_format, preference_map_fn
@@ -278,6 +279,39 @@ def test_a_copied_reference_is_the_starting_model(tmp_path, tiny_model_dir, toke
     trained, reference, separate = logps_after_training(trainer, tiny_model_dir, tokenizer)
     assert not torch.allclose(trained, reference, atol=1e-3)
     assert torch.allclose(reference, separate, atol=1e-5), (reference - separate).abs().max()
+
+
+def test_a_reference_table_of_another_model_is_computed_again(tmp_path, tiny_model_dir):
+    """The precomputed reference belongs to one model and one token store: one step of full DPO, then the
+    same config and work dir with model.path pointing at another model with the same tokenizer (a
+    perturbed copy). The second run's reference is its own starting model, so its first loss is ln 2 (as
+    for any fresh DPO run), and the log says why the table was computed again."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from tuner.config import load_config
+    from tuner.engine.loop import Trainer
+
+    other = tmp_path / "perturbed"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    cfg = preference_config(tmp_path, tiny_model_dir, PAIRS * 2, lora=False, lr=1e-3, extra="train.max_steps = 1\n")
+    work = tmp_path / "work"
+    first = Trainer(load_config(cfg), work_dir=work)
+    assert first.train()[0] == pytest.approx(math.log(2), abs=1e-6)
+    second = Trainer(load_config(cfg, [f"model.path={other}"]), work_dir=work)
+    assert second.train()[0] == pytest.approx(math.log(2), abs=1e-6)
+    log = next(p for p in sorted(work.glob("*/*.log")) if "computing them again" in p.read_text()).read_text()
+    assert "changed since it was computed: model, folder, files" in log
+    again = Trainer(load_config(cfg, [f"model.path={other}", "data.max_length=200"]), work_dir=work)
+    again.train()
+    assert "max_length" in next(p for p in sorted(work.glob("*/*.log"))[::-1]).read_text()
 
 
 @pytest.mark.slow

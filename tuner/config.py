@@ -145,6 +145,9 @@ class DatasetSource:
     """Times each sample is used per epoch: 2.0 doubles this dataset, 0.5 keeps a (seeded) half"""
     split: str = "train"
     """Split of a Hugging Face dataset"""
+    revision: Optional[str] = None
+    """A Hugging Face dataset's branch, tag or commit (None: its default branch). The tokenized cache is
+    keyed by the commit it resolves to, so a new revision of the dataset is tokenized again"""
 
     def validate(self):
         if self.repeats <= 0:
@@ -385,6 +388,15 @@ class Config:
             return "full"
         return "qlora" if self.model.quantization else "lora"
 
+    def check_sections(self) -> None:
+        """What one section's fields cannot say alone (after --cfg-options)."""
+        if self.preference is not None and self.preference.method == "kto" and self.train.batch_size < 2:
+            raise TunerError(f"config {self.path}: preference.method='kto' needs train.batch_size >= 2, got "
+                             f"{self.train.batch_size}: each example's KL row pairs its prompt with another example's "
+                             "answer of the micro-batch, and with one example that is its own answer, so the KL "
+                             "term vanishes (TRL's KTOTrainer refuses it too)",
+                             hint="set train.batch_size = 2 or more (lower accumulative_counts to keep the step)")
+
     def apply_overrides(self, options: list[str]) -> None:
         """Apply `--cfg-options section.field=value` with the field's type."""
         for option in options:
@@ -504,6 +516,7 @@ def load_config(path: str | Path, options: list[str] | None = None) -> Config:
     hooks = namespace.get("custom_hooks", [])
     config = Config(name=path.stem, path=path, source=source, custom_hooks=list(hooks), **sections)
     config.apply_overrides(options or [])
+    config.check_sections()
     if not config.data.path and not config.data.sources:
         raise TunerError(f"config {path}: data.path is empty; set data_path in PART 1")
     return config

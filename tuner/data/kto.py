@@ -34,6 +34,9 @@ class KtoExample:
 
 
 class KtoSequences:
+    kl_rows = True
+    """the loop gives `collate` each example's KL answer (engine/batches.py: the one before it in the step)"""
+
     def __init__(self, store: TokenStore, order: list[int], desirable: np.ndarray):
         self.store, self.order, self.desirable = store, order, desirable
         self.lengths = store.lengths
@@ -52,15 +55,20 @@ class KtoSequences:
         start = int(np.argmax(trained)) if trained.any() else len(ids)
         return KtoExample(ids.tolist(), labels.tolist(), start, bool(self.desirable[i]))
 
-    def collate(self, batch: list[KtoExample], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_kto(batch, pad_id)
+    def collate(self, batch: list[KtoExample], pad_id: int,
+                kl_answers: list[KtoExample] | None = None) -> dict[str, torch.Tensor]:
+        return collate_kto(batch, pad_id, kl_answers)
 
 
-def collate_kto(batch: list[KtoExample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_kto(batch: list[KtoExample], pad_id: int,
+                kl_answers: list[KtoExample] | None = None) -> dict[str, torch.Tensor]:
     """The rows (input_ids, labels, position_ids, sample_ids: row i is sample i), `desirable`, and the
-    KL rows (kl_input_ids, ...): row i's prompt with row i-1's answer (the last row's for row 0)."""
+    KL rows (kl_input_ids, ...): row i's prompt with the answer of kl_answers[i] (by default row i-1's,
+    the last row's for row 0)."""
+    if kl_answers is None and len(batch) < 2:
+        raise ValueError("a KTO batch of one example has no other answer for its KL row")
     rows = [(e.ids, e.labels) for e in batch]
-    before = batch[-1:] + batch[:-1]
+    before = kl_answers if kl_answers is not None else batch[-1:] + batch[:-1]
     kl_rows = [(e.ids[:e.start] + b.ids[b.start:], [IGNORE] * e.start + b.labels[b.start:])
                for e, b in zip(batch, before)]
     out = {**pad_rows(rows, pad_id), **pad_rows(kl_rows, pad_id, "kl_")}
@@ -83,6 +91,9 @@ def build_kto_sequences(cfg: DataConfig, tokenizer, seed: int = 0, say=print) ->
         order = [2 * p + answer for p in pairs for answer in (0, 1)]
     else:
         order = source_order(store.stats.source_samples, [s.repeats for s in cfg.source_list()], seed)
+    if len(order) < 2:
+        raise TunerError(f"KTO needs at least 2 examples (each one's KL row takes another's answer); the data "
+                         f"has {len(order)}")
     report = DataReport(store.stats, len(order), 1.0, from_cache, length_histogram(store.lengths))
     return KtoSequences(store, order, desirable), report
 

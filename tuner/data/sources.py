@@ -45,10 +45,10 @@ def is_hub_dataset(path: str) -> bool:
             and Path(path).suffix not in SUFFIXES)
 
 
-def iter_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, int, dict]]:
+def iter_rows(path: str | Path, split: str = "train", revision: str | None = None) -> Iterator[tuple[str, int, dict]]:
     """Yield (place, line, row). A bad line raises TunerError naming file and line."""
     if is_hub_dataset(str(path)):
-        yield from _hub_rows(str(path), split)
+        yield from _hub_rows(str(path), split, revision)
         return
     for file in data_files(path):
         reader = {".jsonl": _jsonl_rows, ".json": _json_array_rows, ".parquet": _parquet_rows,
@@ -213,11 +213,26 @@ def _text_rows(path: Path):
             yield str(path), number, {"text": line.rstrip("\n")}
 
 
-def _hub_rows(name: str, split: str):
+def hub_revision(name: str, revision: str | None = None) -> str:
+    """The commit of hub dataset `name` (at `revision`, a branch, tag or commit; None: the default branch)
+    that will be read: the hub's answer, or offline the one the local hub cache last saw; `revision`
+    itself (or 'unknown') when neither can tell. Part of the tokenized cache's key."""
+    from huggingface_hub import HfApi, constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().dataset_info(name, revision=revision, timeout=10).sha or revision or "unknown"
+        except Exception:  # noqa: BLE001 - offline, gated, missing: fall back to the local cache
+            pass
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}" / "refs" / (revision or "main")
+    return ref.read_text().strip() if ref.is_file() else revision or "unknown"
+
+
+def _hub_rows(name: str, split: str, revision: str | None = None):
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, split=split, streaming=True)
+        dataset = datasets.load_dataset(name, split=split, streaming=True, revision=revision)
     except Exception as e:  # noqa: BLE001 - offline, missing and gated datasets raise many types
         raise TunerError(f"could not load the dataset {name!r} (split {split!r}) from the Hugging Face hub: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",

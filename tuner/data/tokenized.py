@@ -29,7 +29,7 @@ from tuner.config import DataConfig, DatasetSource
 from tuner.data.encode import Encoded, prepare, token_bytes, tokenize
 from tuner.data.formats import FORMATS, RowError, detect_format, llava_map_fn
 from tuner.data.preference import prepare_pair, prepare_unpaired, tokenize_pairs, tokenize_unpaired
-from tuner.data.sources import BAD_ROW, data_files, is_hub_dataset, iter_rows
+from tuner.data.sources import BAD_ROW, data_files, hub_revision, is_hub_dataset, iter_rows
 from tuner.data.templates import get_template
 from tuner.errors import TunerError
 
@@ -135,8 +135,9 @@ def cache_key(cfg: DataConfig, tokenizer, images: ImageSettings | None = None) -
     h.update(json.dumps(asdict(images) if images else None).encode())
     for source in cfg.source_list():
         h.update(json.dumps([source.path, source.format, source.split, _function_identity(source.map_fn)]).encode())
-        if is_hub_dataset(source.path):
-            continue  # a hub dataset is identified by its name and split
+        if is_hub_dataset(source.path):  # a hub dataset: by its name, split and commit (a new revision re-tokenizes)
+            h.update(hub_revision(source.path, source.revision).encode())
+            continue
         for file in data_files(source.path):
             h.update(str(file.name).encode())
             _hash_file(h, file)
@@ -267,7 +268,7 @@ def resolve_map_fns(cfg: DataConfig, stats: TokenStats, images: bool = False) ->
             elif source.format != "auto":
                 fn, label = FORMATS[source.format], source.format
             else:
-                first = next((r for r in iter_rows(place, source.split) if BAD_ROW not in r[2]), None)
+                first = next((r for r in iter_rows(place, source.split, source.revision) if BAD_ROW not in r[2]), None)
                 if first is None:
                     continue  # no readable row to map: the bad ones are reported when tokenizing
                 where, line, row = first
@@ -285,7 +286,7 @@ def rows_of(cfg: DataConfig) -> Iterator[tuple[int, tuple[str, int, dict, str]]]
     """(source index, (place, line, row, map function key)) for every row of every source."""
     for index, source in enumerate(cfg.source_list()):
         for place in _places(source):
-            for where, line, row in iter_rows(place, source.split):
+            for where, line, row in iter_rows(place, source.split, source.revision):
                 yield index, (where, line, row, f"{index}|{place}")
 
 

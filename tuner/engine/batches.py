@@ -43,6 +43,29 @@ class StepSchedule:
         mine = chosen[rank::self.world_size]
         return [mine[i * self.batch_size:(i + 1) * self.batch_size] for i in range(count)]
 
+    def kl_partners(self, step: int, rank: int = 0) -> list[list[int]]:
+        """KTO: for each sequence of this rank's micro-batches (`micro_batches`), the sequence whose answer
+        its KL row takes: the one before it in the step's micro-batch of all ranks together (rank r's
+        micro-batch j is that one's [r::world_size]), so the KL rows of a step are the same for any
+        number of processes. A micro-batch of one takes the next sequence of the epoch's order, and an
+        empty one (it runs sequence 0) sequence 1: a KL row is never its own example."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        start = index * self.per_step
+        chosen = order[start:start + self.per_step]
+        size = self.batch_size * self.world_size
+        partners = []
+        for j, mine in enumerate(self.micro_batches(step, rank)):
+            together = chosen[j * size:(j + 1) * size]
+            if not mine:
+                partners.append([1 % self.n])
+            elif len(together) == 1:
+                partners.append([order[(start + j * size + 1) % self.n]])
+            else:
+                before = together[-1:] + together[:-1]
+                partners.append(before[rank::self.world_size])
+        return partners
+
 
 @dataclass
 class StepData:
@@ -72,7 +95,12 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> StepData:
         micro_batches = self.schedule.micro_batches(step, self.rank)
         weights = [1.0 if idx else 0.0 for idx in micro_batches]
-        batches = [self.collate([self.sequences[i] for i in idx or [0]], self.pad_id) for idx in micro_batches]
+        if getattr(self.sequences, "kl_rows", False):  # KTO: each example's KL row takes another one's answer
+            partners = self.schedule.kl_partners(step, self.rank)
+            batches = [self.collate([self.sequences[i] for i in idx or [0]], self.pad_id,
+                                    [self.sequences[i] for i in others]) for idx, others in zip(micro_batches, partners)]
+        else:
+            batches = [self.collate([self.sequences[i] for i in idx or [0]], self.pad_id) for idx in micro_batches]
         trained = sum(int(w) * self.units(b) for w, b in zip(weights, batches))
         real = sum(self.sequences.num_tokens(i) for idx in micro_batches for i in idx)
         return StepData(batches, weights, trained, real)

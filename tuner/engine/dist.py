@@ -102,6 +102,14 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor's mean over the processes (all-reduced where it lives: NCCL for GPU tensors)."""
+        if not self.enabled:
+            return value
+        value = value.clone()
+        dist.all_reduce(value)
+        return value / self.world_size
+
     def gather(self, obj) -> list:
         if not self.enabled:
             return [obj]

@@ -8,8 +8,10 @@ policy's KL divergence from the reference (data/kto.py makes the batches), as TR
 
 Summed over the micro-batch's examples; the loop divides by the step's examples. The reference is
 the base with the LoRA adapter off, or a frozen copy (the KL rows change with each batch, so there is
-no table to precompute). With several processes each estimates z on its own micro-batch (TRL
-averages the processes' estimates).
+no table to precompute). With several processes each estimates z on its own micro-batch and they
+take the mean of the estimates (as TRL does); each example's KL row takes the answer of the example
+before it in the step's micro-batch of all processes together (engine/batches.py), so under DDP the
+loss equals one process's with the same global batch.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class KtoLoss(PreferenceLoss):
         logps, ref = self.answer_logps(model, main)[0], self.reference_logps(model, main)
         with torch.no_grad():
             kl_logps, kl_ref = self.answer_logps(model, kl)[0], self.reference_logps(model, kl)
-        z = (kl_logps - kl_ref).mean().clamp(min=0).detach()
+        z = (kl_logps - kl_ref).mean().detach()
+        if self.dist is not None and self.dist.enabled:  # the mean of the processes' estimates, as TRL takes it
+            z = self.dist.mean(z)
+        z = z.clamp(min=0)
         ratio = logps - ref
         good = batch["desirable"].to(ratio.device)
         losses = torch.where(good, s.desirable_weight * (1 - F.sigmoid(s.beta * (ratio - z))),

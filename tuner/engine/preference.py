@@ -20,6 +20,8 @@ once before training (saved in the work dir, so a resumed run uses the same one)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,8 @@ class PreferenceLoss:
     """reference 'adapter': the PeftModel whose adapter is switched off (the loop may call a module inside it)"""
     table: torch.Tensor | None = None
     """precomputed reference log-probs, (pairs, 2) float64"""
+    dist: object | None = None
+    """the run's processes (KTO averages its KL estimate over them)"""
     metrics: dict = field(default_factory=dict)
     """the last micro-batch's metric sums over its pairs (the loop weights and adds them up)"""
 
@@ -119,6 +123,7 @@ class PreferenceLoss:
         from tuner.errors import TunerError
 
         s = self.settings
+        self.dist = trainer.dist
         if s.method not in ("dpo", "kto"):
             return
         full_default = "precompute" if s.method == "dpo" else "copy"  # (KTO's KL rows change with each batch)
@@ -131,15 +136,20 @@ class PreferenceLoss:
             self.reference = "adapter"
         elif mode == "copy":
             if trainer.strategy.sharded(trainer.model):
+                hint = ("set preference.reference='precompute'" if s.method == "dpo" else
+                        "KTO's reference log-probs cannot be precomputed (its KL rows pair each prompt with another "
+                        "answer of the step): train KTO with LoRA (reference='adapter'), or fully under DDP or "
+                        "--deepspeed deepspeed_zero2, where every process holds the copy")
                 raise TunerError("preference.reference='copy' keeps a whole second model, which FSDP and ZeRO-3 "
-                                 "do not shard", hint="set preference.reference='precompute'")
+                                 "do not shard", hint=hint)
             import copy
             self.reference_model = copy.deepcopy(trainer.raw_model).eval().requires_grad_(False)
             self.reference = "copy"
         else:
             self.table = reference_table(self, trainer.model, trainer.sequences, trainer.sequences.collate,
                                          trainer.tokenizer.pad_token_id, trainer.cfg.train.batch_size, trainer.dist,
-                                         trainer.work_dir / "reference_logps.npy", trainer.info)
+                                         trainer.work_dir / "reference_logps.npy", trainer.info,
+                                         table_key(trainer.cfg, self, trainer.sequences))
             self.reference = "table"
 
 
@@ -148,17 +158,46 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
+def table_key(cfg, objective: PreferenceLoss, sequences) -> dict:
+    """Everything the reference table's numbers depend on: the model (its folder and files), how it
+    computes (dtypes, attention, quantization), the tokens (the token store's key: data, tokenizer,
+    template, max_length) and which pairs the epoch samples. A table saved with another key is stale."""
+    from tuner.model.load import model_identity
+
+    pairs = sorted({p for group in sequences.plan for p in group})
+    return {**model_identity(cfg.model.path), "model_dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
+            "compute_dtype": str(objective.compute_dtype), "attention": objective.attention,
+            "tokens": sequences.store.folder.name, "template": cfg.data.template, "max_length": cfg.data.max_length,
+            "pairs": hashlib.sha256(np.asarray(pairs, dtype=np.int64).tobytes()).hexdigest()[:16]}
+
+
+def _stale(saved: Path, key: dict) -> str | None:
+    """Why the table beside `saved` cannot be used with `key` (None: it can)."""
+    if not saved.exists():
+        return "it has no key (written by an older tuner)"
+    try:
+        old = json.loads(saved.read_text())
+    except ValueError:
+        return f"{saved.name} is unreadable"
+    changed = [name for name in key if old.get(name) != key[name]]
+    return f"changed since it was computed: {', '.join(changed)}" if changed else None
+
+
 def reference_table(objective: PreferenceLoss, model, sequences, collate, pad_id: int, batch_size: int, dist,
-                    path: Path, say) -> torch.Tensor:
+                    path: Path, say, key: dict) -> torch.Tensor:
     """Every pair's reference log-probs (chosen, rejected) under the starting model, computed once: read
-    from `path` when an earlier start of this run wrote it. Each process computes its share of the
+    from `path` when an earlier start of this run wrote it with the same `key` (model, dtypes, tokens,
+    sampled pairs; kept beside it as JSON), else computed again. Each process computes its share of the
     sequences; every process then holds the whole table."""
     n_pairs = sequences.store.stats.pairs
+    key_path = path.with_suffix(".json")
     if path.exists():
         table = torch.from_numpy(np.load(path))
-        if table.shape == (n_pairs, 2):
+        why = "its shape differs" if table.shape != (n_pairs, 2) else _stale(key_path, key)
+        if why is None:
             say(f"DPO: reference log-probs of {n_pairs} pairs read from {path}")
             return table
+        say(f"DPO: the reference log-probs in {path} are not this run's ({why}): computing them again")
     mine = list(range(dist.rank, len(sequences), dist.world_size))
     rounds = math.ceil(len(sequences) / (dist.world_size * batch_size))  # the same on every process (FSDP)
     found: dict[int, tuple[float, float]] = {}
@@ -180,8 +219,12 @@ def reference_table(objective: PreferenceLoss, model, sequences, collate, pad_id
             table[pair] = torch.tensor(row, dtype=torch.float64)
     if dist.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
+        key_path.unlink(missing_ok=True)  # (a table never stands beside another table's key)
         tmp = path.with_name(path.stem + ".tmp.npy")
         np.save(tmp, table.numpy())
         tmp.replace(path)
+        tmp_key = key_path.with_name(key_path.stem + ".tmp.json")
+        tmp_key.write_text(json.dumps(key, indent=1))
+        tmp_key.replace(key_path)
     say(f"DPO: reference log-probs of {n_pairs} pairs computed once before training ({path.name})")
     return table

@@ -45,6 +45,17 @@ def resolve_model_path(path: str) -> str:
     return _native(hub_folder) if hub_folder else path  # a hub id such as Qwen/Qwen2.5-0.5B-Instruct
 
 
+def model_identity(path: str) -> dict:
+    """What a model named `path` is, for keying what is computed from it (DPO's reference table): the
+    name given, the folder it resolves to, and each file's name, size and time there (a changed or
+    another folder changes it; a hub id not yet downloaded is known by its name)."""
+    resolved = resolve_model_path(path)
+    folder = Path(resolved)
+    files = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in folder.iterdir()
+                   if f.is_file()) if folder.is_dir() else []
+    return {"model": path, "folder": resolved, "files": files}
+
+
 def _native(folder: Path) -> str:
     from tuner.model import internlm2
 
