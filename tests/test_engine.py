@@ -188,7 +188,10 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, tiny
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent / "collective_check"),
                                                       os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("TUNER_COLLECTIVE_LOG", str(tmp_path / "collectives"))
-    run = tuner("train", ddp_cfg, "--work-dir", tmp_path / "two", *(["--fsdp"] if strategy == "fsdp" else []))
+    # FSDP with model.dtype='auto' (the tiny model is float32 in its folder, so the same numbers): ranks >= 1
+    # build it on the meta device, where 'auto' once crashed them
+    flags = ["--fsdp", "--cfg-options", "model.dtype=auto"] if strategy == "fsdp" else []
+    run = tuner("train", ddp_cfg, "--work-dir", tmp_path / "two", *flags)
     assert f"2 processes ({strategy.upper()})" in run.stderr
     reads = [tmp_path / f"collectives.{rank}.reads" for rank in (0, 1)]
     assert "model.safetensors" in reads[0].read_text()
@@ -439,3 +442,85 @@ def test_a_checkpoint_written_before_the_strategy_objects_resumes_exactly(tmp_pa
     # The fixture's first two steps ran on the CPU that wrote it; another CPU's kernels round differently,
     # so 1e-4 (as the other cross-run tests): far below what one step changes (several percent).
     assert resumed == pytest.approx(straight[2:], rel=1e-4)
+
+
+def test_dtype_names_are_one_vocabulary_and_auto_picks_fp16_on_a_gpu_without_native_bf16(monkeypatch, tmp_path,
+                                                                                           tiny_model_dir, data_file):
+    """Every dtype field and flag takes the same names (auto, fp32/float32, bf16/bfloat16, fp16/float16);
+    train.dtype='auto' on a GPU whose bf16 is only emulated (V100, T4) computes in fp16 (with the GradScaler)."""
+    from tuner.cli import build_parser
+    from tuner.dtypes import NAMES
+    from tuner.model.device import resolve_compute_dtype
+
+    for name in NAMES:
+        cfg = load_config(write_config(tmp_path, tiny_model_dir, data_file), [f"model.dtype={name}", f"train.dtype={name}"])
+        assert cfg.model.dtype == cfg.train.dtype == name
+        assert build_parser().parse_args(["chat", "x", "--torch-dtype", name]).torch_dtype == name
+    assert resolve_compute_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_compute_dtype("bfloat16", torch.device("cpu")) == resolve_compute_dtype("bf16", torch.device("cpu"))
+    native = {"bf16": False}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native["bf16"])
+    assert resolve_compute_dtype("auto", torch.device("cuda")) == torch.float16  # emulated only: fp16
+    native["bf16"] = True
+    assert resolve_compute_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_sharded_strategies_refuse_qlora_and_deepspeed_refuses_fp16(tmp_path, tiny_model_dir, data_file, capsys):
+    """QLoRA's quantized weights cannot be sharded (FSDP, ZeRO-3): refused naming what works; fp16 under
+    DeepSpeed would have no loss scale: refused, with exit 1 from the CLI."""
+    from tuner.cli import main
+    from tuner.engine import strategy
+
+    qlora = load_config(write_config(tmp_path, tiny_model_dir, data_file), ["model.quantization=4bit"])
+    for chosen in (strategy.FSDP(), strategy.DeepSpeed("deepspeed_zero3")):
+        with pytest.raises(TunerError, match="QLoRA.*cannot be sharded") as refused:
+            chosen.configure(qlora, torch.float32, print)
+        assert "deepspeed_zero2" in refused.value.hint
+    strategy.DeepSpeed("deepspeed_zero2").configure(qlora, torch.float32, print)  # ZeRO-2 takes QLoRA
+    cfg = write_config(tmp_path, tiny_model_dir, data_file)
+    assert main(["train", str(cfg), "--work-dir", str(tmp_path / "w"), "--deepspeed", "deepspeed_zero2",
+                 "--cfg-options", "train.dtype=fp16"]) == 1
+    err = capsys.readouterr().err
+    assert "fp16 under --deepspeed" in err and "Traceback" not in err
+
+
+def test_deepspeed_config_holds_only_keys_older_deepspeed_knows(tmp_path, tiny_model_dir, data_file):
+    """zero_optimization.compute_grad_norm exists from DeepSpeed 0.19 (where it defaults to on; before, the
+    norm is always computed): tuner writes it only over a JSON that turned it off."""
+    import json as _json
+
+    from tuner.engine import zero
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, data_file))
+    assert "compute_grad_norm" not in zero.ds_config("deepspeed_zero2", cfg, torch.float32, print)["zero_optimization"]
+    custom = tmp_path / "ds.json"
+    custom.write_text(_json.dumps({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}))
+    said = []
+    assert zero.ds_config(str(custom), cfg, torch.float32, said.append)["zero_optimization"]["compute_grad_norm"]
+    assert any("compute_grad_norm=false" in s for s in said)
+
+
+def test_resuming_with_another_number_of_processes_keeps_the_steps_or_refuses(tmp_path, tiny_model_dir, data_file):
+    """A checkpoint written by 2 processes x batch 1 resumes in 1 process only at the same sequences per step
+    (batch 2: the data order and step count are kept, said in the log); at batch 1 the steps would change:
+    refused, naming the settings that work. (It used to log "the data order is kept" either way.)"""
+    from tuner.engine.checkpoint import load_checkpoint
+
+    make(tmp_path, tiny_model_dir, data_file, epochs=1, batch_size=2, save_steps=2,
+         options=["train.max_steps=2"]).train()
+    path = tmp_path / "work" / "iter_2.pth"
+    state = load_checkpoint(path)
+    assert state["sequences_per_step"] == 2
+    state.update(world_size=2, rng=state["rng"] * 2, sequences_per_step=2)  # as 2 processes x batch 1 write it
+    torch.save(state, tmp_path / "written_by_two.pth")
+    os.replace(tmp_path / "written_by_two.pth", path)  # (the loaded one is memory-mapped: not written over)
+    same = make(tmp_path, tiny_model_dir, data_file, epochs=1, batch_size=2, options=["train.max_steps=3"])
+    same.resume = str(path)
+    assert len(same.train()) == 1
+    assert any("with the same 2 sequences per step: the data order and step count are kept" in p.read_text()
+               for p in (tmp_path / "work").glob("*/*.log"))
+    other = make(tmp_path, tiny_model_dir, data_file, epochs=1, batch_size=1, options=["train.max_steps=3"])
+    other.resume = str(path)
+    with pytest.raises(TunerError, match="written by 2 processes with 2 sequences per step") as refused:
+        other.train()
+    assert "NPROC_PER_NODE=2" in refused.value.hint

@@ -76,3 +76,32 @@ def test_an_unwritable_work_dir_is_one_line(tmp_path, tiny_model_dir, data_file)
     run = tuner("train", cfg, "--work-dir", work, check=False)
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
     assert f"cannot write the work dir {work}" in run.stderr
+
+
+def test_a_crafted_deepspeed_checkpoint_is_refused_and_never_runs(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    """DeepSpeed unpickles its checkpoint files with weights_only=False; tuner has it read them with
+    weights_only=True and an allow-list of DeepSpeed's own classes: its checkpoint resumes, and a crafted
+    file in iter_N_deepspeed/ is refused without running."""
+    import torch
+
+    pytest.importorskip("deepspeed")
+    from tuner.config import load_config
+    from tuner.engine.loop import Trainer
+    from tuner.errors import TunerError
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29532"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=1, save_steps=2)
+    work = tmp_path / "work"
+    Trainer(load_config(cfg, ["train.max_steps=2"]), work_dir=work, deepspeed="deepspeed_zero2").train()
+    # (DeepSpeed's own files load with the allow-list: the 2-process ZeRO resume in test_engine.py)
+    marker = tmp_path / "pwned"
+    (optim,) = (work / "iter_2_deepspeed").rglob("*optim_states.pt")
+    state = torch.load(optim, weights_only=False)
+    state["payload"] = _RunsCode(marker)
+    torch.save(state, optim)
+    crafted = Trainer(load_config(cfg, ["train.max_steps=3"]), work_dir=work, resume="auto", deepspeed="deepspeed_zero2")
+    with pytest.raises(TunerError, match="does not unpickle"):
+        crafted.train()
+    assert not marker.exists()

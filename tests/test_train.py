@@ -53,13 +53,18 @@ def test_accumulation_is_token_weighted_like_one_big_batch(tmp_path, tiny_model_
     assert big.train() == pytest.approx(small.train(), rel=1e-5)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, data_file):
-    full = make_trainer(tmp_path, tiny_model_dir, data_file, work="full", epochs=3, save_steps=2, dropout=0.1)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, data_file, workers):
+    """Exact with dropout, with DataLoader workers too (their seed no longer comes from the restored RNG)."""
+    options = [f"train.dataloader_num_workers={workers}"]
+    full = make_trainer(tmp_path, tiny_model_dir, data_file, work="full", epochs=3, save_steps=2, dropout=0.1,
+                        options=options)
     losses = full.train()
     assert full.total_steps >= 6  # the resume point below falls inside the second epoch
     saved = [p.name for p in checkpoints_in(tmp_path / "full")]
     assert saved[:3] == ["iter_2.pth", "iter_4.pth", "iter_6.pth"] and saved[-1] == f"iter_{full.total_steps}.pth"
-    resumed = make_trainer(tmp_path, tiny_model_dir, data_file, work="resumed", epochs=3, save_steps=2, dropout=0.1)
+    resumed = make_trainer(tmp_path, tiny_model_dir, data_file, work="resumed", epochs=3, save_steps=2, dropout=0.1,
+                           options=options)
     resumed.resume = str(tmp_path / "full" / "iter_4.pth")
     assert resumed.train() == losses[4:]  # exact, not approximate: same batches, same dropout masks
 
@@ -182,3 +187,14 @@ def test_lora_variants_train_and_convert(tmp_path, tiny_model_dir, data_file, op
     adapter = pth_to_hf(trainer.cfg, checkpoints_in(tmp_path / "work")[-1], tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
     assert (_logits(loaded, ids) - trained).abs().max() < 1e-4
+
+
+def test_a_cold_peak_flops_probe_leaves_the_run_as_its_seed_makes_it(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    """A machine's first run measures the matmul peak after seeding; its random matrices come from their own
+    generator, so the dropout masks (the losses) equal those of a run that read the peak from the cache."""
+    monkeypatch.setenv("TUNER_CACHE", str(tmp_path / "cold"))
+    cold = make_trainer(tmp_path, tiny_model_dir, data_file, work="cold", dropout=0.1, options=["train.max_steps=2"])
+    first = cold.train()
+    assert (tmp_path / "cold").exists()  # it measured, and cached
+    warm = make_trainer(tmp_path, tiny_model_dir, data_file, work="warm", dropout=0.1, options=["train.max_steps=2"])
+    assert warm.train() == first

@@ -16,6 +16,7 @@ import warnings
 
 from tuner.chat.prompts import SYSTEM_TEMPLATES
 from tuner.engine import allocator
+from tuner.dtypes import NAMES
 from tuner.errors import TunerError
 
 
@@ -203,7 +204,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """How chat, serve and web load a model and render prompts."""
     p.add_argument("--adapter", help="a LoRA adapter folder to apply")
     p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
-    p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--torch-dtype", choices=NAMES, default="auto")
     p.add_argument("--bits", type=int, choices=[4, 8], help="quantize the weights with bitsandbytes (NF4 / LLM.int8)")
     p.add_argument("--offload-folder", help="let accelerate place weights that do not fit on disk here")
     p.add_argument("--stop-words", nargs="+", default=[], help="extra stop words (the template's are always on)")
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024, help="tokens per answer with its prompt")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta, for the reward margins")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--torch-dtype", choices=NAMES, default="auto")
     add_trust_argument(p)
     p.set_defaults(func=cmd_score)
 
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_llava_arguments(p)
     p.add_argument("--prompt-template", help="a named template (default: the tokenizer's own)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--torch-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--torch-dtype", choices=NAMES, default="auto")
     add_trust_argument(p)
     p.set_defaults(func=cmd_mmbench)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
+from tuner.dtypes import DtypeName
 from tuner.errors import TunerError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -96,8 +97,9 @@ def check_types(obj) -> None:
 class ModelConfig:
     path: str = EMBEDDED_MODEL
     """A local HF model folder, a hub id, or 'smollm2-135m-instruct' (embedded, works offline)"""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    """Dtype the base weights are loaded in; trainable weights are kept in float32"""
+    dtype: DtypeName = "float32"
+    """Dtype the base weights are loaded in ('auto': the checkpoint's own); trainable weights are kept in
+    float32. Names as everywhere in tuner: auto, fp32/float32, bf16/bfloat16, fp16/float16"""
     quantization: Optional[Literal["4bit", "8bit"]] = None
     """QLoRA: load the frozen base in 4-bit NF4 (double quantized) or 8-bit with bitsandbytes"""
     freeze: Optional[list[str]] = None
@@ -225,8 +227,9 @@ class TrainConfig:
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup, to 0 for cosine and linear"""
     seed: int = 0
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Compute dtype for autocast; 'auto' = bf16 where the CPU/GPU supports it, else fp32"""
+    dtype: DtypeName = "auto"
+    """Compute dtype for autocast; 'auto' = bf16 where the GPU or CPU runs it natively, else fp16 with a
+    loss scale on a GPU (V100, T4) and fp32 on a CPU. Also fp32/float32, bf16/bfloat16, fp16/float16"""
     log_interval: int = 1
     """Steps between lines in the log"""
     gradient_checkpointing: bool = False

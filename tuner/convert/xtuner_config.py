@@ -23,6 +23,7 @@ from typing import Any
 from tuner.data.system_templates import SYSTEM_TEMPLATES
 from tuner.data.templates import TEMPLATES
 from tuner.data.xtuner_map_fns import MAP_FNS
+from tuner.dtypes import NAMES
 from tuner.errors import TunerError
 
 # Modules a config may really use (paths, arithmetic); every other import becomes a Symbol.
@@ -33,8 +34,7 @@ FORMAT_OF_MAP_FN = {"alpaca_map_fn": "alpaca", "alpaca_zh_map_fn": "alpaca_zh", 
                     "openai_map_fn": "openai", "pretrain_map_fn": "pretrain", "msagent_react_map_fn": "msagent",
                     "llava_map_fn": "llava"}
 DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float32": "float32",
-          "torch.float": "float32", "torch.half": "float16", "float16": "float16", "bfloat16": "bfloat16",
-          "float32": "float32", "auto": "auto"}
+          "torch.float": "float32", "torch.half": "float16", **{name: name for name in NAMES}}  # -> tuner/dtypes.py
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
@@ -512,7 +512,8 @@ def _optim(r: _Reader, ns: dict) -> tuple[dict, dict]:
     dtype = wrapper.get("dtype")
     if _name(wrapper.get("type")) == "AmpOptimWrapper" and dtype in ("float16", None):
         r.note("dtype=", "XTuner trained in float16 with a dynamic loss scale (AmpOptimWrapper); tuner's dtype "
-                         "'auto' uses bf16 where the hardware has it, else fp32 (set train.dtype='fp16' for float16)")
+                         "'auto' uses bf16 where the hardware runs it natively, else fp16 with a loss scale on a GPU and fp32 "
+                         "on a CPU (set train.dtype='fp16' for float16 everywhere)")
     elif dtype == "bfloat16":
         train["dtype"] = "bf16"
     return optim, train

@@ -124,5 +124,6 @@ def step_batches(dataset: StepBatches, start: int, stop: int, workers: int, pin:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start, stop), collate_fn=_as_is, num_workers=workers,
         pin_memory=pin, prefetch_factor=2, worker_init_fn=_worker_ignores_signals,
+        generator=torch.Generator().manual_seed(start),  # (its workers' seed is not drawn from the restored RNG)
         multiprocessing_context="fork")  # the token store is memory-mapped: fork shares it, spawn would copy it
     return iter(loader)

@@ -75,8 +75,9 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     if key in cached:
         return cached[key]
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    own = torch.Generator(device=device).manual_seed(0)  # (not the global stream: a run's dropout masks stay its seed's)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=own)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=own)
     best = float("inf")
     for _ in range(5):
         if device.type == "cuda":

@@ -209,7 +209,7 @@ class Trainer:
                                                           step, lora=self.cfg.lora is not None)
         return {"step": step, "method": self.cfg.method, "config": self.cfg.name, "model": model,
                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng, "world_size": self.dist.world_size}
+                "rng": rng, "world_size": self.dist.world_size, "sequences_per_step": self.schedule.per_step}
 
     def _resume(self) -> None:
         path = ckpt.find_resume(self.resume, self.work_dir)
@@ -225,12 +225,29 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rng) != self.dist.world_size:
-            self.info(f"the checkpoint was written by {len(rng)} processes and this run has "
-                      f"{self.dist.world_size}: the data order is kept, random states (dropout) start anew")
+            self._check_world_size(path, len(rng), state.get("sequences_per_step"))
         else:
             ckpt.set_rng_state(rng[self.dist.rank])
         self.start_step = state["step"]
         self.info(f"Resumed from {path} at step {self.start_step}")
+
+    def _check_world_size(self, path: Path, saved_world: int, saved_per_step: int | None) -> None:
+        """Another number of processes than the checkpoint's: the steps go on as they were only when a step
+        still holds as many sequences (processes x batch x accumulation); else refused, as the step count and
+        which sequences each step trains on would change under the resumed run."""
+        t = self.cfg.train
+        if saved_per_step is None:  # (written before tuner saved it: the config's batch and accumulation)
+            saved_per_step = saved_world * t.batch_size * t.accumulative_counts
+        if saved_per_step != self.schedule.per_step:
+            raise TunerError(
+                f"{path} was written by {saved_world} processes with {saved_per_step} sequences per step; this run has "
+                f"{self.dist.world_size} x batch {t.batch_size} x accumulation {t.accumulative_counts} = "
+                f"{self.schedule.per_step}: the steps would hold other sequences and the step count would change",
+                hint=f"resume with NPROC_PER_NODE={saved_world}, or set train.batch_size and "
+                     f"train.accumulative_counts so that processes x batch x accumulation = {saved_per_step}")
+        self.info(f"the checkpoint was written by {saved_world} processes and this run has {self.dist.world_size}, "
+                  f"with the same {saved_per_step} sequences per step: the data order and step count are kept; "
+                  "random states (dropout) start anew")
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> list[float]:

@@ -90,9 +90,8 @@ def _memory_line(cfg: Config) -> str | None:
         return None  # (a hub id is not looked up: nothing is downloaded to check a config)
     if local.is_dir() and internlm2.is_internlm2(local):
         return "memory     estimated at the first tuner train (this InternLM2 folder is converted to Llama first)"
-    dtype = DTYPES[cfg.model.dtype]
     model = load_causal_lm(cfg.model.path, cfg.model.trust_remote_code, meta=True, announce=False, head=cfg.head,
-                           **({} if dtype == "auto" else {"dtype": dtype}))
+                           dtype=DTYPES[cfg.model.dtype])
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, task="SEQ_CLS" if cfg.head == "reward" else "CAUSAL_LM")
     compute_bytes = 4 if cfg.train.dtype in ("fp32", "float32") else 2

@@ -142,6 +142,16 @@ def load_optimizer_state(raw_model, optimizer, state: dict) -> None:
 
 # ---------------------------------------------------------------- the strategies the loop runs with
 
+def refuse_sharded_quantization(cfg: Config, flag: str) -> None:
+    """QLoRA's 4/8-bit weights are bitsandbytes tensors whose quantization state FSDP and ZeRO-3 do not
+    shard with them (FSDP-QLoRA needs the storage in the compute dtype and is untested here): refused."""
+    if cfg.model.quantization is not None:
+        raise TunerError(f"model.quantization={cfg.model.quantization!r} (QLoRA) with {flag}: the quantized weights "
+                         "cannot be sharded (their quantization state is not split with them)",
+                         hint="train QLoRA on one process, under DDP (several processes, no flag) or with "
+                              "--deepspeed deepspeed_zero2; or LoRA without quantization under --fsdp / ZeRO-3")
+
+
 class Single:
     """One process: the model as it is. DDP and FSDP2 change only wrapping, syncing and state."""
     name = "single"
@@ -220,9 +230,10 @@ class FSDP(Single):
     plain_modules = False
     sharded_state = True
 
+    def configure(self, cfg: Config, compute_dtype: torch.dtype, info) -> None:
+        refuse_sharded_quantization(cfg, "--fsdp")
+
     def load_model(self, cfg: Config, device, dist, info) -> tuple[object, bool]:
-        if cfg.model.quantization is not None:  # 4-bit weights load whole, then shard
-            return super().load_model(cfg, device, dist, info)
         info(f"Model: weights read by rank 0 only, the other {dist.world_size - 1} build it on the "
              "meta device; FSDP hands out the shards")
         return load_model(cfg.model, "cpu", meta=not dist.is_main, head=cfg.head), True
@@ -260,7 +271,16 @@ class DeepSpeed(Single):
         self.config: dict | None = None
 
     def configure(self, cfg: Config, compute_dtype: torch.dtype, info) -> None:
+        if compute_dtype == torch.float16:
+            raise TunerError("fp16 under --deepspeed: tuner keeps float32 master weights and computes in autocast, "
+                             "and DeepSpeed's engine has no loss scale for that, so small fp16 gradients would "
+                             "underflow unseen",
+                             hint="set train.dtype='bf16' where the GPU has it (Ampere and newer), or train fp16 "
+                                  "without --deepspeed (one process, DDP or --fsdp scale the loss with a GradScaler), "
+                                  "or set train.dtype='fp32'")
         self.config = zero.ds_config(self.source, cfg, compute_dtype, info)
+        if zero.stage(self.config) == 3:
+            refuse_sharded_quantization(cfg, f"--deepspeed {self.source} (ZeRO-3)")
 
     def load_model(self, cfg: Config, device, dist, info) -> tuple[object, bool]:
         if cfg.model.quantization is not None or zero.stage(self.config) != 3:
@@ -307,6 +327,7 @@ class DeepSpeed(Single):
         folder = path.with_name(path.stem + "_deepspeed")
         if not folder.is_dir():
             raise TunerError(f"{folder} is missing: a DeepSpeed run resumes from a DeepSpeed checkpoint")
+        zero.load_weights_only(model)
         model.load_checkpoint(str(folder), tag="state", load_module_strict=False, load_lr_scheduler_states=False)
 
 

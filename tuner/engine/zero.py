@@ -64,8 +64,12 @@ def ds_config(name_or_path: str, cfg: Config, compute_dtype: torch.dtype, say) -
         raise TunerError(f"--deepspeed {name_or_path}: ZeRO stage {stage}; tuner runs DeepSpeed with stage 1, 2 or 3",
                          hint="stage 0 is plain data parallelism: run without --deepspeed (DDP)")
     # ZeRO computes the gradient norm and skips an update whose norm is not finite, before applying it
-    # (what train.nan_policy='skip' needs; a JSON that turns the norm off would apply NaN updates).
-    config["zero_optimization"]["compute_grad_norm"] = True
+    # (what train.nan_policy='skip' needs; a JSON that turns the norm off would apply NaN updates). The key
+    # exists from DeepSpeed 0.19 on (default on there, always on before): written only over a JSON's false.
+    if config["zero_optimization"].get("compute_grad_norm") is False:
+        say("DeepSpeed: zero_optimization.compute_grad_norm=false in the JSON replaced by true (a non-finite "
+            "gradient must be seen before it is applied)")
+        config["zero_optimization"]["compute_grad_norm"] = True
     config.setdefault("steps_per_print", 10**9)
     return config
 
@@ -106,6 +110,39 @@ def initialize(raw_model, optimizer, config: dict):
     engine, _, _, _ = deepspeed.initialize(model=raw_model, optimizer=optimizer, config=config,
                                            model_parameters=[p for p in raw_model.parameters() if p.requires_grad])
     return engine
+
+
+# What DeepSpeed's own checkpoints hold besides tensors, numbers and containers (ZeRO 1-3, offload).
+SAVED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                 "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def load_weights_only(engine) -> None:
+    """Make the engine read its checkpoint files with `weights_only=True`, allowing only the few classes
+    DeepSpeed saves (SAVED_CLASSES): a crafted file in iter_N_deepspeed/ is refused, never run (DeepSpeed's
+    own loader unpickles anything)."""
+    import importlib
+    import pickle
+
+    allowed = []
+    for name in SAVED_CLASSES:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass  # (another DeepSpeed version: it does not save that class)
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).split("\n")[0]
+            raise TunerError(f"{path} holds Python objects beyond DeepSpeed's own state, which tuner does not "
+                             f"unpickle (loading it could run code): {first}",
+                             hint="resume only from a DeepSpeed checkpoint written by tuner train") from None
+
+    engine.checkpoint_engine.load = load
 
 
 def full_parameters(raw_model, trainable_only: bool) -> dict[str, torch.Tensor]:

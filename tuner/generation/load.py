@@ -12,6 +12,8 @@ from tuner.errors import TunerError
 from tuner.model.adapt import load_adapter
 from tuner.model.device import default_device, resolve_compute_dtype
 from tuner.model.load import (
+    DTYPES,
+    bnb_config,
     load_causal_lm,
     load_config,
     load_tokenizer,
@@ -19,7 +21,6 @@ from tuner.model.load import (
 )
 from tuner.model.rewards import is_reward_model
 
-TORCH_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: str = "auto",
                     bits: int | None = None, offload_folder: str | None = None, max_memory: dict | None = None,
@@ -30,7 +31,7 @@ def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: st
     if is_reward_model(load_config(path, trust_remote_code)):
         raise TunerError(f"{model_path} is a reward model (a score head, no text head): it scores answers and "
                          "does not write them", hint=f"tuner score {model_path} --data FILE")
-    kwargs: dict = {"dtype": TORCH_DTYPES[torch_dtype]}
+    kwargs: dict = {"dtype": DTYPES[torch_dtype]}
     if bits:
         kwargs["quantization_config"] = _quantization(bits, torch_dtype)
     if offload_folder or max_memory:
@@ -54,22 +55,12 @@ def load_reward_model(model_path: str, torch_dtype: str = "auto", trust_remote_c
     if not is_reward_model(load_config(path, trust_remote_code)):
         return None
     device = default_device()
-    model = load_causal_lm(path, trust_remote_code, head="reward", dtype=TORCH_DTYPES[torch_dtype]).to(device).eval()
+    model = load_causal_lm(path, trust_remote_code, head="reward", dtype=DTYPES[torch_dtype]).to(device).eval()
     return model, load_tokenizer(path, trust_remote_code), resolve_compute_dtype(torch_dtype, device)
 
 
 def _quantization(bits: int, torch_dtype: str):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise TunerError(f"--bits {bits} needs bitsandbytes", hint="pip install 'tuner[qlora]'") from None
-    from transformers import BitsAndBytesConfig
-
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.float32 if torch_dtype == "fp32" else torch.bfloat16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    return bnb_config(f"{bits}bit", torch_dtype)
 
 
 def offload_warnings(device_map: dict, device: torch.device) -> list[str]:
@@ -118,7 +109,7 @@ def generator_for(options: ModelOptions, with_images: bool = False):
     if o.llava or with_images or is_llava_folder(o.model):
         from tuner.model.llava import load_llava_for_chat
 
-        dtype = TORCH_DTYPES[o.torch_dtype] if o.torch_dtype != "auto" else torch.float32
+        dtype = DTYPES[o.torch_dtype] if o.torch_dtype != "auto" else torch.float32
         model, tokenizer, vision, template = load_llava_for_chat(o.model, o.llava, o.visual_encoder, dtype,
                                                                  o.trust_remote_code)
         device = default_device()

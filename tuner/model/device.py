@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from tuner.dtypes import short, torch_dtype
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -24,14 +26,12 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """A dtype name (tuner/dtypes.py) -> the compute dtype. 'auto': bf16 where the hardware runs it natively;
+    else fp16 (with the GradScaler) on a GPU such as V100 or T4, whose bf16 is only emulated, and fp32 on a CPU."""
+    if short(name) != "auto":
+        return torch_dtype(name)
+    if device.type == "cuda":  # (the current device: torch.cuda.set_device(local_rank) under torchrun)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from tuner.config import EMBEDDED_MODEL, ModelConfig
+from tuner.dtypes import NAMES, short, torch_dtype
 from tuner.data.modelscope import download, modelscope_id
 from tuner.errors import TunerError
 
 SUPPORTED = ("tuner takes the causal LMs transformers knows (Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3, Mixtral, "
              "Qwen3-MoE, DeepSeek, ...), InternLM2 (loaded as Llama), GGUF files, and models that bring their "
              "own code with --trust-remote-code")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES = {name: torch_dtype(name) for name in NAMES}  # every dtype name tuner takes -> torch's (or 'auto')
 
 
 def resolve_model_path(path: str) -> str:
@@ -167,9 +168,11 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, meta: bool = Fals
         config = load_config(resolved, trust_remote_code)
         if head == "reward":
             config.num_labels = 1
+        wanted = {k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation")}
+        if wanted.get("dtype") == "auto":  # from_config takes a torch dtype: the checkpoint's own, as from_pretrained
+            wanted["dtype"] = getattr(config, "dtype", None) or torch.float32
         with torch.device("meta"):
-            return auto.from_config(config, trust_remote_code=trust_remote_code, **{
-                k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation")})
+            return auto.from_config(config, trust_remote_code=trust_remote_code, **wanted)
     return _causal_lm_from_pretrained(resolved, trust_remote_code=trust_remote_code, auto=auto, **kwargs)
 
 
@@ -212,15 +215,21 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
 
 
 def _bnb_config(cfg: ModelConfig):
+    return bnb_config(cfg.quantization, cfg.dtype)
+
+
+def bnb_config(quantization: str, dtype: str):
+    """bitsandbytes' settings for '4bit' (NF4, double quantized) or '8bit'; 4-bit computes in `dtype`
+    (auto: bf16). Training and chat's --bits both take it from here."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise TunerError("quantization needs bitsandbytes", hint="pip install 'tuner[qlora]'") from None
     from transformers import BitsAndBytesConfig
 
-    if cfg.quantization == "8bit":
+    if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if cfg.dtype in ("auto", "bfloat16") else DTYPES[cfg.dtype]
+    compute = torch.bfloat16 if short(dtype) == "auto" else torch_dtype(dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute)
 
