@@ -276,6 +276,19 @@ def test_pretrain_then_finetune_learn_the_colour_from_the_image(tmp_path, towers
     with pytest.raises(openai.BadRequestError, match="must be a data URL"):
         client.chat.completions.create(model="llava", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}])
+    with pytest.raises(openai.BadRequestError, match="not a readable image"):
+        client.chat.completions.create(model="llava", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+    # image bombs: each image's pixels are checked from its header, before decoding; images per request capped
+    from test_serve_hostile import bomb_png, image_request, peak_growth_while, post
+    port = server.server_address[1]
+    (status, body), grown = peak_growth_while(lambda: post(port, image_request(bomb_png(), 4).replace(
+        '"tiny"', '"llava"'), key=None))
+    assert status == 400 and "at most 16,777,216 pixels per image" in body["error"]["message"], body
+    assert grown < 100 << 20, f"{grown >> 20} MB"
+    small = (tmp_path / held_out[0]["image"]).read_bytes()
+    status, body = post(port, image_request(small, 9).replace('"tiny"', '"llava"'), key=None)
+    assert status == 400 and "at most 8 images" in body["error"]["message"], body
     server.shutdown()
     _chat_page_with_an_image(tmp_path / "finetune_hf", tmp_path / held_out[1]["image"],
                              held_out[1]["conversations"][1]["value"])

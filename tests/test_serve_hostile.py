@@ -6,6 +6,7 @@ cross-origin requests are refused. Each case is bounded in count and time."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -132,6 +133,15 @@ def test_bad_values_get_400_not_500(server, body, length, message):
     assert client.models.list().data[0].id == "tiny"
 
 
+def test_a_non_ascii_digit_in_content_length_is_a_400(server):
+    """'³'.isdigit() is True but int('³') raises: it was a 500 (headers arrive as Latin-1)."""
+    _, port, _ = server
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Length: 1\u00b3\r\nConnection: close\r\n\r\n").encode("latin-1")
+    status, body = raw(port, head + chat("Hi").encode())
+    assert status == 400 and "Content-Length must be a number" in body["error"]["message"], body
+
+
 def test_cross_origin_requests_and_foreign_hosts_are_refused(server):
     """What any web page could send to a loopback server: a text/plain POST from another origin, or a
     request through a DNS name that points at 127.0.0.1."""
@@ -142,6 +152,8 @@ def test_cross_origin_requests_and_foreign_hosts_are_refused(server):
              f"Content-Length: {len(chat('Hi'))}", f"Authorization: Bearer {KEY}", "Connection: close"]
     status, body = raw(port, ("\r\n".join(lines) + "\r\n\r\n" + chat("Hi")).encode())
     assert status == 403 and body["error"]["code"] == "forbidden_host"
+    status, body = post(port, chat("Hi"), headers={"Origin": "null"})  # sandboxed iframes, file: pages
+    assert status == 403 and body["error"]["code"] == "forbidden_origin"
     assert post(port, chat("Hi"), headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200  # the page's own
 
 
@@ -239,3 +251,90 @@ def test_a_short_request_does_not_wait_for_a_long_one(server):
     assert short.usage.completion_tokens <= 4 and short_seconds < alone_seconds / 2, (short_seconds, alone_seconds)
     assert together.choices[0].message.content == alone.choices[0].message.content
     assert together.usage == alone.usage
+
+
+def bomb_png(side: int = 12_248) -> bytes:
+    """A grayscale PNG of side x side zeros (150 megapixels: under PIL's own bomb limit of 179M), about
+    150 KB: it decodes to 150 MB, 450 MB as RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (side + 1)  # filter byte + pixels
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def image_request(png: bytes, count: int) -> str:
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    return json.dumps({"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}} for _ in range(count)] + [{"type": "text", "text": "Hi"}]}]})
+
+
+def peak_growth_while(action) -> tuple[object, int]:
+    """(what `action` returns, how far this process's RSS rose above its start while it ran), sampled every 5 ms."""
+    process, peak, done = psutil.Process(), [0], threading.Event()
+    start = process.memory_info().rss
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss - start)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        return action(), peak[0]
+    finally:
+        done.set()
+        watcher.join()
+
+
+def test_image_bombs_are_refused_before_decoding(server, tiny_model_dir):
+    """Four 150-megapixel PNGs (about 600 KB together) to a text-only model: 400 before any decoding, the
+    server's memory grows by < 100 MB (it grew by 2.4 GB when they were decoded first)."""
+    _, port, _ = server
+    png = bomb_png()
+    assert len(png) < 400_000
+    (status, body), grown = peak_growth_while(lambda: post(port, image_request(png, 4)))
+    assert status == 400 and "takes text only" in body["error"]["message"], body
+    assert grown < 100 << 20, f"{grown >> 20} MB"
+
+
+def test_a_deadline_drops_a_client_that_trickles_its_request(tiny_model_dir):
+    """One byte every 0.3 s never trips the idle timeout (1.5 s); the request deadline (2 s here) drops it."""
+    model, tokenizer, _ = load_chat_model(str(tiny_model_dir), torch_dtype="fp32")
+    httpd = make_server(Api(Generator(model, tokenizer), "tiny", None), "127.0.0.1", 0, page=False,
+                        idle_seconds=1.5, request_seconds=2, max_connections=2)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        started, closed = time.perf_counter(), False
+        for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            readable, _, _ = select.select([s], [], [], 0.3)
+            if readable and s.recv(1) == b"":
+                closed = True
+                break
+        assert closed and time.perf_counter() - started < 4
+        s.close()
+        # at most 2 connections at once: a third is answered 503 at once, and served once one is free
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        time.sleep(0.2)
+        assert raw(port, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())[0] == 503
+        for h in held:
+            h.close()
+        time.sleep(0.3)
+        assert raw(port, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())[0] == 200
+    finally:
+        httpd.shutdown()

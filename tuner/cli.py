@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNER_API_KEY)" +
                        ("; the page's address then carries it as #key=KEY" if name == "web" else ""))
         p.add_argument("--max-body-mb", type=float, default=16, help="largest request body, in MiB (413 above)")
+        p.add_argument("--request-timeout", type=float, default=60,
+                       help="seconds a request's headers and body may take to arrive, however slowly they trickle")
         p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("list-dataset-format", help="list the dataset formats and the columns they read")

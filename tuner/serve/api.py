@@ -8,9 +8,11 @@
 Every error has an OpenAI-shaped body, {"error": {"message", "type", "param", "code"}},
 and the right status; the server keeps serving after it. What it guarantees against hostile
 clients (docs/serve.md): the key is checked before the body is read, bodies are capped
-(413), prompts too long for the context are refused before they are tokenized, idle and
-stalled connections time out, a client that leaves cancels its generation, cross-origin
-requests are refused.
+(413), prompts too long for the context are refused before they are tokenized, images are
+capped in count and pixels before they are decoded (and refused by a text-only model), idle
+connections time out and a request's headers and body must arrive within a deadline, at most
+MAX_CONNECTIONS are served at once (503 beyond), a client that leaves cancels its generation,
+cross-origin requests are refused (`Origin: null` too).
 """
 
 
@@ -35,7 +37,13 @@ from tuner.serve.engine import BatchEngine, Job
 
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) unread; images are in the body
 IDLE_SECONDS = 30  # a connection that sends nothing (headers, body, next request) for this long is closed
+REQUEST_SECONDS = 60  # headers and body of one request must arrive within this, however they trickle in
 BACKLOG = 128  # connections waiting to be accepted (Python's default of 5 resets bursts of clients)
+MAX_CONNECTIONS = 64  # connections served at once, one worker thread each; more get 503 at once
+# Images are checked from their header, before any decoding: a PNG of zeros compresses ~1000:1, so a
+# 0.5 MB file can decode to 0.5 GB. A vision tower resizes to a few hundred pixels a side anyway.
+MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096
+MAX_IMAGES = 8  # per request
 
 
 class ApiError(Exception):
@@ -59,9 +67,9 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     return value
 
 
-def _content(content, index: int) -> tuple[str, list]:
+def _content(content, index: int, vision: bool, seen: list) -> tuple[str, list]:
     """OpenAI content: a string, or a list of text and image_url parts -> (text with an
-    '<image>' where each image was, the images)."""
+    '<image>' where each image was, the images). `seen`: the request's images so far (capped)."""
     if content is None or isinstance(content, str):
         return content or "", []
     if not isinstance(content, list):
@@ -75,6 +83,13 @@ def _content(content, index: int) -> tuple[str, list]:
         if part["type"] == "text":
             texts.append(str(part.get("text", "")))
         else:
+            if not vision:
+                raise ApiError(400, f"messages[{index}].content has an image, but this model takes text only "
+                                    "(load a LLaVA model to chat about images); refused before decoding it",
+                               param=f"messages[{index}].content")
+            seen.append(index)
+            if len(seen) > MAX_IMAGES:
+                raise ApiError(400, f"a request may hold at most {MAX_IMAGES} images", param=f"messages[{index}].content")
             images.append(_data_url_image(part.get("image_url"), index))
             texts.append("<image>\n")
     return "".join(texts), images
@@ -95,20 +110,26 @@ def _data_url_image(image_url, index: int):
         raise ApiError(400, "image_url must be a data URL (data:image/png;base64,...); fetching URLs is not "
                             "supported", param=param)
     try:
-        return Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True))).convert("RGB")
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))  # the header only
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ApiError(400, f"the image is {width} x {height} pixels; this server takes at most {MAX_IMAGE_PIXELS:,} "
+                                "pixels per image (resize it first)", param=param)
+        return image.convert("RGB")
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ApiError(400, f"image_url is not a readable image: {e}", param=param) from None
 
 
-def parse_messages(raw) -> list[dict]:
+def parse_messages(raw, vision: bool = False) -> list[dict]:
+    """The request's messages, checked; images (vision models only, capped in count and pixels) decoded."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    messages = []
+    messages, seen = [], []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise ApiError(400, f"messages[{i}].role must be one of system, user, assistant, tool",
                            param=f"messages[{i}].role")
-        content, images = _content(m.get("content"), i)
+        content, images = _content(m.get("content"), i, vision, seen)
         message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
         if images:
             message["images"] = images
@@ -206,7 +227,7 @@ class Api:
 
     def chat_job(self, body: dict) -> tuple[Job, list | None]:
         settings = self._settings(body)
-        messages = parse_messages(body.get("messages"))
+        messages = parse_messages(body.get("messages"), vision=self.generator.vision is not None)
         tools = body.get("tools") if body.get("tool_choice") != "none" else None
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise ApiError(400, "'tools' must be a list of tool objects", param="tools")
@@ -285,7 +306,7 @@ class Handler(BaseHTTPRequestHandler):
             if self.headers.get("Transfer-Encoding"):
                 raise ApiError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
             return 0
-        if not header.strip().isdigit():
+        if not (header.strip().isascii() and header.strip().isdigit()):  # ('³'.isdigit() is True)
             raise ApiError(400, f"Content-Length must be a number of bytes, got {header!r}")
         length = int(header)
         if length > self.max_body_bytes:
@@ -300,7 +321,7 @@ class Handler(BaseHTTPRequestHandler):
         if host and not _allowed_host(host, self.server.server_address):
             raise ApiError(403, f"Host {host!r} is not this server's address", code="forbidden_host")
         origin = self.headers.get("Origin")
-        if origin and origin != "null" and urlsplit(origin).netloc.lower() != host:
+        if origin and urlsplit(origin).netloc.lower() != host:  # 'null' too: sandboxed frames, file: pages
             raise ApiError(403, f"cross-origin requests are refused (Origin {origin})", code="forbidden_origin")
 
     def _client_gone(self) -> bool:
@@ -330,8 +351,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
+    def handle_one_request(self):
+        # From the first byte awaited: the request line, headers and body must all arrive within the
+        # server's deadline (a client trickling a byte every few seconds never trips the idle timeout).
+        self.server.set_deadline(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.clear_deadline(self.connection)
+
     # -- routes ----------------------------------------------------------------------------
     def do_GET(self):  # noqa: N802 - the base class's name
+        self.server.clear_deadline(self.connection)
         try:
             if self.path in ("/", "/index.html") and self.page:
                 data = resources.files("tuner.serve").joinpath("page.html").read_bytes()
@@ -366,6 +397,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise
             raw = self.rfile.read(length)
+            self.server.clear_deadline(self.connection)  # (generating may take long: it is not the client's time)
             if len(raw) < length:
                 self.close_connection = True
                 raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes")
@@ -487,9 +519,65 @@ def _allowed_host(host: str, address) -> bool:
     return name in ("localhost", "127.0.0.1", "::1", bound)
 
 
+_BUSY_BODY = json.dumps({"error": {"message": "the server is serving as many connections as it takes; retry",
+                                    "type": "server_error", "param": None, "code": "busy"}}).encode()
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Retry-After: 1\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
 class Server(ThreadingHTTPServer):
+    """One worker thread per connection, at most `max_connections` of them (more are answered 503 and
+    closed); a watchdog closes a connection whose request has not fully arrived by its deadline."""
     daemon_threads = True
     request_queue_size = BACKLOG
+    max_connections = MAX_CONNECTIONS
+    request_seconds = REQUEST_SECONDS
+
+    def server_activate(self):
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._deadlines: dict = {}
+        self._deadlines_lock = threading.Lock()
+        threading.Thread(target=self._watch_deadlines, daemon=True, name="tuner-deadlines").start()
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1)
+                request.sendall(BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def set_deadline(self, connection) -> None:
+        with self._deadlines_lock:
+            self._deadlines[connection] = time.monotonic() + self.request_seconds
+
+    def clear_deadline(self, connection) -> None:
+        with self._deadlines_lock:
+            self._deadlines.pop(connection, None)
+
+    def _watch_deadlines(self) -> None:
+        while True:
+            time.sleep(min(0.5, self.request_seconds / 4))
+            now = time.monotonic()
+            with self._deadlines_lock:
+                late = [c for c, deadline in self._deadlines.items() if deadline < now]
+                for connection in late:
+                    del self._deadlines[connection]
+            for connection in late:  # its reader wakes with end-of-file and the connection is closed
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def handle_error(self, request, client_address):
         """A client that disconnects or stalls is normal: no traceback in the log (one line for anything else)."""
@@ -502,10 +590,13 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(api: Api, host: str, port: int, page: bool, max_body_bytes: int = MAX_BODY_BYTES,
-                idle_seconds: float = IDLE_SECONDS) -> Server:
+                idle_seconds: float = IDLE_SECONDS, request_seconds: float = REQUEST_SECONDS,
+                max_connections: int = MAX_CONNECTIONS) -> Server:
     handler = type("TunerHandler", (Handler,), {"api": api, "page": page, "max_body_bytes": max_body_bytes,
                                                 "timeout": idle_seconds})
-    return Server((host, port), handler)
+    server_class = type("TunerServer", (Server,), {"request_seconds": request_seconds,
+                                                   "max_connections": max_connections})
+    return server_class((host, port), handler)
 
 
 def serve_forever(server: ThreadingHTTPServer) -> None:

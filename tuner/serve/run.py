@@ -32,7 +32,8 @@ def run_server(args, page: bool) -> int:
     name = args.served_model_name or served_name(args.model, args.adapter)
     api = Api(generator, name, api_key, max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size)
     try:
-        server = make_server(api, args.host, args.port, page=page, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+        server = make_server(api, args.host, args.port, page=page, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                             request_seconds=args.request_timeout)
     except OSError as e:
         raise TunerError(f"cannot listen on {args.host}:{args.port}: {e.strerror}",
                          hint="pick another --port") from None
