@@ -68,9 +68,15 @@ def cmd_train(args) -> int:
 def cmd_convert(args) -> int:
     if args.action == "xtuner-config":
         import sys
+        from pathlib import Path
 
-        from tuner.convert.xtuner_config import convert_file
+        from tuner.convert.xtuner_config import convert_file, convert_tree
 
+        if Path(args.src).is_dir():
+            done, refused, failed = convert_tree(args.src, args.dst, force=args.force)
+            print(f"{done + refused + failed} files under {args.src}: {done} converted into {args.dst}, {refused} "
+                  f"refused (the reason on each line), {failed} failed")
+            return 1 if failed else 0
         converted = convert_file(args.src, args.dst, force=args.force)
         for note in converted.notes:
             print(f"note: {args.src} {note}", file=sys.stderr)
@@ -164,8 +170,20 @@ def cmd_check_config(args) -> int:
     from tuner.config import load_config
     from tuner.engine.plan import describe_plan
 
-    print(describe_plan(load_config(args.config, args.cfg_options)))
-    return 0
+    failed = 0
+    for i, path in enumerate(args.config):
+        if len(args.config) > 1:
+            print(f"{'' if i == 0 else chr(10)}== {path}")
+        try:
+            print(describe_plan(load_config(path, args.cfg_options)))
+        except TunerError as e:
+            if len(args.config) == 1:
+                raise
+            print(f"tuner check-config: error: {e}", file=sys.stderr)
+            failed += 1
+    if len(args.config) > 1:
+        print(f"\n{len(args.config) - failed} of {len(args.config)} configs checked; {failed} failed")
+    return 1 if failed else 0
 
 
 def cmd_check_custom_dataset(args) -> int:
@@ -271,9 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-shard-size", default="2GB")
     c.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     x = actions.add_parser("xtuner-config", help="an XTuner 0.1.x config -> a tuner config (xtuner not needed)")
-    x.add_argument("src", help="the XTuner config (.py)")
-    x.add_argument("dst", help="the tuner config to write")
-    x.add_argument("--force", action="store_true", help="overwrite DST")
+    x.add_argument("src", help="the XTuner config (.py), or a folder of them (every .py under it, in one process)")
+    x.add_argument("dst", help="the tuner config to write (a folder when SRC is one: the same tree under it)")
+    x.add_argument("--force", action="store_true", help="overwrite what is there")
     m = actions.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("base")
     m.add_argument("adapter")
@@ -352,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="load and type-check a config and print what training would do "
                                             "(no weights loaded, no data tokenized)")
-    p.add_argument("config")
+    p.add_argument("config", nargs="+", help="one or more configs (each checked; exit 1 if any fails)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_check_config)
 

@@ -1,9 +1,9 @@
 """`tuner convert xtuner-config SRC.py DST.py`: an XTuner 0.1.x config -> a tuner config.
 
-The XTuner file is run with its imports replaced by placeholders (`Symbol`): mmengine, xtuner, torch,
-transformers and peft are never imported, yet PART 1's arithmetic (`accumulative_counts *=
-sequence_parallel_size`) and the `dict(type=...)` trees come out as plain values. Those are then read
-field by field into tuner's sections. What has no tuner counterpart, or means something different in
+The XTuner file is never run: xtuner_read.py evaluates its syntax tree (assignments, arithmetic,
+strings, `dict(type=...)` trees, `read_base()` imports), every imported name a placeholder (`Symbol`),
+so PART 1's arithmetic (`accumulative_counts *= sequence_parallel_size`) and the model / dataset /
+optimizer trees come out as plain values. Those are then read field by field into tuner's sections. What has no tuner counterpart, or means something different in
 tuner, is named with its line in the new file's header and on stderr; a file that cannot be trained
 as tuner trains (another model class, a pre-tokenized corpus, data tuner has no reader for) is refused
 with the reason (`Refused`, exit 1).
@@ -12,7 +12,6 @@ with the reason (`Refused`, exit 1).
 from __future__ import annotations
 
 import ast
-import builtins
 import os
 import re
 import textwrap
@@ -24,10 +23,8 @@ from tuner.data.system_templates import SYSTEM_TEMPLATES
 from tuner.data.templates import TEMPLATES
 from tuner.data.xtuner_map_fns import MAP_FNS
 from tuner.dtypes import NAMES
+from tuner.convert.xtuner_read import Call, Refused, Symbol, read_xtuner_config
 from tuner.errors import TunerError
-
-# Modules a config may really use (paths, arithmetic); every other import becomes a Symbol.
-REAL_MODULES = {"os", "os.path", "math", "copy"}
 
 # XTuner's map functions for the general shapes -> tuner's formats.
 FORMAT_OF_MAP_FN = {"alpaca_map_fn": "alpaca", "alpaca_zh_map_fn": "alpaca_zh", "oasst1_map_fn": "oasst1",
@@ -38,82 +35,14 @@ DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
-class Refused(TunerError):
-    """The file cannot become a tuner config; the message says why."""
-
-
-class Symbol:
-    """A name from a module the converter does not import: `torch.float16`, `PROMPT_TEMPLATE.qwen_chat`."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __getattr__(self, attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return Symbol(f"{self.name}.{attr}")
-
-    def __call__(self, *args, **kwargs):
-        return Call(self, args, kwargs)
-
-    def __mro_entries__(self, bases):  # `class X(SomeImportedBase)` in a config
-        return (object,)
-
-    def __repr__(self) -> str:
-        return self.name
-
-    @property
-    def last(self) -> str:
-        return self.name.rsplit(".", 1)[-1]
-
-
-@dataclass
-class Call:
-    """A placeholder called at config time, e.g. `SYSTEM_TEMPLATE.moss_sft.format(bot_name='Bot')`."""
-    target: Symbol
-    args: tuple
-    kwargs: dict
-
-    def __getattr__(self, attr: str):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return Symbol(f"{self.target.name}(...).{attr}")
-
-
-def _import(name, globals=None, locals=None, fromlist=(), level=0):
-    if level == 0 and name in REAL_MODULES:
-        return builtins.__import__(name, globals, locals, fromlist, level)
-    return Symbol(name if fromlist else name.split(".")[0]) if level == 0 else Symbol("." * level + name)
-
-
-def read_xtuner_config(path: Path) -> dict[str, Any]:
-    """The module-level names of an XTuner config, its imports replaced by Symbols."""
-    source = path.read_text(encoding="utf-8")
-    try:
-        code = compile(source, str(path), "exec")
-    except SyntaxError as e:
-        raise Refused(f"{path}:{e.lineno}: not Python: {e.msg}") from None
-    namespace: dict[str, Any] = {"__builtins__": {**vars(builtins), "__import__": _import},
-                                 "__file__": str(path), "__name__": "xtuner_config"}
-    try:
-        exec(code, namespace)
-    except Exception as e:  # noqa: BLE001 - the user's file: report the line, never a traceback
-        tb = e.__traceback__
-        line = "?"
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename == str(path):
-                line = tb.tb_lineno
-            tb = tb.tb_next
-        raise Refused(f"{path}:{line}: the config does not run without XTuner: {type(e).__name__}: {e}") from None
-    return namespace
-
-
 def _name(value) -> str:
     """'SupervisedFinetune' for a Symbol, a function's own name, '' for None."""
     if value is None:
         return ""
     if isinstance(value, Symbol):
         return value.last
+    if isinstance(value, str):  # type="LinearLR": mmengine's registry names
+        return value.rsplit(".", 1)[-1]
     if isinstance(value, Call):
         return _name(value.target)
     return getattr(value, "__name__", type(value).__name__)
@@ -247,6 +176,9 @@ class _Reader:
         }
         if kind in refusals:
             self.refuse(kind, refusals[kind])
+        if d.get("do_dataset_tokenization") is False:
+            self.refuse("do_dataset_tokenization", "do_dataset_tokenization=False: the dataset is already tokenized "
+                                                   "(input_ids rows); tuner tokenizes its own data from text")
         if kind not in ("process_hf_dataset", "process_ms_dataset", "build_preference_dataset", "LLaVADataset"):
             self.refuse("type=", f"dataset type {kind or d.get('type')!r} has no tuner counterpart")
         out: dict = {}
@@ -419,6 +351,10 @@ def _schedule(r: _Reader, ns: dict) -> dict:
     warmup = 0.0
     schedules = ns.get("param_scheduler") or []
     schedules = schedules if isinstance(schedules, (list, tuple)) else [schedules]
+    # The warmup's share of training: its end over the last schedule's end, in whatever unit the config
+    # counts them (epochs, or iterations with max_iters: `end=warmup_ratio * max_steps`, `end=max_steps`).
+    ends = [s.get("end") for s in schedules if isinstance(s, dict) and isinstance(s.get("end"), (int, float))]
+    total = max(ends) if ends else None
     scheduler = "constant"  # no scheduler: a constant learning rate
     for s in schedules:
         if not isinstance(s, dict):
@@ -426,10 +362,8 @@ def _schedule(r: _Reader, ns: dict) -> dict:
         name = _name(s.get("type"))
         if name == "LinearLR" and len(schedules) > 1:
             end = s.get("end", 0)
-            if s.get("by_epoch", True) and isinstance(end, (int, float)):
-                warmup = float(end) / out["max_epochs"] if "max_steps" not in out else 0.0
-            elif isinstance(end, (int, float)) and "max_steps" in out:
-                warmup = float(end) / out["max_steps"]
+            if isinstance(end, (int, float)) and total:
+                warmup = float(end) / total
         elif name == "CosineAnnealingLR":
             scheduler = "cosine"
             if s.get("eta_min", 0.0):
@@ -554,6 +488,11 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
     if data.get("sources") or data.get("split", "train") != "train":
         sections.append("DatasetSource")
     map_fns = sorted({s["map_fn"] for s in data.get("sources") or [data] if s.get("map_fn")})
+    placeholders = [p for p in [model["path"], *(s["path"] for s in data.get("sources") or [data])]
+                    if str(p).lstrip("/").startswith("path/to")]
+    if placeholders:  # XTuner's custom-data configs ship with '/path/to/json/file.json'
+        r.notes.insert(0, f"line {r.line('path/to')}: {', '.join(map(str, placeholders))} is XTuner's placeholder: "
+                          "edit it to your own files before training")
     out = [f"# Converted from the XTuner config {path.name} by `tuner convert xtuner-config`."]
     what = {"SupervisedFinetune": "supervised fine-tuning", "DPO": "DPO", "ORPO": "ORPO",
             "RewardModel": "a reward model", "LLaVAModel": "LLaVA"}[kind]
@@ -694,6 +633,30 @@ def imports(module: str, names: list[str]) -> str:
     return one if len(one) <= 110 else _wrapped(f"from {module} import (", names)
 
 
+def convert_tree(src: str | Path, dst: str | Path, force: bool = False, say=print) -> tuple[int, int, int]:
+    """Every config (*.py but __init__.py) under the folder SRC -> the same place under DST, in this process:
+    a line per file, converted or refused with the reason. Returns (converted, refused, failed): failed
+    counts files that neither converted nor were refused cleanly (DST exists, unreadable, a bug)."""
+    src, dst = Path(src), Path(dst)
+    files = sorted(p for p in src.rglob("*.py") if p.name != "__init__.py")
+    if not files:
+        raise TunerError(f"{src}: no .py files under it")
+    counts = [0, 0, 0]
+    for file in files:
+        relative = file.relative_to(src)
+        try:
+            converted = convert_file(file, dst / relative, force=force)
+            counts[0] += 1
+            say(f"converted  {relative} ({len(converted.notes)} note{'' if len(converted.notes) == 1 else 's'})")
+        except Refused as e:
+            counts[1] += 1
+            say(f"refused    {relative}: {str(e).removeprefix(str(file) + ':')}")
+        except Exception as e:  # noqa: BLE001 - one file's failure must not stop the others
+            counts[2] += 1
+            say(f"FAILED     {relative}: {type(e).__name__ + ': ' if not isinstance(e, TunerError) else ''}{e}")
+    return counts[0], counts[1], counts[2]
+
+
 def convert_file(src: str | Path, dst: str | Path, force: bool = False) -> Converted:
     """Convert SRC to DST (written to a temporary name, then renamed); raises Refused."""
     src, dst = Path(src), Path(dst)
@@ -701,7 +664,13 @@ def convert_file(src: str | Path, dst: str | Path, force: bool = False) -> Conve
         raise TunerError(f"{src}: no such file")
     if dst.exists() and not force:
         raise TunerError(f"{dst} exists; not overwriting it", hint="give another name or --force")
-    converted = convert_namespace(src, read_xtuner_config(src))
+    namespace = read_xtuner_config(src)
+    try:
+        converted = convert_namespace(src, namespace)
+    except TunerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a value of a shape the mapping did not expect: one line, never a traceback
+        raise Refused(f"{src}: a value the converter cannot map ({type(e).__name__}: {e})") from None
     compile(converted.text, str(dst), "exec")  # what we write is Python
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
