@@ -314,3 +314,72 @@ def test_a_hub_id_of_internlm2_is_converted_from_the_hub_cache(tmp_path, internl
         assert chat.stdout.count(">>>") == 2 and "converted" in chat.stderr, chat.stderr
     finally:
         shutil.rmtree(converted_dir(snapshot), ignore_errors=True)
+
+
+def test_a_tokenizer_folder_of_internlm2_loads_natively(tmp_path, internlm2_dir, capsys):
+    """The official tokenizer files alone (tokenizer.model, a tokenizer_config.json naming InternLM2Tokenizer
+    with an auto_map to remote code, no config.json), as in an XTuner adapter folder or a tokenizer download:
+    the native tokenizer, equal to the model folder's; check-template takes it without --trust-remote-code."""
+    from tuner.cli import main
+    from tuner.model.load import load_tokenizer
+
+    folder = tmp_path / "tokenizer_only"
+    folder.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(internlm2_dir / name, folder / name)
+    alone, whole = load_tokenizer(str(folder)), load_tokenizer(str(internlm2_dir))
+    assert type(alone).__module__.startswith("transformers.") and len(alone) == len(whole) == 92544
+    for text in ["Hello <|im_start|> world", "你好，世界<|im_end|>\n  x"]:
+        assert alone(text)["input_ids"] == whole(text)["input_ids"], text
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    assert main(["check-template", "internlm2_chat", "--tokenizer", str(folder), "--data", str(data)]) == 0
+    assert "trust-remote-code" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def xtuner_internlm2(tmp_path_factory):
+    """InternLM2's own modeling code as the xtuner==0.2.0 wheel ships it (xtuner/_lite/modelings/internlm2): an
+    implementation not written here, read from the wheel the tests fetch, imported as a package of its own."""
+    import importlib
+    import sys
+    import zipfile
+
+    from real_tokenizers import xtuner_wheel
+
+    pytest.importorskip("einops")
+    root = tmp_path_factory.mktemp("xtuner_internlm2")
+    package = root / "xtuner_internlm2"
+    package.mkdir()
+    with zipfile.ZipFile(xtuner_wheel()) as wheel:
+        for name in ("__init__.py", "configuration_internlm2.py", "modeling_internlm2.py"):
+            (package / name).write_bytes(wheel.read(f"xtuner/_lite/modelings/internlm2/{name}"))
+    sys.path.insert(0, str(root))
+    try:
+        return (importlib.import_module("xtuner_internlm2.configuration_internlm2").InternLM2Config,
+                importlib.import_module("xtuner_internlm2.modeling_internlm2").InternLM2ForCausalLM)
+    finally:
+        sys.path.remove(str(root))
+
+
+@pytest.mark.parametrize("config", [dict(), dict(heads=8, kv_heads=2), dict(heads=4, kv_heads=4), dict(bias=True),
+                                    dict(rope_scaling={"type": "dynamic", "factor": 2.0}),
+                                    dict(rope_scaling={"type": "linear", "factor": 2.0})],
+                         ids=["gqa2", "gqa4", "mha", "bias", "dynamic_ntk", "linear"])
+def test_logits_equal_internlm2s_own_modeling_code(make_internlm2, xtuner_internlm2, config):
+    """tuner's InternLM2-as-Llama conversion (wqkv split per key-value group) against InternLM2's own
+    modeling code from the xtuner wheel, fed the same weights: not the repo's own reference forward."""
+    config_class, model_class = xtuner_internlm2
+    folder = make_internlm2(**config)
+    cfg = fx.config(**config)
+    theirs_config = config_class(**{k: v for k, v in cfg.items() if k not in ("auto_map", "architectures")})
+    theirs_config.rope_scaling = cfg.get("rope_scaling")  # (transformers 5 rewrites it; their code reads 'type')
+    theirs_config._attn_implementation = "eager"
+    theirs = model_class(theirs_config).eval()
+    assert not theirs.load_state_dict(fx.weights(cfg), strict=True).missing_keys
+    ids = list(range(3, 300)) if "rope_scaling" in config else [1, 355, 369, 92543, 13, 415, 273, 92542]
+    ours, _ = _logits(folder, ids)
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double()
+    assert (ours - expected).abs().max() < 2e-5

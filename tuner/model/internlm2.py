@@ -190,12 +190,33 @@ def convert_folder(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def is_internlm2_tokenizer(folder: str | Path) -> bool:
+    """A tokenizer folder of InternLM2's own (no InternLM2 config.json beside it): its tokenizer_config.json
+    names InternLM2Tokenizer, or maps AutoTokenizer to tokenization_internlm2 (the official files do both)."""
+    file = Path(folder) / "tokenizer_config.json"
+    if not file.is_file() or (Path(folder) / "config.json").is_file():
+        return False
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    auto = (config.get("auto_map") or {}).get("AutoTokenizer") or []
+    auto = [auto] if isinstance(auto, str) else auto
+    return str(config.get("tokenizer_class", "")).startswith("InternLM2Tokenizer") or any(
+        str(a).startswith("tokenization_internlm2") for a in auto if a)
+
+
 def tokenizer(source: Path):
-    """transformers' own tokenizer for an InternLM2 folder (never the remote tokenizer code)."""
+    """transformers' own tokenizer for an InternLM2 folder, or a folder of its tokenizer files alone (never
+    the remote tokenizer code)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+        if (Path(source) / "config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+        else:  # (AutoTokenizer would ask for the remote code tokenizer_config.json names)
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+            tok = TokenizersBackend.from_pretrained(str(source))
     except ImportError as e:
         raise TunerError(f"the InternLM2 tokenizer needs a missing package: {e}",
                          hint="pip install sentencepiece protobuf") from None

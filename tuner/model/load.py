@@ -133,10 +133,15 @@ def _missing_package(message: str) -> str | None:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = call_loader(AutoTokenizer.from_pretrained, resolve_model_path(path),
-                                 trust_remote_code=trust_remote_code)
-    from tuner.model.sentencepiece import merge_by_scores
-    merge_by_scores(tokenizer)  # a folder with only tokenizer.model: split as SentencePiece does
+    from tuner.model import internlm2
+
+    resolved = resolve_model_path(path)
+    if internlm2.is_internlm2_tokenizer(resolved):  # InternLM2's tokenizer files alone: the native path too
+        tokenizer = internlm2.tokenizer(Path(resolved))
+    else:
+        tokenizer = call_loader(AutoTokenizer.from_pretrained, resolved, trust_remote_code=trust_remote_code)
+        from tuner.model.sentencepiece import merge_by_scores
+        merge_by_scores(tokenizer)  # a folder with only tokenizer.model: split as SentencePiece does
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
