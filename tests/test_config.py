@@ -166,3 +166,37 @@ def test_preference_configs_say_what_their_names_say(name):
     family = name.split("_")[0]
     assert {"smollm2": None, "internlm2": "internlm2_chat", "qwen2": "qwen2_5_chat", "llama3": "llama3_chat"}[
         family] == cfg.data.template
+
+
+def test_the_resolved_config_loads_back_as_the_same_config(tmp_path, tiny_model_dir, data_file):
+    """work_dir/resolved_config.py (the sections after --cfg-options) is a config of its own: loaded, it
+    gives the same sections; a map function and a hook written in the config come from the config file,
+    an importable one by import. (It named functions it never imported, so it did not load.)"""
+    import dataclasses
+
+    from conftest import write_config
+
+    from tuner.config import load_config
+    from tuner.engine.loop import Trainer
+
+    extra = ("from tuner.data.xtuner_map_fns import sql_map_fn\n\n"
+             "def my_map_fn(row):\n    return row\n\n"
+             "def every_step(trainer, step, metrics):\n    pass\n\n"
+             "data.map_fn = my_map_fn\n"
+             "data.sources = [DatasetSource(path=data.path, map_fn=sql_map_fn, repeats=0.5), "
+             "DatasetSource(path=data.path, format='openai')]\n"
+             "custom_hooks = [every_step]\n")
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, data_file, extra=extra),
+                      ["optim.lr=3e-4", "train.max_steps=1", "train.dtype=bfloat16"])
+    with pytest.raises(TunerError, match="field 'context'"):  # (sql_map_fn does not read these rows)
+        Trainer(cfg, work_dir=tmp_path / "work").setup()  # the resolved config is written before the data
+    again = load_config(tmp_path / "work" / "resolved_config.py")
+    for name in ("model", "lora", "optim", "train", "checkpoint", "evaluate", "llava", "preference"):
+        assert getattr(again, name) == getattr(cfg, name), name
+    data, original = dataclasses.asdict(again.data), dataclasses.asdict(cfg.data)
+    assert again.data.map_fn.__name__ == "my_map_fn" and again.data.sources[0].map_fn.__name__ == "sql_map_fn"
+    assert [h.__name__ for h in again.custom_hooks] == ["every_step"]
+    for d in (data, original):
+        d["map_fn"] = d["map_fn"].__name__
+        d["sources"] = [{**s, "map_fn": s["map_fn"] and s["map_fn"].__name__} for s in d["sources"]]
+    assert data == original and again.optim.lr == 3e-4

@@ -426,27 +426,10 @@ class Config:
             check_types(target)
 
     def resolved_text(self) -> str:
-        """The config after overrides, as Python that builds the same sections."""
-        lines = [f"# Resolved config of {self.path} (written by tuner train)",
-                 "from tuner.config import *  # noqa", ""]
-        for name in SECTIONS:
-            value = getattr(self, name)
-            lines.append(f"{name} = {_python_repr(value)}")
-        if self.custom_hooks:
-            lines.append(f"# custom_hooks = {self.custom_hooks!r}")
-        return "\n".join(lines) + "\n"
+        """The config after overrides, as Python that loads back as the same config (config_writer.py)."""
+        from tuner.config_writer import resolved_text
 
-
-def _python_repr(value: Any) -> str:
-    if dataclasses.is_dataclass(value):
-        args = ", ".join(f"{f.name}={_python_repr(getattr(value, f.name))}" for f in dataclasses.fields(value))
-        return f"{type(value).__name__}({args})"
-    if isinstance(value, (list, tuple)) and any(dataclasses.is_dataclass(v) or callable(v) for v in value):
-        items = ", ".join(_python_repr(v) for v in value)
-        return f"[{items}]" if isinstance(value, list) else f"({items})"
-    if callable(value):  # a map function written in the config: name it
-        return f"{getattr(value, '__name__', repr(value))}"
-    return repr(value)
+        return resolved_text(self)
 
 
 def parse_value(raw: str, annotation: Any) -> Any:

@@ -23,6 +23,7 @@ from tuner.data.system_templates import SYSTEM_TEMPLATES
 from tuner.data.templates import TEMPLATES
 from tuner.data.xtuner_map_fns import MAP_FNS
 from tuner.dtypes import NAMES
+from tuner.config_writer import banner, imports, wrapped
 from tuner.convert.xtuner_read import Call, Refused, Symbol, read_xtuner_config
 from tuner.errors import TunerError
 
@@ -556,7 +557,7 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
             out.append(f"visual_encoder_lora = {_section('LoraConfig', llava['visual_encoder_lora'])}")
             args["visual_encoder_lora"] = "visual_encoder_lora"
         items = [f"{k}={v}" if isinstance(v, str) else f"{k}={v!r}" for k, v in args.items()]
-        out.append(_wrapped("llava = LlavaConfig(", items))
+        out.append(wrapped("llava = LlavaConfig(", items))
     if preference is not None:
         args = [f"method={preference['method']!r}"] + [
             f"{key}={'dpo_loss_type' if key == 'loss' else key}" for key in preference if key != "method"]
@@ -601,36 +602,8 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
     return "\n".join(out) + "\n"
 
 
-def _wrapped(head: str, items: list[str]) -> str:
-    """head + items joined, wrapped at 110 columns under the opening parenthesis."""
-    lines, current = [], head
-    for i, item in enumerate(items):
-        piece = item + (", " if i < len(items) - 1 else ")")
-        if len(current) + len(item) + 2 > 110 and current.strip() != head.strip():  # room for ", " or ")"
-            lines.append(current.rstrip())
-            current = " " * len(head)
-        current += piece
-    return "\n".join(lines + [current])
-
-
 def _section(name: str, values: dict) -> str:
     return f"{name}({', '.join(f'{k}={v!r}' for k, v in values.items())})"
-
-
-# XTuner's section banners as its configs (and tuner's) write them: not quite centred.
-BANNER_INDENT = {"PART 1  Settings": 26, "PART 2  Model & Tokenizer": 22, "PART 3  Dataset & Dataloader": 22,
-                 "PART 4  Scheduler & Optimizer": 20, "PART 5  Runtime": 27}
-
-
-def banner(title: str) -> str:
-    rule, left = "#" * 71, BANNER_INDENT[title]
-    return f"{rule}\n#{' ' * left}{title.ljust(69 - left)}#\n{rule}"
-
-
-def imports(module: str, names: list[str]) -> str:
-    """`from module import (a, b, ...)` wrapped at 110 columns like the built-in configs."""
-    one = f"from {module} import {', '.join(names)}"
-    return one if len(one) <= 110 else _wrapped(f"from {module} import (", names)
 
 
 def convert_tree(src: str | Path, dst: str | Path, force: bool = False, say=print) -> tuple[int, int, int]:
