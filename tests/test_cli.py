@@ -13,12 +13,38 @@ import pytest
 from conftest import write_config
 
 
-def tuner(*args, stdin: str | None = None, cwd=None, check=True, env=None):
-    result = subprocess.run([sys.executable, "-m", "tuner", *map(str, args)], input=stdin, capture_output=True,
-                            text=True, cwd=cwd, timeout=600, env=None if env is None else {**os.environ, **env})
+# Commands whose process is not under test run in this process (each subprocess paid ~5 s of imports);
+# train (signals, torchrun, the allocator restart), chat, serve and web keep their own process.
+IN_PROCESS = {"check-config", "check-custom-dataset", "check-template", "convert", "copy-cfg", "list-cfg",
+              "list-dataset-format", "log-dataset", "make-identity-data", "score"}
+
+
+def tuner(*args, stdin: str | None = None, cwd=None, check=True, env=None, subprocess_only=False):
+    args = [str(a) for a in args]
+    if (args[0] in IN_PROCESS and stdin is None and cwd is None and env is None and not subprocess_only
+            and "NPROC_PER_NODE" not in os.environ):
+        result = _in_process(args)
+    else:
+        result = subprocess.run([sys.executable, "-m", "tuner", *args], input=stdin, capture_output=True,
+                                text=True, cwd=cwd, timeout=600, env=None if env is None else {**os.environ, **env})
     if check and result.returncode != 0:
         raise AssertionError(f"tuner {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+def _in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`tuner ARGS` through cli.main in this process, its output captured as a subprocess's would be."""
+    import contextlib
+
+    from tuner.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["tuner", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.slow

@@ -344,7 +344,7 @@ def test_full_dpo_precomputes_the_reference_once_and_resumes_with_it(tmp_path, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2"])
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero2"])  # (DDP: test_engine.py and KTO's test)
 def test_two_process_dpo_matches_one_process(tmp_path, tiny_model_dir, monkeypatch, strategy):
     """DPO under DDP, FSDP2 and DeepSpeed ZeRO-2, 2 CPU processes x batch 1, against one process x batch 2:
     the same pairs per step, so the same losses and metrics (each process's pairs weigh as much as the

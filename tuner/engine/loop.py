@@ -251,8 +251,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> list[float]:
-        """Run to `total_steps`; returns the loss of each step run."""
-        self.setup()
+        """Run to `total_steps`; returns the loss of each step run (set up first, unless `setup` ran)."""
+        if not getattr(self, "hooks", None):
+            self.setup()
         with stop_on_signals() as stop:
             return self._train(stop)
 
