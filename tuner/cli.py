@@ -434,7 +434,7 @@ def _exit_now_if_distributed(code: int) -> int:
     """In a process group, exit at once: the other ranks may be waiting for this one."""
     import torch.distributed as torch_dist
 
-    if torch_dist.is_available() and torch_dist.is_initialized():
+    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
