@@ -160,15 +160,27 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def table_key(cfg, objective: PreferenceLoss, sequences) -> dict:
     """Everything the reference table's numbers depend on: the model (its folder and files), how it
-    computes (dtypes, attention, quantization), the tokens (the token store's key: data, tokenizer,
-    template, max_length) and which pairs the epoch samples. A table saved with another key is stale."""
+    computes (dtypes, attention, quantization), the tokens (the token store's content, which the data,
+    tokenizer, template and max_length make) and which pairs the epoch samples. A table saved with
+    another key is stale."""
     from tuner.model.load import model_identity
 
     pairs = sorted({p for group in sequences.plan for p in group})
     return {**model_identity(cfg.model.path), "model_dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
             "compute_dtype": str(objective.compute_dtype), "attention": objective.attention,
-            "tokens": sequences.store.folder.name, "template": cfg.data.template, "max_length": cfg.data.max_length,
+            "tokens": _store_fingerprint(sequences.store), "template": cfg.data.template, "max_length": cfg.data.max_length,
             "pairs": hashlib.sha256(np.asarray(pairs, dtype=np.int64).tobytes()).hexdigest()[:16]}
+
+
+def _store_fingerprint(store) -> str:
+    """The token store's content (ids, trained flags, sample offsets): the same tokens from another file
+    name or cache folder keep the table (about 1 s per GB of tokens)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("offsets.npy", "ids.bin", "trained.bin"):
+        with open(store.folder / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _stale(saved: Path, key: dict) -> str | None:
