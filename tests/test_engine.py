@@ -484,8 +484,8 @@ def test_sharded_strategies_refuse_qlora_and_deepspeed_refuses_fp16(tmp_path, ti
 
 
 def test_deepspeed_config_holds_only_keys_older_deepspeed_knows(tmp_path, tiny_model_dir, data_file):
-    """zero_optimization.compute_grad_norm exists from DeepSpeed 0.19 (where it defaults to on; before, the
-    norm is always computed): tuner writes it only over a JSON that turned it off."""
+    """zero_optimization.compute_grad_norm exists from DeepSpeed 0.19.7 (default on; 0.19.5 and older refuse
+    the key): tuner writes it only over a JSON that turned it off."""
     import json as _json
 
     from tuner.engine import zero
@@ -523,3 +523,15 @@ def test_resuming_with_another_number_of_processes_keeps_the_steps_or_refuses(tm
     with pytest.raises(TunerError, match="written by 2 processes with 2 sequences per step") as refused:
         other.train()
     assert "NPROC_PER_NODE=2" in refused.value.hint
+
+
+def test_deepspeed_older_than_the_one_that_skips_non_finite_updates_is_refused(monkeypatch):
+    """DeepSpeed 0.16.0-0.19.7 apply an fp32 update whose gradient norm is not finite (measured with the
+    skipped-step test above): refused with the version to install."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from tuner.engine import zero
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.7")
+    with pytest.raises(TunerError, match="DeepSpeed 0.19.7 applies an update") as refused:
+        zero._deepspeed()
+    assert "deepspeed>=0.19.8" in refused.value.hint

@@ -13,12 +13,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from tuner.config import Config
 from tuner.errors import TunerError
+
+# The oldest DeepSpeed whose ZeRO skips an fp32 update with a non-finite gradient norm (train.nan_policy,
+# tests/test_engine.py's skipped step): 0.16.0, 0.18.9, 0.19.0, 0.19.5 and 0.19.7 apply it.
+OLDEST_DEEPSPEED = (0, 19, 8)
 
 PRESETS = {
     "zero1": {"stage": 1},
@@ -65,7 +70,7 @@ def ds_config(name_or_path: str, cfg: Config, compute_dtype: torch.dtype, say) -
                          hint="stage 0 is plain data parallelism: run without --deepspeed (DDP)")
     # ZeRO computes the gradient norm and skips an update whose norm is not finite, before applying it
     # (what train.nan_policy='skip' needs; a JSON that turns the norm off would apply NaN updates). The key
-    # exists from DeepSpeed 0.19 on (default on there, always on before): written only over a JSON's false.
+    # exists from DeepSpeed 0.19.7 on (default on; older releases refuse the key): written only over a JSON's false.
     if config["zero_optimization"].get("compute_grad_norm") is False:
         say("DeepSpeed: zero_optimization.compute_grad_norm=false in the JSON replaced by true (a non-finite "
             "gradient must be seen before it is applied)")
@@ -85,6 +90,11 @@ def _deepspeed():
         import deepspeed
     except ImportError:
         raise TunerError("--deepspeed needs DeepSpeed", hint="pip install 'tuner[deepspeed]'") from None
+    version = tuple(int(p) for p in re.findall(r"\d+", deepspeed.__version__)[:3])
+    if version < OLDEST_DEEPSPEED:
+        raise TunerError(f"DeepSpeed {deepspeed.__version__} applies an update whose gradient norm is not finite "
+                         "(0.19.7 and older, measured); tuner relies on ZeRO skipping it",
+                         hint="pip install 'deepspeed>=0.19.8'")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return deepspeed
 
