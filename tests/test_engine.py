@@ -484,8 +484,8 @@ def test_sharded_strategies_refuse_qlora_and_deepspeed_refuses_fp16(tmp_path, ti
 
 
 def test_deepspeed_config_holds_only_keys_older_deepspeed_knows(tmp_path, tiny_model_dir, data_file):
-    """zero_optimization.compute_grad_norm exists from DeepSpeed 0.19.7 (default on; 0.19.5 and older refuse
-    the key): tuner writes it only over a JSON that turned it off."""
+    """zero_optimization.compute_grad_norm exists from DeepSpeed 0.19.7 (default on; absent in 0.19.5 and
+    older): tuner writes it only over a JSON that turned it off."""
     import json as _json
 
     from tuner.engine import zero

@@ -70,7 +70,7 @@ def ds_config(name_or_path: str, cfg: Config, compute_dtype: torch.dtype, say) -
                          hint="stage 0 is plain data parallelism: run without --deepspeed (DDP)")
     # ZeRO computes the gradient norm and skips an update whose norm is not finite, before applying it
     # (what train.nan_policy='skip' needs; a JSON that turns the norm off would apply NaN updates). The key
-    # exists from DeepSpeed 0.19.7 on (default on; older releases refuse the key): written only over a JSON's false.
+    # exists from DeepSpeed 0.19.7 on (default on; absent in 0.19.5 and older): written only over a JSON's false.
     if config["zero_optimization"].get("compute_grad_norm") is False:
         say("DeepSpeed: zero_optimization.compute_grad_norm=false in the JSON replaced by true (a non-finite "
             "gradient must be seen before it is applied)")
