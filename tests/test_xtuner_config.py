@@ -197,6 +197,8 @@ HOSTILE = {  # a config file that would act if it were run; the marker file must
     "memory": "x = 'a' * 10 ** 10\n",
     "power": "x = 10 ** 10 ** 10\n",
     "format": "x = '{{:>999999999}}'.format(1)\n",
+    "format_argument": "x = '{{:>{{}}}}'.format('a', 999999999)\n",
+    "percent_star": "x = '%*d' % (999999999, 1)\n",
     "nested": "x = [[0] * 100000] * 100000\ny = str(x)\n",
 }
 

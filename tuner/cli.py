@@ -15,8 +15,8 @@ import time
 import warnings
 
 from tuner.chat.prompts import SYSTEM_TEMPLATES
-from tuner.engine import allocator
 from tuner.dtypes import NAMES
+from tuner.engine import allocator
 from tuner.errors import TunerError
 
 

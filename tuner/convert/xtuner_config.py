@@ -3,10 +3,11 @@
 The XTuner file is never run: xtuner_read.py evaluates its syntax tree (assignments, arithmetic,
 strings, `dict(type=...)` trees, `read_base()` imports), every imported name a placeholder (`Symbol`),
 so PART 1's arithmetic (`accumulative_counts *= sequence_parallel_size`) and the model / dataset /
-optimizer trees come out as plain values. Those are then read field by field into tuner's sections. What has no tuner counterpart, or means something different in
-tuner, is named with its line in the new file's header and on stderr; a file that cannot be trained
-as tuner trains (another model class, a pre-tokenized corpus, data tuner has no reader for) is refused
-with the reason (`Refused`, exit 1).
+optimizer trees come out as plain values. Those are then read field by field into tuner's sections
+(`convert_namespace`) and written with config_writer.py's pieces (`_render`). What has no tuner
+counterpart, or means something different in tuner, is named with its line in the new file's header
+and on stderr; a file that cannot be trained as tuner trains (another model class, a pre-tokenized
+corpus, data tuner has no reader for) is refused with the reason (`Refused`, exit 1).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.config_writer import banner, imports, wrapped
+from tuner.convert.xtuner_read import Call, Refused, Symbol, read_xtuner_config
 from tuner.data.system_templates import SYSTEM_TEMPLATES
 from tuner.data.templates import TEMPLATES
 from tuner.data.xtuner_map_fns import MAP_FNS
 from tuner.dtypes import NAMES
-from tuner.config_writer import banner, imports, wrapped
-from tuner.convert.xtuner_read import Call, Refused, Symbol, read_xtuner_config
 from tuner.errors import TunerError
 
 # XTuner's map functions for the general shapes -> tuner's formats.

@@ -175,7 +175,7 @@ class _Evaluator:
                 raise _Stop(node, f"the statement {ast.unparse(node)[:60]!r} only acts (a config assigns names): "
                                   "tuner does not run it")
         elif isinstance(node, ast.If):
-            for inner in node.body if self.truth(self.expr(node.test), node.test) else node.orelse:
+            for inner in node.body if self.truth(self.expr(node.test)) else node.orelse:
                 self.statement(inner)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             self.ns[node.name] = Defined(node.name, node.lineno)  # never run: the mapping names it
@@ -318,7 +318,7 @@ class _Evaluator:
     def expr_UnaryOp(self, node: ast.UnaryOp):
         value = self.expr(node.operand)
         if isinstance(node.op, ast.Not):
-            return not self.truth(value, node.operand)
+            return not self.truth(value)
         value = self.plain(value, node.operand, (int, float, bool))
         return {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Invert: operator.invert}[type(node.op)](value)
 
@@ -348,7 +348,7 @@ class _Evaluator:
         value = None
         for part in node.values:
             value = self.expr(part)
-            if self.truth(value, part) == isinstance(node.op, ast.Or):
+            if self.truth(value) == isinstance(node.op, ast.Or):
                 return value
         return value
 
@@ -369,7 +369,7 @@ class _Evaluator:
         return True
 
     def expr_IfExp(self, node: ast.IfExp):
-        return self.expr(node.body) if self.truth(self.expr(node.test), node.test) else self.expr(node.orelse)
+        return self.expr(node.body) if self.truth(self.expr(node.test)) else self.expr(node.orelse)
 
     def expr_JoinedStr(self, node: ast.JoinedStr):
         return self.sized("".join(str(self.expr(v)) for v in node.values), node)
@@ -435,7 +435,7 @@ class _Evaluator:
 
     # ------------------------------------------------------------------ checks
 
-    def truth(self, value, node) -> bool:
+    def truth(self, value) -> bool:
         if isinstance(value, PLACEHOLDERS):
             return True  # (a placeholder is an object: true, as when XTuner runs the file)
         return bool(value)
@@ -468,9 +468,12 @@ class _Evaluator:
 
     def format_spec(self, text: str, node) -> None:
         """Widths and precisions in a format string ('{:>1000000000}', '%9999999d', '{:.999999f}') stay below
-        MAX_SIZE: formatting is done only after this check."""
+        MAX_SIZE: formatting is done only after this check. A width given as an argument ('{:>{}}', '%*d')
+        cannot be checked here, so it is refused."""
         if re.search(r"(\{[^{}]*:|%)[^{}%]*?\d{6,}", text):
             raise _Stop(node, "a format width or precision too large for a config")
+        if re.search(r"\{[^{}]*:[^{}]*\{", text) or re.search(r"%[-+ #0\d.]*\*", text):
+            raise _Stop(node, "a format width or precision taken from an argument ('{:>{}}', '%*d') is not read")
 
 
 def _weight(value, limit: int) -> int:

@@ -55,8 +55,9 @@ class StepSchedule:
         chosen = order[start:start + self.per_step]
         size = self.batch_size * self.world_size
         partners = []
-        for j, mine in enumerate(self.micro_batches(step, rank)):
+        for j in range(math.ceil(len(chosen) / size)):  # (as many micro-batches as micro_batches gives)
             together = chosen[j * size:(j + 1) * size]
+            mine = together[rank::self.world_size]
             if not mine:
                 partners.append([1 % self.n])
             elif len(together) == 1:

@@ -33,7 +33,7 @@ def load_chat_model(model_path: str, adapter: str | None = None, torch_dtype: st
                          "does not write them", hint=f"tuner score {model_path} --data FILE")
     kwargs: dict = {"dtype": DTYPES[torch_dtype]}
     if bits:
-        kwargs["quantization_config"] = _quantization(bits, torch_dtype)
+        kwargs["quantization_config"] = bnb_config(f"{bits}bit", torch_dtype)
     if offload_folder or max_memory:
         kwargs.update(device_map="auto", offload_folder=offload_folder, max_memory=max_memory)
     model = load_causal_lm(path, trust_remote_code, **kwargs)
@@ -57,10 +57,6 @@ def load_reward_model(model_path: str, torch_dtype: str = "auto", trust_remote_c
     device = default_device()
     model = load_causal_lm(path, trust_remote_code, head="reward", dtype=DTYPES[torch_dtype]).to(device).eval()
     return model, load_tokenizer(path, trust_remote_code), resolve_compute_dtype(torch_dtype, device)
-
-
-def _quantization(bits: int, torch_dtype: str):
-    return bnb_config(f"{bits}bit", torch_dtype)
 
 
 def offload_warnings(device_map: dict, device: torch.device) -> list[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tuner.errors import TunerError
+from tuner.paths import file_stamps
 
 CONVERTER_VERSION = "2"  # 2: SentencePiece merges in score order (tuner/model/sentencepiece.py)
 MARK_FILE = "tuner_converted.json"  # written into a converted folder: where it came from
@@ -136,10 +137,8 @@ def _fingerprint(source: Path) -> str:
     """Changes when the folder's config or any weight file changes (name, size, time)."""
     digest = hashlib.sha256(CONVERTER_VERSION.encode())
     digest.update(str(source).encode())
-    for file in sorted(source.iterdir()):
-        if file.is_file():
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for stamp in file_stamps(source):
+        digest.update(stamp.encode())
     return digest.hexdigest()[:12]
 
 

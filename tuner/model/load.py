@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from tuner.config import EMBEDDED_MODEL, ModelConfig
-from tuner.dtypes import NAMES, short, torch_dtype
 from tuner.data.modelscope import download, modelscope_id
+from tuner.dtypes import NAMES, short, torch_dtype
 from tuner.errors import TunerError
 
 SUPPORTED = ("tuner takes the causal LMs transformers knows (Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3, Mixtral, "
@@ -50,11 +50,10 @@ def model_identity(path: str) -> dict:
     """What a model named `path` is, for keying what is computed from it (DPO's reference table): the
     name given, the folder it resolves to, and each file's name, size and time there (a changed or
     another folder changes it; a hub id not yet downloaded is known by its name)."""
+    from tuner.paths import file_stamps
+
     resolved = resolve_model_path(path)
-    folder = Path(resolved)
-    files = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in folder.iterdir()
-                   if f.is_file()) if folder.is_dir() else []
-    return {"model": path, "folder": resolved, "files": files}
+    return {"model": path, "folder": resolved, "files": file_stamps(Path(resolved)) if Path(resolved).is_dir() else []}
 
 
 def _native(folder: Path) -> str:
@@ -206,7 +205,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
     if cfg.attn_implementation not in ("auto", "tuner_packed"):  # else transformers' default: sdpa where the
         kwargs["attn_implementation"] = cfg.attn_implementation  # family supports it, eager otherwise (Gemma 2)
     if cfg.quantization:
-        kwargs["quantization_config"] = _bnb_config(cfg)
+        kwargs["quantization_config"] = bnb_config(cfg.quantization, cfg.dtype)
     model = load_causal_lm(cfg.path, cfg.trust_remote_code, meta=meta, announce=not for_training, head=head, **kwargs)
     if meta:
         pass
@@ -217,10 +216,6 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
     if for_training:
         model.config.use_cache = False  # packed sequences are isolated only without the KV cache
     return model
-
-
-def _bnb_config(cfg: ModelConfig):
-    return bnb_config(cfg.quantization, cfg.dtype)
 
 
 def bnb_config(quantization: str, dtype: str):

@@ -538,7 +538,12 @@ class Server(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(self.max_connections)
         self._deadlines: dict = {}
         self._deadlines_lock = threading.Lock()
+        self._closed = threading.Event()
         threading.Thread(target=self._watch_deadlines, daemon=True, name="tuner-deadlines").start()
+
+    def server_close(self):
+        self._closed.set()  # (the watchdog ends with the server)
+        super().server_close()
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
@@ -566,8 +571,7 @@ class Server(ThreadingHTTPServer):
             self._deadlines.pop(connection, None)
 
     def _watch_deadlines(self) -> None:
-        while True:
-            time.sleep(min(0.5, self.request_seconds / 4))
+        while not self._closed.wait(min(0.5, self.request_seconds / 4)):
             now = time.monotonic()
             with self._deadlines_lock:
                 late = [c for c, deadline in self._deadlines.items() if deadline < now]
