@@ -80,6 +80,26 @@ def test_limits_stop_words_streaming_and_cancel_are_per_row(generator):
     assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens == 1
 
 
+def test_a_row_paused_on_its_last_token_ends_at_its_limit(generator):
+    """The server pauses a batch between tokens; a row whose pause came with its last allowed token
+    is finished ('length'), not paused: CI's serve test got 13-token replies for max_tokens=12 when the
+    pause check came before the limit check and the continuation wrote one more token."""
+    prompt = generator.prompt_ids([{"role": "user", "content": "Go on."}])
+    alone = generator.generate([prompt], GREEDY, max_new_tokens=[6])[0]
+    calls = []
+
+    def pause_at_the_sixth_token() -> bool:  # asked once per token
+        calls.append(1)
+        return len(calls) >= 6
+
+    paused = generator.generate([prompt], GREEDY, max_new_tokens=[6], cancelled=[pause_at_the_sixth_token])[0]
+    assert paused.finish_reason == "length" and paused.ids == alone.ids
+    half = generator.generate([prompt], GREEDY, max_new_tokens=[6], cancelled=[lambda: True])[0]
+    assert half.finish_reason == "cancelled" and half.completion_tokens == 1
+    rest = generator.generate([prompt], GREEDY, max_new_tokens=[6], continued=[(half.ids, half.streamed)])[0]
+    assert rest.ids == alone.ids and rest.completion_tokens == 6
+
+
 def test_offload_warnings_name_what_runs_slowly():
     device_map = {"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": "disk", "lm_head": 0}
     lines = offload_warnings(device_map, torch.device("cuda"))

@@ -102,10 +102,10 @@ class _Row:
         text = cut_at_stop_words(raw, self.stop_words)
         if token in self.stop_ids or len(text) < len(raw):
             self.finish_reason = "stop"
+        elif len(self.ids) >= self.max_new_tokens:  # before the pause check: a row paused on its
+            self.finish_reason = "length"  # last token would go on for one more
         elif self.cancelled is not None and self.cancelled():
             self.finish_reason = "cancelled"
-        elif len(self.ids) >= self.max_new_tokens:
-            self.finish_reason = "length"
         # Hold back what may be the start of a stop word or half of a multi-byte character.
         safe = len(text) if self.finish_reason else len(text) - partial_suffix(text, self.stop_words)
         if not self.finish_reason and text.endswith("\ufffd"):

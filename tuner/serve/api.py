@@ -35,6 +35,7 @@ from tuner.errors import TunerError
 from tuner.generation.generate import GenerationSettings, Generator, partial_suffix
 from tuner.serve.engine import BatchEngine, Job
 
+LINGER_SECONDS, LINGER_BYTES = 2.0, 64 << 20  # how long / how much of an unread body is drained before closing
 MAX_BODY_BYTES = 16 << 20  # a request body larger than this is refused (413) unread; images are in the body
 IDLE_SECONDS = 30  # a connection that sends nothing (headers, body, next request) for this long is closed
 REQUEST_SECONDS = 60  # headers and body of one request must arrive within this, however they trickle in
@@ -351,6 +352,27 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
+    body_unread = False
+
+    def finish(self):
+        """After an answer sent without reading the body (401, 413...), read and drop what the client still
+        sends for a moment before closing (Apache's lingering close): closing with unread bytes resets the
+        connection, and the client, still writing its body, would see a broken pipe instead of the answer."""
+        super().finish()
+        if not self.body_unread:
+            return
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+            while time.monotonic() < deadline and dropped < LINGER_BYTES:
+                self.connection.settimeout(max(deadline - time.monotonic(), 0.01))
+                chunk = self.connection.recv(1 << 16)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
+
     def handle_one_request(self):
         # From the first byte awaited: the request line, headers and body must all arrive within the
         # server's deadline (a client trickling a byte every few seconds never trips the idle timeout).
@@ -394,7 +416,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.api.check_key(self.headers.get("Authorization"))
                 length = self._body_length()
             except ApiError:
-                self.close_connection = True
+                self.close_connection = self.body_unread = True
                 raise
             raw = self.rfile.read(length)
             self.server.clear_deadline(self.connection)  # (generating may take long: it is not the client's time)
