@@ -123,6 +123,29 @@ def test_copy_cfg_never_overwrites(tmp_path):
     assert dest.read_text() == "# my edits"
 
 
+def test_the_one_writer_writes_every_builtin_config_back_as_itself(tmp_path):
+    """config_writer.xtuner_text (what the converter, the config library and resolved_config.py write with):
+    every built-in config's sections, written in XTuner's shape and loaded again, are the same sections."""
+    from tuner.config import SECTIONS
+    from tuner.config_writer import xtuner_text
+
+    for name, path in builtin_configs().items():
+        cfg = load_config(path)
+        sections = {section: getattr(cfg, section) for section in SECTIONS}
+        written = tmp_path / f"{name}.py"
+        written.write_text(xtuner_text(["# " + name], sections))
+        again = load_config(written)
+        assert all(getattr(again, section) == value for section, value in sections.items()), name
+
+
+def test_settings_are_written_as_xtuner_writes_them():
+    from tuner.config_writer import float_text
+
+    assert [float_text(x) for x in (2e-4, 5e-7, 1e-3, 0.03, 0.1, 1.0, 2.5e-05, 0.0, 1e-10)] == \
+        ["2e-4", "5e-7", "1e-3", "0.03", "0.1", "1.0", "2.5e-5", "0.0", "1e-10"]
+    assert all(float(float_text(x)) == x for x in (1 / 3, 2 / 3 * 1e-4, 123456.789, 3e-3))
+
+
 def test_resolved_config_reloads(tmp_path):
     cfg = load_config("smollm2_135m_instruct_lora_personal_assistant_e3", ["optim.lr=3e-4"])
     resolved = tmp_path / "resolved.py"

@@ -331,8 +331,10 @@ def test_converted_configs_say_what_the_xtuner_file_says(tmp_path, relative):
     """Ten diverse files (LLaVA, DPO, ORPO, a reward model, ConcatDataset, max_iters, eta_min, sequence parallel,
     a string-typed scheduler), field by field against the XTuner file."""
     dst = tmp_path / "converted.py"
-    convert_file(xtuner_configs() / relative, dst)
+    converted = convert_file(xtuner_configs() / relative, dst)
     cfg, expected = load_config(dst), dict(FIELDS[relative])
+    for name, section in converted.sections.items():  # the mapping's typed sections are what the file builds
+        assert getattr(cfg, name) == section, name
     header = dst.read_text().split("from tuner.config")[0].replace("\n#     ", " ")
     for note in expected.pop("notes", []):
         assert note in header, (note, header)

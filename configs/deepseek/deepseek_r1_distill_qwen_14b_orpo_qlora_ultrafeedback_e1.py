@@ -13,7 +13,8 @@ pretrained_model_name_or_path = 'deepseek-ai/DeepSeek-R1-Distill-Qwen-14B'
 # Data
 data_path = 'HuggingFaceH4/ultrafeedback_binarized'
 data_split = 'train_prefs'
-prompt_template = None  # the tokenizer's own chat template
+dataset_format = 'preference'
+prompt_template = None  # None: the tokenizer's own chat template
 max_length = 2048
 pack_to_max_length = True  # several samples per sequence, each seeing only itself
 
@@ -25,8 +26,10 @@ batch_size = 1  # per device
 accumulative_counts = 16
 max_epochs = 1
 lr = 8e-6
-warmup_ratio = 0.03
+betas = (0.9, 0.999)
+weight_decay = 0.0
 max_norm = 1.0  # grad clip
+warmup_ratio = 0.03
 
 # Save
 save_steps = 500
@@ -47,13 +50,13 @@ preference = PreferenceConfig(method='orpo', beta=beta)
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
-data = DataConfig(sources=[DatasetSource(path=data_path, split=data_split, format='preference')],
+data = DataConfig(sources=[DatasetSource(path=data_path, format=dataset_format, split=data_split)],
                   template=prompt_template, system=SYSTEM, max_length=max_length, pack=pack_to_max_length)
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim = OptimConfig(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), max_norm=max_norm)
+optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, max_norm=max_norm)
 train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,
                     warmup_ratio=warmup_ratio, scheduler='cosine', dtype='auto', gradient_checkpointing=True)
 

@@ -11,6 +11,7 @@ pretrained_model_name_or_path = 'internlm/internlm2_5-1_8b-chat'
 
 # Data
 data_path = 'data/custom_pretrain.jsonl'
+dataset_format = 'pretrain'
 prompt_template = 'internlm2_chat'
 max_length = 2048
 pack_to_max_length = True  # several samples per sequence, each seeing only itself
@@ -20,8 +21,10 @@ batch_size = 1  # per device
 accumulative_counts = 16
 max_epochs = 1
 lr = 2e-5
-warmup_ratio = 0.03
+betas = (0.9, 0.999)
+weight_decay = 0.0
 max_norm = 1.0  # grad clip
+warmup_ratio = 0.03
 
 # Save
 save_steps = 500
@@ -41,13 +44,13 @@ lora = None  # full fine-tuning
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
-data = DataConfig(path=data_path, format='pretrain', template=prompt_template, system=SYSTEM,
+data = DataConfig(path=data_path, format=dataset_format, template=prompt_template, system=SYSTEM,
                   max_length=max_length, pack=pack_to_max_length)
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim = OptimConfig(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), max_norm=max_norm)
+optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, max_norm=max_norm)
 train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,
                     warmup_ratio=warmup_ratio, scheduler='cosine', dtype='auto')
 

@@ -12,6 +12,7 @@ pretrained_model_name_or_path = 'internlm/internlm2-chat-1_8b'
 
 # Data
 data_path = 'timdettmers/openassistant-guanaco'
+dataset_format = 'oasst1'
 prompt_template = 'internlm2_chat'
 max_length = 2048
 pack_to_max_length = True  # several samples per sequence, each seeing only itself
@@ -21,8 +22,10 @@ batch_size = 1  # per device
 accumulative_counts = 16
 max_epochs = 3
 lr = 2e-4
-warmup_ratio = 0.03
+betas = (0.9, 0.999)
+weight_decay = 0.0
 max_norm = 1.0  # grad clip
+warmup_ratio = 0.03
 
 # Save
 save_steps = 500
@@ -42,13 +45,13 @@ lora = LoraConfig(r=64, alpha=16, dropout=0.1, target_modules='all-linear')
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
-data = DataConfig(path=data_path, format='oasst1', template=prompt_template, system=SYSTEM,
+data = DataConfig(path=data_path, format=dataset_format, template=prompt_template, system=SYSTEM,
                   max_length=max_length, pack=pack_to_max_length)
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim = OptimConfig(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), max_norm=max_norm)
+optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, max_norm=max_norm)
 train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,
                     warmup_ratio=warmup_ratio, scheduler='cosine', dtype='auto')
 

@@ -8,25 +8,26 @@ from tuner.config import (CheckpointConfig, DataConfig, EvaluateConfig, LlavaCon
 #                          PART 1  Settings                           #
 #######################################################################
 # Model
-llm_name_or_path = 'Qwen/Qwen3-8B'
+pretrained_model_name_or_path = 'Qwen/Qwen3-8B'
 visual_encoder_name_or_path = 'openai/clip-vit-large-patch14-336'
-pretrained_pth = './work_dirs/llava_qwen3_8b_clip_vit_large_p14_336_e1_gpu8_pretrain/iter_2181.pth'  # the pretrain stage's last checkpoint
+pretrained_pth = './work_dirs/llava_qwen3_8b_clip_vit_large_p14_336_e1_gpu8_pretrain/iter_2181.pth'
 
 # Data
-data_root = './data/llava_data/'
-data_path = data_root + 'LLaVA-Instruct-150K/llava_v1_5_mix665k.json'
-image_folder = data_root + 'llava_images'
+data_path = './data/llava_data/LLaVA-Instruct-150K/llava_v1_5_mix665k.json'
+image_folder = './data/llava_data/llava_images'
 prompt_template = 'qwen3_chat'
-max_length = 2048  # text tokens plus 576 per image
-pack_to_max_length = True
+max_length = 2048  # text tokens plus the image's
+pack_to_max_length = True  # several samples per sequence, each seeing only itself
 
 # Scheduler & Optimizer
 batch_size = 16  # per device
 accumulative_counts = 1
 max_epochs = 1
 lr = 2e-4
-warmup_ratio = 0.03
+betas = (0.9, 0.999)
+weight_decay = 0.0
 max_norm = 1.0  # grad clip
+warmup_ratio = 0.03
 
 # Save
 save_steps = 500
@@ -34,27 +35,28 @@ save_total_limit = 2  # maximum checkpoints to keep (-1 means unlimited)
 
 # Evaluate the generation performance during the training
 evaluation_freq = 500
-evaluation_images = './data/llava_data/view.jpg'  # a local image file
+SYSTEM = None
 evaluation_inputs = ['请描述一下这张照片', 'Please describe this picture']
+evaluation_images = './data/llava_data/view.jpg'  # a local image file
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
 #######################################################################
-model = ModelConfig(path=llm_name_or_path, dtype='bfloat16', quantization='4bit')
+model = ModelConfig(path=pretrained_model_name_or_path, dtype='bfloat16', quantization='4bit')
 lora = LoraConfig(r=512, alpha=256, dropout=0.05, target_modules='all-linear')
-llava = LlavaConfig(visual_encoder=visual_encoder_name_or_path, image_folder=image_folder,
-                    freeze_llm=True, freeze_visual_encoder=True, pretrained_pth=pretrained_pth,
-                    select_layer=-2, pad_image_to_square=True)
+llava = LlavaConfig(visual_encoder=visual_encoder_name_or_path, image_folder=image_folder, freeze_llm=True,
+                    freeze_visual_encoder=True, pretrained_pth=pretrained_pth, pad_image_to_square=True)
 
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
-data = DataConfig(path=data_path, template=prompt_template, max_length=max_length, pack=pack_to_max_length)
+data = DataConfig(path=data_path, template=prompt_template, system=SYSTEM, max_length=max_length,
+                  pack=pack_to_max_length)
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim = OptimConfig(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), max_norm=max_norm)
+optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, max_norm=max_norm)
 train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,
                     warmup_ratio=warmup_ratio, scheduler='cosine', dtype='auto', gradient_checkpointing=True)
 
@@ -62,4 +64,5 @@ train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_coun
 #                           PART 5  Runtime                           #
 #######################################################################
 checkpoint = CheckpointConfig(save_steps=save_steps, save_total_limit=save_total_limit)
-evaluate = EvaluateConfig(inputs=evaluation_inputs, freq=evaluation_freq, image=evaluation_images)
+evaluate = EvaluateConfig(inputs=evaluation_inputs, freq=evaluation_freq, system=SYSTEM,
+                          image=evaluation_images)

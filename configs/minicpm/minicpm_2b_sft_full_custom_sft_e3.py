@@ -12,6 +12,7 @@ pretrained_model_name_or_path = 'openbmb/MiniCPM-2B-sft-bf16'
 
 # Data
 data_path = 'data/custom_sft.jsonl'
+dataset_format = 'openai'
 prompt_template = 'minicpm'
 max_length = 2048
 pack_to_max_length = True  # several samples per sequence, each seeing only itself
@@ -21,8 +22,10 @@ batch_size = 1  # per device
 accumulative_counts = 16
 max_epochs = 3
 lr = 2e-5
-warmup_ratio = 0.03
+betas = (0.9, 0.999)
+weight_decay = 0.0
 max_norm = 1.0  # grad clip
+warmup_ratio = 0.03
 
 # Save
 save_steps = 500
@@ -42,13 +45,13 @@ lora = None  # full fine-tuning
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
-data = DataConfig(path=data_path, format='openai', template=prompt_template, system=SYSTEM,
+data = DataConfig(path=data_path, format=dataset_format, template=prompt_template, system=SYSTEM,
                   max_length=max_length, pack=pack_to_max_length)
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim = OptimConfig(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), max_norm=max_norm)
+optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, max_norm=max_norm)
 train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,
                     warmup_ratio=warmup_ratio, scheduler='cosine', dtype='auto')
 

@@ -13,22 +13,25 @@ pretrained_model_name_or_path = 'microsoft/Phi-4-mini-instruct'
 # Data
 data_path = 'HuggingFaceH4/ultrafeedback_binarized'
 data_split = 'train_prefs'
-prompt_template = None  # the tokenizer's own chat template
+dataset_format = 'preference'
+prompt_template = None  # None: the tokenizer's own chat template
 max_length = 2048
 pack_to_max_length = True  # several samples per sequence, each seeing only itself
 
 # Preference objective
 dpo_loss_type = 'sigmoid'  # sigmoid (DPO), ipo, hinge
 beta = 0.1
-reference = 'auto'  # LoRA: the base with the adapter off
+reference = 'auto'  # LoRA: the base with the adapter off; full: the start's log-probs, computed once
 
 # Scheduler & Optimizer
 batch_size = 1  # per device
 accumulative_counts = 16
 max_epochs = 1
 lr = 5e-6
-warmup_ratio = 0.03
+betas = (0.9, 0.999)
+weight_decay = 0.0
 max_norm = 1.0  # grad clip
+warmup_ratio = 0.03
 
 # Save
 save_steps = 500
@@ -49,13 +52,13 @@ preference = PreferenceConfig(method='dpo', loss=dpo_loss_type, beta=beta, refer
 #######################################################################
 #                      PART 3  Dataset & Dataloader                   #
 #######################################################################
-data = DataConfig(sources=[DatasetSource(path=data_path, split=data_split, format='preference')],
+data = DataConfig(sources=[DatasetSource(path=data_path, format=dataset_format, split=data_split)],
                   template=prompt_template, system=SYSTEM, max_length=max_length, pack=pack_to_max_length)
 
 #######################################################################
 #                    PART 4  Scheduler & Optimizer                    #
 #######################################################################
-optim = OptimConfig(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), max_norm=max_norm)
+optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, max_norm=max_norm)
 train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,
                     warmup_ratio=warmup_ratio, scheduler='cosine', dtype='auto', gradient_checkpointing=True)
 

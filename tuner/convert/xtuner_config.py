@@ -3,9 +3,10 @@
 The XTuner file is never run: xtuner_read.py evaluates its syntax tree (assignments, arithmetic,
 strings, `dict(type=...)` trees, `read_base()` imports), every imported name a placeholder (`Symbol`),
 so PART 1's arithmetic (`accumulative_counts *= sequence_parallel_size`) and the model / dataset /
-optimizer trees come out as plain values. Those are then read field by field into tuner's sections
-(`convert_namespace`) and written with config_writer.py's pieces (`_render`). What has no tuner
-counterpart, or means something different in tuner, is named with its line in the new file's header
+optimizer trees come out as plain values. Those are then read field by field into tuner's typed
+sections (`convert_namespace`, `_sections`: ModelConfig, DataConfig...) and written by the one config
+writer (config_writer.xtuner_text). What has no tuner counterpart, or means something different in
+tuner, is named with its line in the new file's header
 and on stderr; a file that cannot be trained as tuner trains (another model class, a pre-tokenized
 corpus, data tuner has no reader for) is refused with the reason (`Refused`, exit 1).
 """
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.config_writer import banner, imports, wrapped
+from tuner.config import (CheckpointConfig, DataConfig, DatasetSource, EvaluateConfig, LlavaConfig, LoraConfig,
+                          ModelConfig, OptimConfig, PreferenceConfig, TrainConfig)
+from tuner.config_writer import xtuner_text
 from tuner.convert.xtuner_read import Call, Refused, Symbol, read_xtuner_config
 from tuner.data.system_templates import SYSTEM_TEMPLATES
 from tuner.data.templates import TEMPLATES
@@ -54,6 +57,8 @@ def _name(value) -> str:
 class Converted:
     text: str
     notes: list[str] = field(default_factory=list)
+    sections: dict = field(default_factory=dict)
+    """name -> tuner's typed section (None for an absent optional one), what `text` builds when loaded"""
 
 
 class _Reader:
@@ -338,7 +343,8 @@ def convert_namespace(path: Path, ns: dict) -> Converted:
     if llava is not None:
         llava["image_folder"] = data.pop("image_folder", "")
         llava["pad_image_to_square"] = data.pop("pad_image_to_square", True)
-    return Converted(_render(path, ns, r, kind, model, lora, data, llava, preference), r.notes)
+    sections = _sections(path, ns, r, model, lora, data, llava, preference)
+    return Converted(xtuner_text(_header(path, r, kind, sections), sections), r.notes, sections)
 
 
 def _schedule(r: _Reader, ns: dict) -> dict:
@@ -455,7 +461,8 @@ def _optim(r: _Reader, ns: dict) -> tuple[dict, dict]:
     return optim, train
 
 
-def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data: dict, llava, preference) -> str:
+def _sections(path: Path, ns: dict, r: _Reader, model: dict, lora, data: dict, llava, preference) -> dict:
+    """The mapped values as tuner's typed sections (a value of the wrong type refuses, naming it)."""
     loader = ns.get("train_dataloader") or {}
     batch_size = int(loader.get("batch_size", 1)) if isinstance(loader, dict) else 1
     sampler = (loader.get("sampler") or {}) if isinstance(loader, dict) else {}
@@ -473,138 +480,56 @@ def _render(path: Path, ns: dict, r: _Reader, kind: str, model: dict, lora, data
         r.note("use_varlen_attn", "use_varlen_attn=True: tuner always keeps packed samples from seeing each "
                                   "other (FlashAttention's varlen kernel on a GPU with flash-attn, else its own)")
     optim, train = _optim(r, ns)
-    train.update(_schedule(r, ns))
+    train.update(_schedule(r, ns), batch_size=batch_size)
     evaluate, checkpoint = _hooks(r, ns)
     seed = (ns.get("randomness") or {}).get("seed") if isinstance(ns.get("randomness"), dict) else None
     if isinstance(seed, int):
         train["seed"] = seed
     if ns.get("load_from") or ns.get("resume"):
         r.note("load_from", "load_from / resume: give `tuner train --resume` instead")
-    sections = ["CheckpointConfig", "DataConfig", "EvaluateConfig", "ModelConfig", "OptimConfig", "TrainConfig"]
-    if lora is not None or (llava and llava.get("visual_encoder_lora")):
-        sections.append("LoraConfig")
-    if llava is not None:
-        sections.append("LlavaConfig")
-    if preference is not None:
-        sections.append("PreferenceConfig")
-    if data.get("sources") or data.get("split", "train") != "train":
-        sections.append("DatasetSource")
-    map_fns = sorted({s["map_fn"] for s in data.get("sources") or [data] if s.get("map_fn")})
-    placeholders = [p for p in [model["path"], *(s["path"] for s in data.get("sources") or [data])]
+
+    def form(s: dict) -> dict:
+        return dict(map_fn=MAP_FNS[s["map_fn"]]) if s.get("map_fn") else dict(format=s.get("format", "auto"))
+
+    def source(s: dict) -> DatasetSource:
+        return DatasetSource(path=s["path"], split=s.get("split", "train"), **form(s))
+
+    try:
+        shared = dict(template=data.get("template"), max_length=data.get("max_length", 2048),
+                      pack=data.get("pack", False))
+        if data.get("sources") or data.get("split", "train") != "train":
+            data_section = DataConfig(sources=[source(s) for s in data.get("sources") or [data]], **shared)
+        else:
+            data_section = DataConfig(path=data["path"], **form(data), **shared)  # (path: a file or a list)
+        if llava is not None:
+            encoder_lora = llava.get("visual_encoder_lora")
+            llava = LlavaConfig(**{**llava, "visual_encoder_lora": LoraConfig(**encoder_lora) if encoder_lora else None})
+        return dict(model=ModelConfig(**model), lora=LoraConfig(**lora) if lora is not None else None, llava=llava,
+                    preference=PreferenceConfig(**preference) if preference is not None else None,
+                    data=data_section, optim=OptimConfig(**optim), train=TrainConfig(**train),
+                    checkpoint=CheckpointConfig(**checkpoint), evaluate=EvaluateConfig(**evaluate))
+    except TunerError as e:  # e.g. a float lora_alpha: tuner's section says which field and type
+        raise Refused(f"{path}: {e}") from None
+
+
+def _header(path: Path, r: _Reader, kind: str, sections: dict) -> list[str]:
+    """The converted file's comments: where it came from, what it trains, and the notes."""
+    model, data = sections["model"], sections["data"]
+    placeholders = [p for p in [model.path, *(s.path for s in data.source_list())]
                     if str(p).lstrip("/").startswith("path/to")]
     if placeholders:  # XTuner's custom-data configs ship with '/path/to/json/file.json'
         r.notes.insert(0, f"line {r.line('path/to')}: {', '.join(map(str, placeholders))} is XTuner's placeholder: "
                           "edit it to your own files before training")
-    out = [f"# Converted from the XTuner config {path.name} by `tuner convert xtuner-config`."]
     what = {"SupervisedFinetune": "supervised fine-tuning", "DPO": "DPO", "ORPO": "ORPO",
             "RewardModel": "a reward model", "LLaVAModel": "LLaVA"}[kind]
-    method = "full fine-tuning" if lora is None else ("QLoRA" if model.get("quantization") else "LoRA")
-    out.append(f"# {what[0].upper() + what[1:]}, {method}, of {model['path']}.")
+    method = "full fine-tuning" if sections["lora"] is None else ("QLoRA" if model.quantization else "LoRA")
+    out = [f"# Converted from the XTuner config {path.name} by `tuner convert xtuner-config`.",
+           f"# {what[0].upper() + what[1:]}, {method}, of {model.path}."]
     if r.notes:
         out.append("# Not carried over, or different in tuner:")
         for note in r.notes:
             out += textwrap.wrap(f"{path.name} {note}", 106, initial_indent="#   ", subsequent_indent="#     ")
-    out.append(imports("tuner.config", sorted(sections)))
-    if map_fns:
-        out.append(imports("tuner.data.xtuner_map_fns", map_fns))
-    out += ["", banner("PART 1  Settings"), "# Model", f"pretrained_model_name_or_path = {model['path']!r}"]
-    if llava is not None:
-        out.append(f"visual_encoder_name_or_path = {llava['visual_encoder']!r}")
-        out.append(f"pretrained_pth = {llava.get('pretrained_pth')!r}")
-    out += ["", "# Data"]
-    if not data.get("sources"):
-        out.append(f"data_path = {data['path']!r}")
-        if data.get("map_fn"):
-            out.append(f"dataset_map_fn = {data['map_fn']}")
-        else:
-            out.append(f"dataset_format = {data.get('format', 'auto')!r}")
-    if llava is not None:
-        out.append(f"image_folder = {llava['image_folder']!r}")
-    out += [f"prompt_template = {data.get('template')!r}" + ("  # None = the model's own chat template"
-                                                               if data.get("template") is None else ""),
-            f"max_length = {data.get('max_length', 2048)}",
-            f"pack_to_max_length = {data.get('pack', False)}"]
-    if preference is not None:
-        out += ["", "# Preference objective"]
-        for key, value in preference.items():
-            if key != "method":
-                out.append(f"{'dpo_loss_type' if key == 'loss' else key} = {value!r}")
-    out += ["", "# Scheduler & Optimizer", f"batch_size = {batch_size}  # per device",
-            f"accumulative_counts = {train['accumulative_counts']}",
-            f"max_epochs = {train['max_epochs']}", f"lr = {optim['lr']!r}", f"betas = {optim['betas']!r}",
-            f"weight_decay = {optim['weight_decay']!r}", f"max_norm = {optim['max_norm']!r}  # grad clip",
-            f"warmup_ratio = {train['warmup_ratio']!r}",
-            "", "# Save", f"save_steps = {checkpoint['save_steps']}",
-            f"save_total_limit = {checkpoint['save_total_limit']}  # maximum checkpoints to keep (-1 means unlimited)",
-            "", "# Evaluate the generation performance during the training",
-            f"evaluation_freq = {evaluate['freq']}", f"SYSTEM = {evaluate['system']!r}  # the evaluation questions' (the training data's come from its rows)",
-            f"evaluation_inputs = {evaluate['inputs']!r}"]
-    if evaluate.get("image"):
-        out.append(f"evaluation_image = {evaluate['image']!r}")
-    out += ["", banner("PART 2  Model & Tokenizer")]
-    model_args = ["path=pretrained_model_name_or_path", f"dtype={model['dtype']!r}"]
-    if model.get("quantization"):
-        model_args.append(f"quantization={model['quantization']!r}")
-    if model.get("trust_remote_code"):
-        model_args.append("trust_remote_code=True")
-    out.append(f"model = ModelConfig({', '.join(model_args)})")
-    out.append(f"lora = {_section('LoraConfig', lora)}" if lora is not None else
-               "lora = None  # full fine-tuning")
-    if llava is not None:
-        args = {"visual_encoder": "visual_encoder_name_or_path", "image_folder": "image_folder",
-                "freeze_llm": llava["freeze_llm"], "freeze_visual_encoder": llava["freeze_visual_encoder"],
-                "pretrained_pth": "pretrained_pth", "pad_image_to_square": llava["pad_image_to_square"]}
-        if llava.get("visual_encoder_lora"):
-            out.append(f"visual_encoder_lora = {_section('LoraConfig', llava['visual_encoder_lora'])}")
-            args["visual_encoder_lora"] = "visual_encoder_lora"
-        items = [f"{k}={v}" if isinstance(v, str) else f"{k}={v!r}" for k, v in args.items()]
-        out.append(wrapped("llava = LlavaConfig(", items))
-    if preference is not None:
-        args = [f"method={preference['method']!r}"] + [
-            f"{key}={'dpo_loss_type' if key == 'loss' else key}" for key in preference if key != "method"]
-        out.append(f"preference = PreferenceConfig({', '.join(args)})")
-    out += ["", banner("PART 3  Dataset & Dataloader")]
-    if data.get("sources"):
-        items = []
-        for s in data["sources"]:
-            args = [f"path={s['path']!r}"]
-            args.append(f"map_fn={s['map_fn']}" if s.get("map_fn") else f"format={s.get('format', 'auto')!r}")
-            if s.get("split", "train") != "train":
-                args.append(f"split={s['split']!r}")
-            items.append(f"    DatasetSource({', '.join(args)}),")
-        out += ["sources = [", *items, "]",
-                "data = DataConfig(sources=sources, template=prompt_template, max_length=max_length, "
-                "pack=pack_to_max_length)"]
-    else:
-        what = "map_fn=dataset_map_fn" if data.get("map_fn") else "format=dataset_format"
-        split = f", split={data['split']!r}" if data.get("split", "train") != "train" else ""
-        if split:
-            out += [f"sources = [DatasetSource(path=data_path, {what}{split})]",
-                    "data = DataConfig(sources=sources, template=prompt_template, max_length=max_length, "
-                    "pack=pack_to_max_length)"]
-        else:
-            out += [f"data = DataConfig(path=data_path, {what}, template=prompt_template, max_length=max_length,",
-                    "                  pack=pack_to_max_length)"]
-    out += ["", banner("PART 4  Scheduler & Optimizer"),
-            "optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=betas, max_norm=max_norm)",
-            "train = TrainConfig(batch_size=batch_size, accumulative_counts=accumulative_counts, max_epochs=max_epochs,"]
-    extra = f", max_steps={train['max_steps']}" if train.get("max_steps") else ""
-    extra += f", seed={train['seed']}" if "seed" in train else ""
-    out += [f"                    warmup_ratio=warmup_ratio, scheduler={train['scheduler']!r}, "
-            f"dtype={train['dtype']!r}{extra})",
-            "", banner("PART 5  Runtime"),
-            "checkpoint = CheckpointConfig(save_steps=save_steps, save_total_limit=save_total_limit)"]
-    evaluate_args = "inputs=evaluation_inputs, freq=evaluation_freq, system=SYSTEM"
-    if evaluate.get("max_new_tokens"):
-        evaluate_args += f", max_new_tokens={evaluate['max_new_tokens']}"
-    if evaluate.get("image"):
-        evaluate_args += ", image=evaluation_image"
-    out.append(f"evaluate = EvaluateConfig({evaluate_args})")
-    return "\n".join(out) + "\n"
-
-
-def _section(name: str, values: dict) -> str:
-    return f"{name}({', '.join(f'{k}={v!r}' for k, v in values.items())})"
+    return out
 
 
 def convert_tree(src: str | Path, dst: str | Path, force: bool = False, say=print) -> tuple[int, int, int]:
