@@ -56,7 +56,7 @@ def test_train_convert_merge_chat(tmp_path, tiny_model_dir, data_file):
     last = (work / "last_checkpoint").read_text()
     assert last.endswith(".pth") and (work / last.split("/")[-1]).exists()
     assert (work / "eval_outputs_iter_0.txt").read_text().startswith("Evaluate-chat at iter 0")
-    assert "lr = 0.005" in (work / "resolved_config.py").read_text()  # (PART 1, as the user writes it)
+    assert "lr = 5e-3" in (work / "resolved_config.py").read_text()  # (PART 1, as the user writes it)
     (run_dir,) = [d for d in work.iterdir() if d.is_dir()]
     steps = [json.loads(line) for line in (run_dir / "vis_data" / "scalars.json").read_text().splitlines()]
     assert steps[-1]["step"] == int(last.split("iter_")[1].split(".")[0])
