@@ -7,7 +7,7 @@ from pathlib import Path
 import tuner
 
 LAYERS = {
-    "errors": 0, "paths": 0, "dtypes": 0, "config": 0, "config_writer": 0, "configs_index": 0,
+    "errors": 0, "paths": 0, "dtypes": 0, "rewards": 0, "config": 0, "config_writer": 0, "configs_index": 0,
     "data": 1,
     "model": 2,
     "generation": 3,

@@ -356,12 +356,82 @@ class PreferenceConfig:
             raise TunerError("PreferenceConfig.desirable_weight and undesirable_weight must be positive")
 
 
+@section
+class RLConfig:
+    """Online reinforcement learning with verifiable rewards (GRPO and its variants, named as TRL 1.16
+    names them). Each step: sample `num_generations` completions of each of the step's prompts from the
+    model as it is, score them with `rewards`, and train on each completion weighted by its reward
+    relative to the others of its prompt. `train.batch_size` counts completions (TRL's
+    per_device_train_batch_size): a step holds batch_size x accumulative_counts x processes of them, that
+    is that many / num_generations prompts."""
+    method: Literal["grpo"] = "grpo"
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """How per-token losses are averaged: grpo (per completion, then over completions), bnpo (over the
+    micro-batch's tokens), dr_grpo (over completions x max_completion_length), dapo (over the step's tokens)"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """sequence: one importance ratio per completion, the mean of its tokens' log-ratios (GSPO)"""
+    num_generations: int = 8
+    """Completions sampled per prompt; the advantages compare them with each other"""
+    max_prompt_length: int = 512
+    """Longer prompts lose their start (counted in the data summary)"""
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut"""
+    beta: float = 0.0
+    """Weight of the KL term to the reference (0: none, no reference kept)"""
+    epsilon: float = 0.2
+    """Clipping of the importance ratio below 1 - epsilon"""
+    epsilon_high: Optional[float] = None
+    """...and above 1 + epsilon_high (None: epsilon; DAPO uses 0.28)"""
+    delta: Optional[float] = None
+    """Two-sided clipping: the ratio is also capped at delta where the advantage is negative (None: off)"""
+    kl_bias_correction: bool = True
+    """Multiply the KL term by the importance ratio (the unbiased reverse-KL gradient; TRL's default)"""
+    num_iterations: int = 1
+    """Optimizer steps per rollout (> 1 reuses its completions, with the log-probs they were sampled with)"""
+    rewards: list[Any] = field(default_factory=list)
+    """Reward functions f(prompts, completions, **columns) -> list[float | None] (TRL's signature): callables,
+    'module:function' strings (importable from the config's folder), built-in names ('math_accuracy',
+    'format', 'length'), or 'rm:PATH' for a reward model folder"""
+    reward_weights: Optional[list[float]] = None
+    """The weight of each reward in the total (None: 1 each)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the std of the prompt's rewards (group), of the step's (batch), or not at all"""
+    reward_errors: Literal["raise", "zero"] = "raise"
+    """A reward function that raises: stop naming it and the row (raise), or give that completion 0 and count it"""
+    reference: Literal["auto", "adapter", "copy"] = "auto"
+    """With beta > 0: adapter (LoRA: the base with the adapter off) or copy (a frozen copy); auto: adapter with LoRA"""
+    log_completions: int = 2
+    """Prompts whose completions and rewards are written to the log every evaluate.freq steps"""
+
+    def validate(self):
+        if self.num_generations < 2:
+            raise TunerError(f"RLConfig.num_generations must be at least 2, got {self.num_generations}: the advantage "
+                             "of a completion is its reward against the other completions of its prompt")
+        if not self.rewards:
+            raise TunerError("RLConfig.rewards is empty: give at least one reward function")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise TunerError(f"RLConfig.reward_weights has {len(self.reward_weights)} weights for "
+                             f"{len(self.rewards)} rewards")
+        for name in ("max_prompt_length", "max_completion_length", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise TunerError(f"RLConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise TunerError(f"RLConfig.temperature must be positive, got {self.temperature} (rollouts sample)")
+        if not 0 < self.top_p <= 1:
+            raise TunerError(f"RLConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.beta < 0 or self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise TunerError("RLConfig.beta must be 0 or more, epsilon and epsilon_high positive")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "optim": OptimConfig,
     "train": TrainConfig, "checkpoint": CheckpointConfig, "evaluate": EvaluateConfig, "llava": LlavaConfig,
-    "preference": PreferenceConfig,
+    "preference": PreferenceConfig, "rl": RLConfig,
 }
-OPTIONAL_SECTIONS = ("lora", "llava", "preference")  # None unless the config sets them
+OPTIONAL_SECTIONS = ("lora", "llava", "preference", "rl")  # None unless the config sets them
 
 
 @dataclass
@@ -378,6 +448,7 @@ class Config:
     evaluate: EvaluateConfig
     llava: Optional[LlavaConfig] = None
     preference: Optional[PreferenceConfig] = None
+    rl: Optional[RLConfig] = None
     custom_hooks: list = field(default_factory=list)
 
     @property
@@ -393,6 +464,20 @@ class Config:
 
     def check_sections(self) -> None:
         """What one section's fields cannot say alone (after --cfg-options)."""
+        if self.rl is not None:
+            if self.preference is not None or self.llava is not None:
+                raise TunerError(f"config {self.path}: an rl section trains a text model on its own rewards; it "
+                                 "does not combine with a preference or llava section", hint="remove one of them")
+            per_step = self.train.batch_size * self.train.accumulative_counts
+            if per_step % self.rl.num_generations:
+                raise TunerError(
+                    f"config {self.path}: a step holds train.batch_size x accumulative_counts = {per_step} completions "
+                    f"per process, not a multiple of rl.num_generations={self.rl.num_generations}: each prompt's "
+                    "completions must be trained in the same step",
+                    hint=f"set train.batch_size x accumulative_counts to a multiple of {self.rl.num_generations}")
+            from tuner.rewards import resolve_rewards
+
+            resolve_rewards(self.rl.rewards, self.path.parent, self.rl.max_completion_length)  # fails here, not later
         if self.preference is not None and self.preference.method == "kto" and self.train.batch_size < 2:
             raise TunerError(f"config {self.path}: preference.method='kto' needs train.batch_size >= 2, got "
                              f"{self.train.batch_size}: each example's KL row pairs its prompt with another example's "

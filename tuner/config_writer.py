@@ -216,6 +216,17 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
                 "LoRA: the base with the adapter off; full: the start's log-probs, computed once"
                 if preference.reference == "auto" else "")
 
+    rl = sections.get("rl")
+    if rl is not None:
+        p.group("Online RL: completions sampled per prompt, scored by the rewards")
+        named["rl"]["loss"] = p.add("rl_loss", rl.loss, "grpo, bnpo, dr_grpo, dapo")
+        named["rl"]["num_generations"] = p.add("num_generations", rl.num_generations, "completions per prompt")
+        named["rl"]["max_prompt_length"] = p.add("max_prompt_length", rl.max_prompt_length)
+        named["rl"]["max_completion_length"] = p.add("max_completion_length", rl.max_completion_length)
+        named["rl"]["temperature"] = p.add("temperature", rl.temperature)
+        named["rl"]["beta"] = p.add("beta", rl.beta, "the KL term's weight (0: no reference model)")
+        named["rl"]["rewards"] = p.add("reward_functions", rl.rewards)
+
     p.group("Scheduler & Optimizer")
     named["train"]["batch_size"] = p.add("batch_size", train.batch_size, "per device")
     named["train"]["accumulative_counts"] = p.add("accumulative_counts", train.accumulative_counts)
@@ -261,6 +272,8 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
         part2.append(build("llava", llava, ("freeze_llm", "freeze_visual_encoder", "pad_image_to_square")))
     if preference is not None:
         part2.append(build("preference", preference, ("method",)))
+    if rl is not None:
+        part2.append(build("rl", rl))
 
     part3 = []
     if data.sources and single is None:

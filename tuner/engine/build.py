@@ -41,7 +41,11 @@ def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callabl
         if dist.is_main:
             save_chat_template(cfg, tokenizer, work_dir)
         started = time.perf_counter()
-        if cfg.preference is not None and cfg.preference.method == "kto":
+        if cfg.rl is not None:  # online RL: the data are prompts; completions are sampled during training
+            from tuner.data.prompts import build_prompts
+            sequences = build_prompts(cfg.data, tokenizer, cfg.rl.max_prompt_length, say=info)
+            report = sequences
+        elif cfg.preference is not None and cfg.preference.method == "kto":
             from tuner.data.kto import build_kto_sequences
             sequences, report = build_kto_sequences(cfg.data, tokenizer, cfg.train.seed, say=info)
         elif cfg.preference is not None:
@@ -50,13 +54,13 @@ def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callabl
         else:
             sequences, report = build_sequences(cfg.data, tokenizer, cfg.train.seed, say=info)
         info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
-        for line in report.details().splitlines():
+        for line in (report.details().splitlines() if hasattr(report, "details") else []):
             info(f"Data: {line}")
         model, built_sharded = strategy.load_model(cfg, device, dist, info)
         if cfg.head == "reward":  # (its own forward needs it to find each row's last token)
             model.config.pad_token_id = tokenizer.pad_token_id
     attention = packed_attention.use_for_training(model, cfg.model.attn_implementation, device)
-    if cfg.data.pack and cfg.llava is None:
+    if cfg.data.pack and cfg.llava is None and cfg.rl is None:
         packed_attention.check_packing(model, attention)
     converted = describe_conversion(cfg.model.path)
     if converted:

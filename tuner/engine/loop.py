@@ -137,8 +137,14 @@ class Trainer:
         self.scaler = self.strategy.grad_scaler(self.device, self.compute_dtype)
         self.model = self.strategy.with_optimizer(self.raw_model, self.optimizer, self.model)
         t = cfg.train
-        self.schedule = StepSchedule(len(self.sequences), t.batch_size, t.accumulative_counts, t.seed, cfg.data.shuffle,
-                                     self.dist.world_size)
+        if cfg.rl is not None:  # online RL: a step's prompts, whose completions fill its micro-batches
+            from tuner.engine.grpo import PromptSchedule
+            per_step = t.batch_size * t.accumulative_counts * self.dist.world_size // cfg.rl.num_generations
+            self.schedule = PromptSchedule(len(self.sequences), per_step, cfg.rl.num_iterations, t.seed,
+                                           cfg.data.shuffle, self.dist.world_size)
+        else:
+            self.schedule = StepSchedule(len(self.sequences), t.batch_size, t.accumulative_counts, t.seed,
+                                         cfg.data.shuffle, self.dist.world_size)
         self.total_steps = self.schedule.steps_per_epoch * t.max_epochs
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
@@ -209,7 +215,8 @@ class Trainer:
                                                           step, lora=self.cfg.lora is not None)
         return {"step": step, "method": self.cfg.method, "config": self.cfg.name, "model": model,
                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng, "world_size": self.dist.world_size, "sequences_per_step": self.schedule.per_step}
+                "rng": rng, "world_size": self.dist.world_size, "sequences_per_step": self.schedule.per_step,
+                "objective": self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}}
 
     def _resume(self) -> None:
         path = ckpt.find_resume(self.resume, self.work_dir)
@@ -228,6 +235,8 @@ class Trainer:
             self._check_world_size(path, len(rng), state.get("sequences_per_step"))
         else:
             ckpt.set_rng_state(rng[self.dist.rank])
+        if hasattr(self.objective, "load_state_dict"):  # (RL: the rollout its next steps still train on)
+            self.objective.load_state_dict(state.get("objective") or {})
         self.start_step = state["step"]
         self.info(f"Resumed from {path} at step {self.start_step}")
 
@@ -261,12 +270,14 @@ class Trainer:
         losses = []
         for hook in self.hooks:
             hook.before_train(self)
-        steps = step_batches(StepBatches(self.schedule, self.sequences, self.collate, self.tokenizer.pad_token_id,
-                                         self.dist.rank, self.objective.units), self.start_step, self.total_steps,
-                             self.dataloader_workers, pin=self.device.type == "cuda")
+        rollouts = hasattr(self.objective, "step_data")  # online RL: the objective samples each step's data
+        steps = None if rollouts else step_batches(
+            StepBatches(self.schedule, self.sequences, self.collate, self.tokenizer.pad_token_id, self.dist.rank,
+                        self.objective.units), self.start_step, self.total_steps, self.dataloader_workers,
+            pin=self.device.type == "cuda")
         for step in range(self.start_step, self.total_steps):
             started = time.perf_counter()
-            data = next(steps)
+            data = self.objective.step_data(self, step) if rollouts else next(steps)
             # Token-weighted loss: every trained token of the whole step (all micro-batches, all
             # processes) counts the same. DDP averages gradients over processes, hence * world_size.
             # With it, whether a signal asks to stop: decided together, so every process stops after the same step.
@@ -288,6 +299,8 @@ class Trainer:
             # (padding is not throughput).
             loss_sum, real_tokens, *totals = self.dist.sum(loss_sum, data.real_tokens, *figures.values())
             figures = {name: total / n_tokens for name, total in zip(figures, totals)}
+            if hasattr(self.objective, "step_figures"):  # (RL: rewards, lengths, KL, clipping: its own averages)
+                figures.update(self.objective.step_figures(self.dist))
             real_tokens = int(real_tokens)
             if not math.isfinite(loss_sum):
                 self._bad_step(step + 1, f"the loss is {loss_sum}")  # raises, or skips this update

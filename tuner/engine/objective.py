@@ -75,8 +75,12 @@ class NextTokenLoss:
 
 
 def objective_for(cfg: Config):
-    """The objective a config trains with: next-token cross-entropy, or a preference objective
-    (engine/preference.py; engine/reward.py for a reward model) when the config has a `preference` section."""
+    """The objective a config trains with: next-token cross-entropy, a preference objective
+    (engine/preference.py; engine/reward.py for a reward model) when the config has a `preference` section,
+    or online RL (engine/grpo.py) with an `rl` section."""
+    if cfg.rl is not None:
+        from tuner.engine.grpo import GrpoLoss
+        return functools.partial(GrpoLoss, settings=cfg.rl)
     if cfg.preference is None:
         return NextTokenLoss
     if cfg.preference.method == "reward":
