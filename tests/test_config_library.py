@@ -152,6 +152,33 @@ def test_each_architecture_trains_with_its_generated_config(tmp_path, arch_dirs,
     assert len(scalars) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in scalars)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["Qwen2Config", "Qwen3Config"])
+def test_grpo_configs_train_two_steps_as_tiny_models(tmp_path, arch_dirs, arch):
+    """The library's GRPO-on-GSM8K configs (Qwen2.5 0.5B-7B, Qwen3 0.6B-8B) all load; the first of each family,
+    its model swapped for a tiny random one and GSM8K for a local file of its shape, trains two steps with
+    the config's own rewards (math_accuracy, format) logged."""
+    from tuner.engine.loop import Trainer
+
+    models = [m for m in library.MODELS if m.arch == arch and ("grpo_lora", "gsm8k") in library.plan(m)]
+    assert len(models) >= 4
+    configs = [load_config(library.config_name(m, "grpo_lora", "gsm8k")) for m in models]
+    assert all(c.rl is not None and c.data.sources[0].subset == "main" for c in configs)
+    cfg = configs[0]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Tom has {i} apples and buys {i} more. How many now?",
+                                        "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}) + "\n" for i in range(8)))
+    cfg.data.sources = [library.DatasetSource(path=str(data))]
+    cfg.apply_overrides([f"model.path={arch_dirs(arch)}", "model.dtype=float32", "rl.max_completion_length=8",
+                         "train.max_steps=2", "train.accumulative_counts=1", "train.dtype=fp32",
+                         "train.gradient_checkpointing=False", "evaluate.inputs=[]"])
+    Trainer(cfg, work_dir=tmp_path / "work").train()
+    scalars = [json.loads(line) for line in next((tmp_path / "work").glob("*/vis_data/scalars.json")).read_text()
+               .splitlines()]
+    assert len(scalars) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in scalars)
+    assert {"rewards/math_accuracy", "rewards/format"} <= scalars[0].keys()
+
+
 def test_the_library_templates_equal_the_real_tokenizers():
     """A template the table names, where the family's real tokenizer can be fetched, renders a conversation
     as that tokenizer's own chat template does (token ids); the rest are XTuner's (test_templates.py)."""

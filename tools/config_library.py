@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuner.config import (CheckpointConfig, DataConfig, DatasetSource, EvaluateConfig, LlavaConfig, LoraConfig,
-                          ModelConfig, OptimConfig, PreferenceConfig, TrainConfig)
+                          ModelConfig, OptimConfig, PreferenceConfig, RLConfig, TrainConfig)
 from tuner.config_writer import xtuner_text
 from tuner.data.xtuner_map_fns import MAP_FNS
 
@@ -86,6 +86,7 @@ class Dataset:
     form: str  # format='...' or map_fn=... (XTuner's map functions, tuner.data.xtuner_map_fns)
     about: str
     split: str = "train"
+    subset: str | None = None
 
 
 DATASETS = {
@@ -102,6 +103,9 @@ DATASETS = {
                        "MSAgent-Bench from ModelScope (tool calls, ReAct style)"),
     "custom_pretrain": Dataset("custom_pretrain", "data/custom_pretrain.jsonl", "format='pretrain'",
                                "your raw text, one {'text': ...} per line (continued pretraining)"),
+    "gsm8k": Dataset("gsm8k", "openai/gsm8k", "format='auto'",
+                     "GSM8K (openai/gsm8k, subset main: 7.5k grade-school maths problems, each answer ending '#### N')",
+                     subset="main"),
     "ultrafeedback": Dataset("ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized", "format='preference'",
                              "UltraFeedback binarized (HuggingFaceH4/ultrafeedback_binarized, split train_prefs)",
                              split="train_prefs"),
@@ -122,12 +126,14 @@ def plan(model: Model) -> list[tuple[str, str]]:
     if model.size_b <= 8:
         runs += [("full", "alpaca"), ("full", "custom_sft"), ("full", "custom_pretrain")]
     runs += [("dpo_qlora", "ultrafeedback"), ("orpo_qlora", "ultrafeedback")]
+    if model.family in ("qwen2_5", "qwen3") and model.size_b <= 8 and model.arch not in MOE_ARCHS:
+        runs.append(("grpo_lora", "gsm8k"))  # online RL with a verifiable reward: the answer after '####'
     return runs
 
 
 def epochs(dataset: str) -> int:
     """One pass over pretraining text and preference pairs, three over instructions (XTuner's e1 / e3)."""
-    return 1 if dataset in ("custom_pretrain", "ultrafeedback") else 3
+    return 1 if dataset in ("custom_pretrain", "ultrafeedback", "gsm8k") else 3
 
 
 def config_name(model: Model, method: str, dataset: str) -> str:
@@ -143,7 +149,13 @@ def _gpu_line(model: Model, method: str) -> str:
     return f"about {weights:.0f} GB of {'4-bit' if quantized else 'bf16'} weights plus activations"
 
 
+GSM8K_SYSTEM = ("Think step by step inside <think> </think>, then give only the final number inside "
+                "<answer> </answer>.")
+
+
 def render(model: Model, method: str, dataset_key: str) -> str:
+    if method == "grpo_lora":
+        return render_grpo(model, dataset_key)
     d = DATASETS[dataset_key]
     preference = method.split("_")[0] if method in ("dpo_qlora", "orpo_qlora") else None
     finetune = method.split("_")[-1]
@@ -170,6 +182,29 @@ def render(model: Model, method: str, dataset_key: str) -> str:
                           scheduler="cosine", dtype="auto", gradient_checkpointing=model.size_b >= 7 or bool(preference)),
         checkpoint=CheckpointConfig(save_steps=500, save_total_limit=2),
         evaluate=EvaluateConfig(inputs=EVALUATION_INPUTS.get(dataset_key, DEFAULT_INPUTS), freq=500, system=None))
+    return xtuner_text(header, sections)
+
+
+def render_grpo(model: Model, dataset_key: str) -> str:
+    """GRPO (LoRA) on GSM8K: 8 completions per prompt, rewarded for the right final number and the format."""
+    d = DATASETS[dataset_key]
+    header = [GENERATED_MARK, f"# GRPO (LoRA) of {model.hub_id} on {d.about}.",
+              f"# {_gpu_line(model, 'lora')}; rollouts are most of a step's time.",
+              "# Rewards: math_accuracy (the number in <answer> against the one after '####') and format."]
+    sections = dict(
+        model=ModelConfig(path=model.hub_id, dtype="bfloat16"),
+        lora=LoraConfig(r=64, alpha=16, dropout=0.0, target_modules="all-linear"),
+        rl=RLConfig(loss="dapo", num_generations=8, max_prompt_length=256, max_completion_length=512,
+                    temperature=1.0, beta=0.0, rewards=["math_accuracy", "format"]),
+        data=DataConfig(sources=[DatasetSource(path=d.path, subset=d.subset)], template=model.template,
+                        system=GSM8K_SYSTEM),
+        optim=OptimConfig(lr=1e-5, weight_decay=0.0, betas=(0.9, 0.99), max_norm=1.0),
+        train=TrainConfig(batch_size=8, accumulative_counts=4, max_epochs=epochs(dataset_key), warmup_ratio=0.03,
+                          scheduler="cosine", dtype="auto", gradient_checkpointing=model.size_b >= 7),
+        checkpoint=CheckpointConfig(save_steps=100, save_total_limit=2),
+        evaluate=EvaluateConfig(inputs=["Natalia sold clips to 48 of her friends in April, and then she sold half as "
+                                        "many clips in May. How many clips did Natalia sell altogether in April and "
+                                        "May?"], freq=50, system=GSM8K_SYSTEM, max_new_tokens=512))
     return xtuner_text(header, sections)
 
 

@@ -147,6 +147,8 @@ class DatasetSource:
     """Times each sample is used per epoch: 2.0 doubles this dataset, 0.5 keeps a (seeded) half"""
     split: str = "train"
     """Split of a Hugging Face dataset"""
+    subset: Optional[str] = None
+    """A Hugging Face dataset's configuration name, where it has several (openai/gsm8k: 'main' or 'socratic')"""
     revision: Optional[str] = None
     """A Hugging Face dataset's branch, tag or commit (None: its default branch). The tokenized cache is
     keyed by the commit it resolves to, so a new revision of the dataset is tokenized again"""

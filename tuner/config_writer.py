@@ -188,6 +188,8 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
         names["path"] = p.add("data_path", where.path)
         if single is not None and single.split != "train":
             names["split"] = p.add("data_split", single.split)
+        if single is not None and single.subset is not None:
+            names["subset"] = p.add("data_subset", single.subset, "the dataset's configuration name")
         if where.map_fn is not None:
             names["map_fn"] = p.add("dataset_map_fn", where.map_fn)
         elif where.format != "auto":
@@ -196,10 +198,11 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
         named["llava"]["image_folder"] = p.add("image_folder", llava.image_folder)
     named["data"]["template"] = p.add("prompt_template", data.template,
                                       "None: the tokenizer's own chat template" if data.template is None else "")
-    named["data"]["max_length"] = p.add("max_length", data.max_length,
-                                        "text tokens plus the image's" if llava is not None else "")
-    named["data"]["pack"] = p.add("pack_to_max_length", data.pack,
-                                  "several samples per sequence, each seeing only itself" if data.pack else "")
+    if sections.get("rl") is None:  # (online RL samples its sequences: rl.max_*_length say how long)
+        named["data"]["max_length"] = p.add("max_length", data.max_length,
+                                            "text tokens plus the image's" if llava is not None else "")
+        named["data"]["pack"] = p.add("pack_to_max_length", data.pack,
+                                      "several samples per sequence, each seeing only itself" if data.pack else "")
 
     if preference is not None and preference.method != "reward":
         p.group("Preference objective")

@@ -167,7 +167,7 @@ class _Reader:
                     self.note("ConcatDataset", f"the mixed datasets differ in {key} ({', '.join(sorted(others))}); "
                                                f"tuner uses the first one's ({first.get(key)!r}) for all")
             first["sources"] = [{"path": p["path"], "format": p.get("format", "auto"), "map_fn": p.get("map_fn"),
-                                 "split": p.get("split", "train")} for p in parts]
+                                 "split": p.get("split", "train"), "subset": p.get("subset")} for p in parts]
             return first
         return self.one_dataset(dataset)
 
@@ -269,11 +269,11 @@ class _Reader:
         if files:
             self.note("data_files", f"load_dataset({path!r}, data_files=...) reads only those files of the "
                                     f"dataset; tuner reads the whole dataset {path!r}")
-        if dataset.get("name"):
-            self.note("name=", f"the dataset's configuration name {dataset['name']!r} is not carried over")
         if os.path.isabs(str(path)) or str(path).startswith((".", "~")):
             return {"path": str(path)}
-        return {"path": str(path), "split": split}
+        subset = dataset.get("name")
+        return {"path": str(path), "split": split, **({"subset": str(self.value(subset, "name=", "the dataset's "
+                                                                                "configuration name"))} if subset else {})}
 
     def files(self, files):
         if isinstance(files, dict):  # {'train': 'a.json'} or {'train': [...]}
@@ -492,12 +492,12 @@ def _sections(path: Path, ns: dict, r: _Reader, model: dict, lora, data: dict, l
         return dict(map_fn=MAP_FNS[s["map_fn"]]) if s.get("map_fn") else dict(format=s.get("format", "auto"))
 
     def source(s: dict) -> DatasetSource:
-        return DatasetSource(path=s["path"], split=s.get("split", "train"), **form(s))
+        return DatasetSource(path=s["path"], split=s.get("split", "train"), subset=s.get("subset"), **form(s))
 
     try:
         shared = dict(template=data.get("template"), max_length=data.get("max_length", 2048),
                       pack=data.get("pack", False))
-        if data.get("sources") or data.get("split", "train") != "train":
+        if data.get("sources") or data.get("split", "train") != "train" or data.get("subset"):
             data_section = DataConfig(sources=[source(s) for s in data.get("sources") or [data]], **shared)
         else:
             data_section = DataConfig(path=data["path"], **form(data), **shared)  # (path: a file or a list)

@@ -84,12 +84,28 @@ def _messages(value, name: str) -> list[dict]:
     return [dict(m) for m in value]
 
 
+def prompt_conversations(data, limit: int) -> list[dict]:
+    """The first rows' prompts, each with a short reply after it: what checking a named template against the
+    tokenizer's own renders (bad rows are left to build_prompts to report)."""
+    out = []
+    for source in data.source_list():
+        for _, _, row in iter_rows(source.path, source.split, source.revision, source.subset):
+            try:
+                messages = prompt_of(source.map_fn(row) if source.map_fn is not None else row)[1]
+            except (RowError, KeyError, TypeError, ValueError):
+                continue
+            out.append({"messages": messages + [{"role": "assistant", "content": "42"}]})
+            if len(out) >= limit:
+                return out
+    return out
+
+
 def build_prompts(data, tokenizer, max_prompt_length: int, say: Callable[[str], None] = print) -> PromptSet:
     """Every row of the data's sources as a prompt (`data`: a DataConfig; map_fn, if given, makes each row)."""
     template = get_template(data.template, tokenizer)
     out = PromptSet()
     for source in data.source_list():
-        for place, line, row in iter_rows(source.path, source.split, source.revision):
+        for place, line, row in iter_rows(source.path, source.split, source.revision, source.subset):
             try:
                 if source.map_fn is not None:
                     row = source.map_fn(row)

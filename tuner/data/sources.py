@@ -45,10 +45,12 @@ def is_hub_dataset(path: str) -> bool:
             and Path(path).suffix not in SUFFIXES)
 
 
-def iter_rows(path: str | Path, split: str = "train", revision: str | None = None) -> Iterator[tuple[str, int, dict]]:
-    """Yield (place, line, row). A bad line raises TunerError naming file and line."""
+def iter_rows(path: str | Path, split: str = "train", revision: str | None = None,
+              subset: str | None = None) -> Iterator[tuple[str, int, dict]]:
+    """Yield (place, line, row). A bad line raises TunerError naming file and line. `split`, `revision` and
+    `subset` (its configuration name) are a hub dataset's."""
     if is_hub_dataset(str(path)):
-        yield from _hub_rows(str(path), split, revision)
+        yield from _hub_rows(str(path), split, revision, subset)
         return
     for file in data_files(path):
         reader = {".jsonl": _jsonl_rows, ".json": _json_array_rows, ".parquet": _parquet_rows,
@@ -228,13 +230,14 @@ def hub_revision(name: str, revision: str | None = None) -> str:
     return ref.read_text().strip() if ref.is_file() else revision or "unknown"
 
 
-def _hub_rows(name: str, split: str, revision: str | None = None):
+def _hub_rows(name: str, split: str, revision: str | None = None, subset: str | None = None):
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, split=split, streaming=True, revision=revision)
+        dataset = datasets.load_dataset(name, subset, split=split, streaming=True, revision=revision)
     except Exception as e:  # noqa: BLE001 - offline, missing and gated datasets raise many types
-        raise TunerError(f"could not load the dataset {name!r} (split {split!r}) from the Hugging Face hub: "
+        raise TunerError(f"could not load the dataset {name!r} ({f'subset {subset!r}, ' if subset else ''}split "
+                         f"{split!r}) from the Hugging Face hub: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
                          hint="without network access, download it elsewhere and point data_path at the files") from None
     for number, row in enumerate(dataset, start=1):

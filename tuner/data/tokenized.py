@@ -134,7 +134,8 @@ def cache_key(cfg: DataConfig, tokenizer, images: ImageSettings | None = None) -
     h.update(f"v{CACHE_VERSION}".encode())
     h.update(json.dumps(asdict(images) if images else None).encode())
     for source in cfg.source_list():
-        h.update(json.dumps([source.path, source.format, source.split, _function_identity(source.map_fn)]).encode())
+        h.update(json.dumps([source.path, source.format, source.split, source.subset,
+                             _function_identity(source.map_fn)]).encode())
         if is_hub_dataset(source.path):  # a hub dataset: by its name, split and commit (a new revision re-tokenizes)
             h.update(hub_revision(source.path, source.revision).encode())
             continue
@@ -268,7 +269,7 @@ def resolve_map_fns(cfg: DataConfig, stats: TokenStats, images: bool = False) ->
             elif source.format != "auto":
                 fn, label = FORMATS[source.format], source.format
             else:
-                first = next((r for r in iter_rows(place, source.split, source.revision) if BAD_ROW not in r[2]), None)
+                first = next((r for r in iter_rows(place, source.split, source.revision, source.subset) if BAD_ROW not in r[2]), None)
                 if first is None:
                     continue  # no readable row to map: the bad ones are reported when tokenizing
                 where, line, row = first
@@ -286,7 +287,7 @@ def rows_of(cfg: DataConfig) -> Iterator[tuple[int, tuple[str, int, dict, str]]]
     """(source index, (place, line, row, map function key)) for every row of every source."""
     for index, source in enumerate(cfg.source_list()):
         for place in _places(source):
-            for where, line, row in iter_rows(place, source.split, source.revision):
+            for where, line, row in iter_rows(place, source.split, source.revision, source.subset):
                 yield index, (where, line, row, f"{index}|{place}")
 
 

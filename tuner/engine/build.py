@@ -89,7 +89,11 @@ def check_template(cfg: Config, tokenizer, info: Callable[[str], None], rows: in
     from tuner.data.template_check import compare_templates
     from tuner.data.templates import get_template
 
-    first = conversations(data, limit=rows, skip_bad=True)  # the data build reports bad rows
+    if cfg.rl is not None:  # prompts: each with a short reply
+        from tuner.data.prompts import prompt_conversations
+        first = prompt_conversations(data, rows)
+    else:
+        first = conversations(data, limit=rows, skip_bad=True)  # the data build reports bad rows
     if not first:  # pretraining text: no template is applied
         return
     report = compare_templates(get_template(data.template, tokenizer), tokenizer, first)
