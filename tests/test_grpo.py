@@ -255,3 +255,35 @@ def test_grpo_teaches_the_embedded_model_one_word_answers(tmp_path):
     tuner("convert", "pth_to_hf", config, last, tmp_path / "adapter", cwd=tmp_path)
     one, correct, total = one_word_rate(test_file, str(tmp_path / "adapter"), show=False)
     assert one >= 18, (one, correct, total)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, prompt_file, monkeypatch, strategy):
+    """GRPO under DDP and DeepSpeed ZeRO-2 with 2 CPU processes x batch 4 against one process x batch 8, the
+    same 2 prompts (16 completions) per step: each completion is sampled from its own generator (seeded by
+    the step, the prompt and its number), so both runs sample the same completions, and their losses, rewards
+    and KL are the same."""
+    from test_cli import tuner
+
+    extra = "def e_count(prompts, completions, **kw):\n    return [c.count('e') / 4 for c in completions]\n\n"
+    one = write_rl_config(tmp_path, tiny_model_dir, prompt_file, extra=extra, rewards="[e_count, 'length']",
+                          beta=0.04, scale_rewards="batch")
+    text = one.read_text()
+    one.write_text(text.replace("batch_size=4, accumulative_counts=2", "batch_size=8, accumulative_counts=2"))
+    two = tmp_path / "rl_two.py"
+    two.write_text(text)
+    tuner("train", one, "--work-dir", tmp_path / "one", "--cfg-options", "train.max_steps=3")
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("PORT", "29587" if strategy == "ddp" else "29589")
+    args = ["--deepspeed", "deepspeed_zero2"] if strategy == "zero2" else []
+    run = tuner("train", two, "--work-dir", tmp_path / "two", "--cfg-options", "train.max_steps=3", *args)
+    assert "2 processes" in run.stderr
+
+    def steps(work):
+        return [json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
+
+    single, double = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert len(single) == len(double) == 3 and any(s["kl"] > 0 for s in single[1:])
+    for name in ("reward", "reward_std", "rewards/e_count", "completions/mean_length", "loss", "kl", "entropy"):
+        assert [s[name] for s in double] == pytest.approx([s[name] for s in single], rel=1e-4, abs=1e-6), name

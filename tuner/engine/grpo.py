@@ -23,6 +23,7 @@ ones, detached (ratio 1), as in TRL; with more, they are computed once at the ro
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,6 @@ from tuner.model import packed_attention
 from tuner.model.device import autocast
 from tuner.rewards import reward_name, resolve_rewards
 
-BATCH_KEYS = ("input_ids", "position_ids", "attention_mask", "completion_mask", "advantages", "old_logps", "ref_logps")
 
 
 @dataclass
@@ -152,12 +152,17 @@ class GrpoLoss:
         prompts = trainer.sequences
         chosen = trainer.schedule.prompts(index, dist.rank)
         prompt_ids = [prompts.ids[i] for i in chosen for _ in range(s.num_generations)]
-        generator = torch.Generator().manual_seed(
-            (trainer.cfg.train.seed * 1_000_003 + index) * 1009 + dist.rank)  # (a resumed run samples the same)
+        # One generator per completion, seeded by the run's seed, the rollout, the prompt and the completion's
+        # number: a resumed run, or a run on another number of processes, samples the same completions.
+        base = (trainer.cfg.train.seed * 1_000_003 + index) * 1_000_033
+        generators = [torch.Generator().manual_seed((base + i) * 1024 + g) for i in chosen for g in range(s.num_generations)]
         sampling = Sampling(s.max_completion_length, s.temperature, s.top_p, s.top_k)
-        completion_ids = self.rollouts(prompt_ids, sampling, generator)
+        started = time.perf_counter()
+        completion_ids = self.rollouts(prompt_ids, sampling, generators)
+        sampled = time.perf_counter()
         rows = [i for i in chosen for _ in range(s.num_generations)]
         rewards = self.score(trainer, rows, completion_ids)  # (N, functions)
+        scored = time.perf_counter()
         advantages, figures = self.advantages(rewards, dist)
         lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
         hit_limit = sum(1 for c in completion_ids if len(c) >= s.max_completion_length and c[-1] not in self.stop_ids)
@@ -174,6 +179,8 @@ class GrpoLoss:
             rollout.ref_logps = self.logps_of(self.reference_model, rollout) if self.reference_model is not None else \
                 self._with_adapter_off(lambda: self.logps_of(trainer.raw_model, rollout))
         self._log_samples(trainer, index, rows, completion_ids, rewards, advantages)
+        rollout.figures.update({"time/rollout": sampled - started, "time/reward": scored - sampled,
+                                "time/logps": time.perf_counter() - scored})  # (old and reference log-probs)
         return rollout
 
     def _with_adapter_off(self, fn):
@@ -264,49 +271,55 @@ class GrpoLoss:
 
     # ------------------------------------------------------------------ tensors
     def collate(self, rollout: Rollout, rows: list[int]) -> dict[str, torch.Tensor]:
-        """Rows of prompt (left-padded) + completion (right-padded), with position ids that restart at every
-        pad (so with tuner's packed attention every pad is a sample of its own and needs no mask)."""
-        prompts = [rollout.prompt_ids[i] for i in rows]
-        completions = [rollout.completion_ids[i] for i in rows]
-        width_p, width_c = max(len(p) for p in prompts), max(max(len(c) for c in completions), 1)
-        ids, positions, attention, completion_mask = [], [], [], []
-        for p, c in zip(prompts, completions):
-            lead, trail = width_p - len(p), width_c - len(c)
-            ids.append([self.pad_id] * lead + list(p) + list(c) + [self.pad_id] * trail)
-            positions.append([0] * lead + list(range(len(p) + len(c))) + [0] * trail)
-            attention.append([0] * lead + [1] * (len(p) + len(c)) + [0] * trail)
-            completion_mask.append([1] * len(c) + [0] * trail)
-        batch = {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(positions),
-                 "attention_mask": torch.tensor(attention), "completion_mask": torch.tensor(completion_mask),
-                 "advantages": rollout.advantages[rows].float()}
+        """The rows' prompt + completion sequences packed into one row (position ids restart at each, so no
+        sequence sees another and there is no padding), with where each completion token's logits are:
+        `completion_index` (completions, longest completion) into the packed row, `completion_mask` 1 on real
+        tokens. (Padded rows made every pad a sample of its own for tuner's packed attention: 7x the calls.)"""
+        width = max(max(len(rollout.completion_ids[i]) for i in rows), 1)
+        ids, positions = [], []
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for k, i in enumerate(rows):
+            prompt, completion = rollout.prompt_ids[i], rollout.completion_ids[i]
+            start = len(ids) + len(prompt) - 1  # the logits at the prompt's last token predict the first completion token
+            index[k, :len(completion)] = torch.arange(start, start + len(completion))
+            mask[k, :len(completion)] = 1
+            ids += list(prompt) + list(completion)
+            positions += range(len(prompt) + len(completion))
+        batch = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+                 "completion_index": index, "completion_mask": mask, "advantages": rollout.advantages[rows].float()}
         for name in ("old_logps", "ref_logps"):
             values = getattr(rollout, name)
             if values is not None:
-                batch[name] = torch.stack([torch.nn.functional.pad(values[i], (0, width_c - len(values[i])))
-                                           for i in rows])
+                batch[name] = torch.stack([torch.nn.functional.pad(values[i], (0, width - len(values[i]))) for i in rows])
         return batch
 
     def token_logps(self, model, batch: dict[str, torch.Tensor], entropy: bool = False):
-        """Each completion token's log-prob at the sampling temperature (batch, completion width), and the
-        entropy of each of those distributions when asked."""
-        width = batch["completion_mask"].shape[1]
+        """Each completion token's log-prob at the sampling temperature (completions, longest completion), and
+        the entropy of each of those distributions when asked. Logits only where a completion token is predicted."""
+        index, mask = batch["completion_index"], batch["completion_mask"].bool()
+        keep = index[mask].unique()  # (sorted)
         kwargs = {}
         if self.attention in (packed_attention.NAME, "flash_attention_2"):
             kwargs.update(packed_attention.varlen_kwargs(batch["position_ids"]))
-        else:
-            kwargs["attention_mask"] = batch["attention_mask"]
         if self.takes_logits_to_keep:
-            kwargs["logits_to_keep"] = width + 1
+            kwargs["logits_to_keep"] = keep
         with autocast(self.device, self.compute_dtype):
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                           **kwargs).logits
-        logits = logits[:, -(width + 1):-1].float() / self.settings.temperature
-        log_probs = logits.log_softmax(-1)
-        targets = batch["input_ids"][:, -width:]
-        logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                           **kwargs).logits[0]
+        if not self.takes_logits_to_keep:
+            logits = logits[keep]
+        # Row k of `logits` is position keep[k]; each completion token's row, and the token it predicts:
+        where = torch.zeros(batch["input_ids"].shape[1], dtype=torch.long, device=keep.device)
+        where[keep] = torch.arange(len(keep), device=keep.device)
+        log_probs = (logits.float() / self.settings.temperature).log_softmax(-1)  # (kept positions, vocab)
+        targets = batch["input_ids"][0][keep + 1]
+        logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[where[index]] * mask  # (B, C)
         if not entropy:
             return logps
-        return logps, -(log_probs.exp() * log_probs).sum(-1)
+        with torch.no_grad():  # (a figure, not part of the loss)
+            entropies = -(log_probs.exp() * log_probs).sum(-1)[where[index]] * mask
+        return logps, entropies
 
     @torch.no_grad()
     def logps_of(self, model, rollout: Rollout, batch_size: int = 8) -> list[torch.Tensor]:

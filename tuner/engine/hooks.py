@@ -72,6 +72,14 @@ class LoggerHook(Hook):
                     line += f"  accuracy: {metrics['rewards/accuracies']:.1%}"
                 if "kl" in metrics:  # KTO's estimate
                     line += f"  kl: {metrics['kl']:.4f}"
+            if "reward" in metrics:  # online RL: the rollout's rewards and lengths, and where the time went
+                line += (f"  reward: {metrics['reward']:.4f} (std {metrics['reward_std']:.4f})  completion length: "
+                         f"{metrics['completions/mean_length']:.1f}")
+                if "kl" in metrics:
+                    line += f"  kl: {metrics['kl']:.4f}"
+                if "time/rollout" in metrics:
+                    line += (f"  rollout {metrics['time/rollout']:.2f}s reward {metrics['time/reward']:.2f}s "
+                             f"train {metrics['step_time'] - metrics['time/rollout'] - metrics['time/reward']:.2f}s")
             trainer.logger.info(line)
             if not console.is_terminal:  # the bar is not drawn into pipes and files: print the line
                 console.print(line, highlight=False, soft_wrap=True)
