@@ -181,8 +181,20 @@ def test_bad_rl_settings_are_refused_at_load(tmp_path, tiny_model_dir, prompt_fi
     with pytest.raises(TunerError, match="cannot import 'no_such_module:f'"):
         load_config(write_rl_config(tmp_path, tiny_model_dir, prompt_file, rewards="['no_such_module:f']"))
     (tmp_path / "my_rewards.py").write_text("def exact(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
-    cfg = load_config(write_rl_config(tmp_path, tiny_model_dir, prompt_file, rewards="['my_rewards:exact']"))
-    assert cfg.rl.rewards == ["my_rewards:exact"]
+    path = write_rl_config(tmp_path, tiny_model_dir, prompt_file, rewards="['my_rewards:exact']")
+    assert load_config(path).rl.rewards == ["my_rewards:exact"]
+
+
+def test_check_config_says_what_rl_would_do(tmp_path, tiny_model_dir, prompt_file):
+    from test_cli import tuner
+
+    out = tuner("check-config", write_rl_config(tmp_path, tiny_model_dir, prompt_file)).stdout
+    assert "4 completions per prompt (temperature 1), rewards length" in out
+    assert "6 per epoch x 1 epochs on one process (12 prompts, 2 per step: 4 x 2 completions)" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no prompt here"}) + "\n")
+    run = tuner("check-config", write_rl_config(tmp_path, tiny_model_dir, bad), check=False)
+    assert run.returncode == 1 and f"{bad}:1: field 'prompt': no prompt" in run.stderr
 
 
 BROKEN = "def broken(prompts, completions, **kw):\n    raise ValueError('no answer column')\n\n" \
@@ -287,3 +299,32 @@ def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, prompt_file, 
     assert len(single) == len(double) == 3 and any(s["kl"] > 0 for s in single[1:])
     for name in ("reward", "reward_std", "rewards/e_count", "completions/mean_length", "loss", "kl", "entropy"):
         assert [s[name] for s in double] == pytest.approx([s[name] for s in single], rel=1e-4, abs=1e-6), name
+
+
+def test_a_reward_model_folder_is_a_reward(tmp_path, tiny_model_dir, tokenizer, prompt_file):
+    """'rm:PATH': a sequence-classification folder scores prompt + completion as a conversation, as `tuner score`
+    reads it; a missing folder is refused when the config loads."""
+    import transformers
+
+    from tuner.engine.grpo import RewardModelReward
+    from tuner.engine.loop import Trainer
+    from tuner.generation.score import score_with_reward_model
+
+    folder = tmp_path / "rm"
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    reward = RewardModelReward(str(folder))
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Hi"}]]
+    completions = [[{"role": "assistant", "content": "Hello there."}], [{"role": "assistant", "content": "Go away."}]]
+    scores = reward(prompts, completions)
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"messages": p + c}) + "\n" for p, c in zip(prompts, completions)))
+    expected = score_with_reward_model(reward.model, reward.tokenizer, str(data), None, 4096).rewards.tolist()
+    assert scores == pytest.approx(expected) and scores[0] != scores[1]
+    with pytest.raises(TunerError, match="no reward model folder"):
+        load_config(write_rl_config(tmp_path, tiny_model_dir, prompt_file, rewards=f"['rm:{tmp_path}/missing']"))
+    path = write_rl_config(tmp_path, tiny_model_dir, prompt_file, rewards=f"['rm:{folder}', 'length']")
+    Trainer(load_config(path, ["train.max_steps=1"]), work_dir=tmp_path / "work").train()
+    scalars = json.loads(next((tmp_path / "work").glob("*/vis_data/scalars.json")).read_text().splitlines()[0])
+    assert math.isfinite(scalars[f"rewards/rm:{folder}"])

@@ -126,7 +126,14 @@ def resolve_rewards(specs: list, config_dir: Path | None, max_completion_length:
                 "length": lambda: soft_overlong_punishment(max_completion_length)}
     resolved = []
     for spec in specs:
-        if callable(spec) or (isinstance(spec, str) and spec.startswith("rm:")):
+        if isinstance(spec, str) and spec.startswith("rm:"):
+            folder = spec[3:]
+            local = folder.startswith((".", "/", "~")) or folder.count("/") != 1
+            if local and not Path(folder).expanduser().is_dir():
+                raise TunerError(f"rl.rewards {spec!r}: no reward model folder {folder}",
+                                 hint="train one with a preference section method='reward', then tuner convert pth_to_hf")
+            resolved.append(spec)
+        elif callable(spec):
             resolved.append(spec)
         elif isinstance(spec, str) and spec in builtins:
             resolved.append(builtins[spec]())

@@ -101,9 +101,7 @@ class GrpoLoss:
         self.trainer = trainer
         self.functions = resolve_rewards(s.rewards, cfg.path.parent, s.max_completion_length)
         self.names = [reward_name(f) for f in self.functions]
-        if any(isinstance(f, str) for f in self.functions):
-            raise TunerError("rl.rewards: reward models ('rm:PATH') are not supported yet",
-                             hint="score with a Python function for now")
+        self.functions = [RewardModelReward(f[3:]) if isinstance(f, str) else f for f in self.functions]
         self.weights = torch.tensor(s.reward_weights or [1.0] * len(self.functions), dtype=torch.float32)
         if trainer.strategy.sharded(trainer.model):
             raise TunerError("rl under FSDP or ZeRO-3 is not supported yet: rollouts run the whole model on each "
@@ -407,6 +405,30 @@ class GrpoLoss:
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.current = Rollout(**state)
+
+
+class RewardModelReward:
+    """A reward model folder (tuner's method='reward' output, or any sequence-classification model with one
+    label) as a reward function: prompt + completion scored as one conversation, with its own chat template."""
+
+    def __init__(self, path: str):
+        from tuner.generation.load import load_reward_model
+
+        loaded = load_reward_model(path, "fp32")
+        if loaded is None:
+            raise TunerError(f"rl.rewards 'rm:{path}': {path} is not a reward model (no sequence-classification head)",
+                             hint="train one with a preference section method='reward', then tuner convert pth_to_hf")
+        self.model, self.tokenizer, self.compute_dtype = loaded
+        self.__name__ = f"rm:{path}"
+
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        from tuner.generation.score import score_conversations
+        from tuner.rewards import completion_text
+
+        conversations = [([{"role": "user", "content": p}] if isinstance(p, str) else list(p))
+                         + [{"role": "assistant", "content": completion_text(c)}] for p, c in zip(prompts, completions)]
+        return score_conversations(self.model, self.tokenizer, conversations,
+                                   compute_dtype=self.compute_dtype).tolist()
 
 
 def _nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:

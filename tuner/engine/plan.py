@@ -36,16 +36,37 @@ def _count_rows(path: Path) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
+def _check_prompts(sources, stats: TokenStats) -> None:
+    """Each local file's first row must give a prompt (data/prompts.py); a bad one names the file and line."""
+    from tuner.data.formats import RowError
+    from tuner.data.prompts import prompt_of
+    from tuner.data.sources import iter_rows
+    from tuner.errors import TunerError
+
+    for source in sources:
+        for place, line, row in iter_rows(source.path, source.split, source.revision, source.subset):
+            try:
+                prompt_of(source.map_fn(row) if source.map_fn is not None else row)
+            except (RowError, KeyError, TypeError, ValueError) as e:
+                raise TunerError(f"{place}:{line}: {e}") from None
+            for file in data_files(source.path):
+                stats.formats[str(file)] = "prompts"
+            break
+
+
 def describe_plan(cfg: Config) -> str:
     lines = [f"config     {cfg.path}"]
     model = cfg.model
-    what = cfg.method + ("" if cfg.preference is None else f", {cfg.preference.method}")
+    what = cfg.method + ("" if cfg.preference is None else f", {cfg.preference.method}") + (
+        "" if cfg.rl is None else f", {cfg.rl.method} ({cfg.rl.loss})")
     lines.append(f"model      {model.path} ({what}), dtype {model.dtype}"
                  + (f", {model.quantization} quantized" if model.quantization else "")
                  + (", runs the model folder's own code" if model.trust_remote_code else ""))
     stats = TokenStats()
     local = [s for s in cfg.data.source_list() if not _remote(s.path)]
-    if local:  # the formats of local files (their first rows read); hub datasets are not looked at
+    if local and cfg.rl is not None:  # prompts: the first row of each local file read as one
+        _check_prompts(local, stats)
+    elif local:  # the formats of local files (their first rows read); hub datasets are not looked at
         resolve_map_fns(dataclasses.replace(cfg.data, path="", sources=local), stats, images=cfg.llava is not None)
     rows, counted = 0, True
     for source in cfg.data.source_list():
@@ -61,11 +82,24 @@ def describe_plan(cfg: Config) -> str:
             lines.append(f"data       {f}: {stats.formats.get(str(f), source.format)}"
                          + (f", {n} rows" if n is not None else "") + (f", x{source.repeats:g}" if source.repeats != 1 else ""))
     template = cfg.data.template or "the tokenizer's own chat template"
-    lines.append(f"template   {template}; max_length {cfg.data.max_length}, "
-                 + ("packed" if cfg.data.pack else "not packed"))
     t = cfg.train
     per_step = t.batch_size * t.accumulative_counts
-    if counted and rows:
+    if cfg.rl is not None:
+        rl = cfg.rl
+        names = [r if isinstance(r, str) else getattr(r, "__name__", type(r).__name__) for r in rl.rewards]
+        prompts = per_step // rl.num_generations
+        lines.append(f"template   {template}; prompts up to {rl.max_prompt_length} tokens (cut from the left), "
+                     f"completions up to {rl.max_completion_length}")
+        lines.append(f"rl         {rl.num_generations} completions per prompt (temperature {rl.temperature:g}), "
+                     f"rewards {', '.join(names)}; beta {rl.beta:g}, {rl.num_iterations} step(s) per rollout")
+        if counted and rows:
+            lines.append(f"steps      {rows // prompts * rl.num_iterations} per epoch x {t.max_epochs} epochs on one "
+                         f"process ({rows} prompts, {prompts} per step: {t.batch_size} x {t.accumulative_counts} "
+                         f"completions)")
+    else:
+        lines.append(f"template   {template}; max_length {cfg.data.max_length}, "
+                     + ("packed" if cfg.data.pack else "not packed"))
+    if counted and rows and cfg.rl is None:
         unit = "pairs" if cfg.preference is not None and cfg.preference.method != "kto" else "rows"
         lines.append(f"steps      at most {math.ceil(rows / per_step)} per epoch x {t.max_epochs} epochs on one process "
                      f"({rows} {unit}, {t.batch_size} x {t.accumulative_counts} per step; packing makes fewer)")
@@ -95,6 +129,7 @@ def _memory_line(cfg: Config) -> str | None:
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, task="SEQ_CLS" if cfg.head == "reward" else "CAUSAL_LM")
     compute_bytes = 4 if cfg.train.dtype in ("fp32", "float32") else 2
-    estimate = estimate_memory(model, cfg.train.batch_size * cfg.data.max_length, cfg.train.gradient_checkpointing,
+    tokens = cfg.data.max_length if cfg.rl is None else cfg.rl.max_prompt_length + cfg.rl.max_completion_length
+    estimate = estimate_memory(model, cfg.train.batch_size * tokens, cfg.train.gradient_checkpointing,
                                compute_bytes, 2 if cfg.optim.name.endswith("8bit") else 8)
     return f"memory     {estimate.describe().removeprefix('memory estimate ')} (one process, before sharding)"

@@ -91,10 +91,12 @@ class RewardScores:
 
 
 def score_with_reward_model(model, tokenizer, data: str, template: str | None, max_length: int, batch_size: int = 8,
-                            compute_dtype: torch.dtype = torch.float32, say=lambda _: None) -> RewardScores:
+                            compute_dtype: torch.dtype = torch.float32, say=lambda _: None,
+                            num_proc: int = 0) -> RewardScores:
     """Every sample of `data` (conversations, or both answers of each pair) scored by a reward model, one
     sample per row, the reward read at its last token as in training."""
-    cfg = DataConfig(path=data, template=template, max_length=max_length, pack=False, shuffle=False, cache=False)
+    cfg = DataConfig(path=data, template=template, max_length=max_length, pack=False, shuffle=False, cache=False,
+                     num_proc=num_proc)
     store, _ = load_token_store(cfg, tokenizer, say)
     device = next(model.parameters()).device
     attention = model.config._attn_implementation
@@ -107,3 +109,19 @@ def score_with_reward_model(model, tokenizer, data: str, template: str | None, m
             found = sample_rewards(model, {k: v.to(device) for k, v in batch.items()}, device, compute_dtype, attention)
         rewards[start:start + len(rows)] = found.cpu()
     return RewardScores(rewards, bool(store.stats.pairs))
+
+
+def score_conversations(model, tokenizer, conversations: list[list[dict]], max_length: int = 4096,
+                        compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Each conversation's reward under a reward model, read exactly as `tuner score` and training read it
+    (the rows go through the data engine with the folder's own chat template, which pth_to_hf writes)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="tuner-rm-") as folder:
+        path = Path(folder) / "conversations.jsonl"
+        path.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations),
+                        encoding="utf-8")
+        return score_with_reward_model(model, tokenizer, str(path), None, max_length, compute_dtype=compute_dtype,
+                                       num_proc=1).rewards
