@@ -103,9 +103,14 @@ class GrpoLoss:
         self.names = [reward_name(f) for f in self.functions]
         self.functions = [RewardModelReward(f[3:]) if isinstance(f, str) else f for f in self.functions]
         self.weights = torch.tensor(s.reward_weights or [1.0] * len(self.functions), dtype=torch.float32)
-        if trainer.strategy.sharded(trainer.model):
-            raise TunerError("rl under FSDP or ZeRO-3 is not supported yet: rollouts run the whole model on each "
-                             "process", hint="train with LoRA or QLoRA on one process or under DDP / ZeRO-2")
+        sharded = trainer.strategy.sharded(trainer.model)
+        if sharded and s.beta > 0 and cfg.lora is None:
+            raise TunerError("rl with beta > 0 and full fine-tuning keeps a frozen copy of the model, which FSDP and "
+                             "ZeRO-3 do not shard", hint="train with LoRA (the reference is the adapter switched "
+                                                         "off), set rl.beta=0, or use DDP / --deepspeed deepspeed_zero2")
+        dist = trainer.dist
+        # Sharded weights: every forward needs every process, so the processes stop sampling together.
+        all_done = (lambda mine: dist.sum(0.0 if mine else 1.0)[0] == 0) if sharded else None
         tokenizer = trainer.tokenizer
         stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         from tuner.data.templates import get_template
@@ -116,7 +121,8 @@ class GrpoLoss:
                 stop_ids.add(ids[0])
         self.stop_ids = stop_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.rollouts = TunerRollouts(trainer.raw_model, stop_ids, self.pad_id, self.device, self.compute_dtype)
+        self.rollouts = TunerRollouts(trainer.raw_model, stop_ids, self.pad_id, self.device, self.compute_dtype,
+                                      all_done=all_done)
         if s.beta > 0:
             mode = s.reference if s.reference != "auto" else "adapter" if cfg.lora is not None else "copy"
             if mode == "adapter":

@@ -51,8 +51,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], sampling: Sampling, generators: list[torch.Generator], stop_ids: set[int],
-           pad_id: int, device: torch.device, compute_dtype: torch.dtype) -> list[list[int]]:
-    """Completions of `prompts` (token ids each), sampled in one batch with a KV cache."""
+           pad_id: int, device: torch.device, compute_dtype: torch.dtype, all_done=None) -> list[list[int]]:
+    """Completions of `prompts` (token ids each), sampled in one batch with a KV cache. `all_done(bool)`: whether
+    every process's rows are done (weights sharded over processes: each forward needs all of them, so they
+    stop together)."""
     from transformers import DynamicCache
 
     width = max(len(p) for p in prompts)
@@ -80,7 +82,8 @@ def sample(model, prompts: list[list[int]], sampling: Sampling, generators: list
             token = torch.where(done, torch.full_like(token, pad_id), token)
             columns.append(token)
             done |= torch.isin(token, stops)
-            if bool(done.all()):
+            finished = bool(done.all())
+            if all_done(finished) if all_done is not None else finished:
                 break
             input_ids = token[:, None]
             mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)
@@ -105,9 +108,9 @@ class TunerRollouts:
     """Rollouts from the training model itself, in chunks of `batch_size` rows."""
 
     def __init__(self, model, stop_ids: set[int], pad_id: int, device: torch.device, compute_dtype: torch.dtype,
-                 batch_size: int = 64):
+                 batch_size: int = 64, all_done=None):
         self.model, self.stop_ids, self.pad_id, self.device = model, stop_ids, pad_id, device
-        self.compute_dtype, self.batch_size = compute_dtype, batch_size
+        self.compute_dtype, self.batch_size, self.all_done = compute_dtype, batch_size, all_done
 
     def __call__(self, prompts: list[list[int]], sampling: Sampling,
                  generators: list[torch.Generator]) -> list[list[int]]:
@@ -115,5 +118,5 @@ class TunerRollouts:
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size
             out += sample(self.model, prompts[start:end], sampling, generators[start:end], self.stop_ids,
-                          self.pad_id, self.device, self.compute_dtype)
+                          self.pad_id, self.device, self.compute_dtype, self.all_done)
         return out
