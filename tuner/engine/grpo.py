@@ -84,8 +84,10 @@ class GrpoLoss:
     """the loop adds these up over the step's micro-batches (none: the figures come from step_figures)"""
 
     def __post_init__(self):
-        self.sums: dict[str, float] = {}
-        self.current: Rollout | None = None
+        self.sums: dict[str, float] = {}  # token sums of the step's figures (entropy, KL, clipping)
+        self.current: Rollout | None = None  # the rollout the steps train on
+        self.rollout_figures: dict = {}  # its rewards and lengths, logged with its first step
+        self.errors = 0  # reward functions that raised, scored 0 (rl.reward_errors='zero')
         self.reference_model = None
         self.peft_model = None
 
@@ -148,7 +150,7 @@ class GrpoLoss:
         units = sum(self.units(b) for b in batches)
         real = sum(len(self.current.prompt_ids[i]) + len(self.current.completion_ids[i])
                    for i in range(len(self.current.completion_ids)))
-        self.step_figures_pending = dict(self.current.figures) if step % self.settings.num_iterations == 0 else {}
+        self.rollout_figures = dict(self.current.figures) if step % self.settings.num_iterations == 0 else {}
         return StepData(batches, [1.0] * len(batches), units, real)
 
     def rollout(self, trainer, index: int) -> Rollout:
@@ -170,12 +172,11 @@ class GrpoLoss:
         advantages, figures = self.advantages(rewards, dist)
         lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
         hit_limit = sum(1 for c in completion_ids if len(c) >= s.max_completion_length and c[-1] not in self.stop_ids)
-        length_sum, count, clipped, longest, shortest = dist.sum(
-            float(lengths.sum()), float(len(lengths)), float(hit_limit), 0.0, 0.0)
-        figures.update({"completions/mean_length": length_sum / count, "completions/clipped_ratio": clipped / count})
-        longest = max(dist.gather(float(lengths.max())))
-        shortest = min(dist.gather(float(lengths.min())))
-        figures.update({"completions/max_length": longest, "completions/min_length": shortest})
+        length_sum, count, clipped = dist.sum(float(lengths.sum()), float(len(lengths)), float(hit_limit))
+        extremes = dist.gather((float(lengths.min()), float(lengths.max())))
+        figures.update({"completions/mean_length": length_sum / count, "completions/clipped_ratio": clipped / count,
+                        "completions/min_length": min(e[0] for e in extremes),
+                        "completions/max_length": max(e[1] for e in extremes)})
         rollout = Rollout(index, prompt_ids, completion_ids, advantages, figures=figures)
         if s.num_iterations > 1:  # the log-probs the completions were sampled with, for the later steps' ratios
             rollout.old_logps = self.logps_of(trainer.raw_model, rollout)
@@ -256,7 +257,7 @@ class GrpoLoss:
             figures[f"rewards/{name}"] = total_f / count_f if count_f else float("nan")
         if unscored:
             figures["unscored"] = unscored
-        if getattr(self, "errors", 0):
+        if self.errors:
             figures["reward_errors"] = float(self.errors)
         return advantages, figures
 
@@ -396,7 +397,7 @@ class GrpoLoss:
         self.sums = {}
         tokens = max(totals.pop("tokens", 0.0), 1.0)
         figures = {name: value / tokens for name, value in totals.items()}
-        figures.update(getattr(self, "step_figures_pending", {}))
+        figures.update(self.rollout_figures)
         return figures
 
     # ------------------------------------------------------------------ checkpoints
