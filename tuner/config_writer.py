@@ -300,6 +300,8 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
         lines.append(imports(module, sorted(n for n, fn in functions.items()
                                             if fn.__module__ == module and n not in from_config_file)))
     if from_config_file:  # (the config's own functions: from the config file, as tuner train ran it)
+        if config_path is None:
+            raise ValueError(f"{', '.join(from_config_file)} were written in a config file: give its config_path")
         lines += ["import runpy", f"_config = runpy.run_path({str(config_path)!r})",
                   *[f"{name} = _config[{name!r}]" for name in from_config_file]]
     lines += ["", banner("PART 1  Settings"), *p.lines,
