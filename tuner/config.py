@@ -244,6 +244,9 @@ class TrainConfig:
     """Output head + cross-entropy in chunks, never holding the full logits (one process or DDP)"""
     fused_lora: bool = True
     """LoRA layers (and a SwiGLU MLP's activation with its LoRA down projection) as single autograd functions (one process or DDP)"""
+    sequence_parallel_size: int = 1
+    """Split each sequence over this many processes (DeepSpeed-Ulysses: attention heads are exchanged around
+    attention); the processes form data-parallel groups of this size. XTuner's sequence_parallel_size"""
     dataloader_num_workers: Optional[int] = None
     """Processes that make the next steps' batches (collation, image decoding) while the model trains;
     None: 2 on a GPU, 0 on a CPU (the training process makes them: its cores are busy training)"""
@@ -252,7 +255,7 @@ class TrainConfig:
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
         if unknown:
             raise TunerError(f"TrainConfig.report_to: unknown {unknown}; valid: tensorboard, wandb")
-        for name in ("batch_size", "accumulative_counts", "max_epochs", "log_interval"):
+        for name in ("batch_size", "accumulative_counts", "max_epochs", "log_interval", "sequence_parallel_size"):
             if getattr(self, name) < 1:
                 raise TunerError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
@@ -466,6 +469,13 @@ class Config:
 
     def check_sections(self) -> None:
         """What one section's fields cannot say alone (after --cfg-options)."""
+        if self.train.sequence_parallel_size > 1:
+            other = ("an rl section" if self.rl is not None else "a preference section" if self.preference is not None
+                     else "LLaVA" if self.llava is not None else None)
+            if other:
+                raise TunerError(f"config {self.path}: train.sequence_parallel_size > 1 with {other} is not supported "
+                                 "yet (sequence parallelism shards SFT and pretraining rows)",
+                                 hint="set train.sequence_parallel_size=1")
         if self.rl is not None:
             if self.preference is not None or self.llava is not None:
                 raise TunerError(f"config {self.path}: an rl section trains a text model on its own rewards; it "

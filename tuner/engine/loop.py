@@ -108,10 +108,20 @@ class Trainer:
             self.logger.propagate = False
         self._seed_everything(cfg.train.seed)
 
+        self.seqpar = None  # sequence parallelism: groups of processes sharing each row (engine/seqpar.py)
+        if cfg.train.sequence_parallel_size > 1:
+            from tuner.engine.seqpar import SequenceParallel
+            self.seqpar = SequenceParallel(cfg.train.sequence_parallel_size, self.dist)
         self.strategy.configure(cfg, self.compute_dtype, self.info)  # (LLaVA runs build no text model)
         run = build.build_run(cfg, self.strategy, self.device, self.dist, self.work_dir, self.info)
         self.tokenizer, self.sequences, self.collate = run.tokenizer, run.sequences, run.collate
         self.attention, self.built_sharded, model = run.attention, run.built_sharded, run.model
+        if self.seqpar is not None:  # the attention exchanges heads for tokens around itself (Ulysses)
+            from tuner.model import ulysses
+            ulysses.check_heads(model, self.seqpar.size)
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.set_attn_implementation(ulysses.register())
+            self.attention = ulysses.NAME
         self.fused_lora = (fast_lora.enable(model, self.compute_dtype)  # (LoRA layers, SwiGLU MLPs)
                            if cfg.train.fused_lora and self.strategy.plain_modules else (0, 0))
         placed = cfg.model.quantization is not None or self.built_sharded  # (sharding places the weights)
@@ -142,9 +152,9 @@ class Trainer:
             per_step = t.batch_size * t.accumulative_counts * self.dist.world_size // cfg.rl.num_generations
             self.schedule = PromptSchedule(len(self.sequences), per_step, cfg.rl.num_iterations, t.seed,
                                            cfg.data.shuffle, self.dist.world_size)
-        else:
+        else:  # (with sequence parallelism, a group of processes shares each micro-batch)
             self.schedule = StepSchedule(len(self.sequences), t.batch_size, t.accumulative_counts, t.seed,
-                                         cfg.data.shuffle, self.dist.world_size)
+                                         cfg.data.shuffle, self.data_world)
         self.total_steps = self.schedule.steps_per_epoch * t.max_epochs
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
@@ -272,9 +282,10 @@ class Trainer:
             hook.before_train(self)
         rollouts = hasattr(self.objective, "step_data")  # online RL: the objective samples each step's data
         steps = None if rollouts else step_batches(
-            StepBatches(self.schedule, self.sequences, self.collate, self.tokenizer.pad_token_id, self.dist.rank,
+            StepBatches(self.schedule, self.sequences, self.collate, self.tokenizer.pad_token_id, self.data_rank,
                         self.objective.units), self.start_step, self.total_steps, self.dataloader_workers,
             pin=self.device.type == "cuda")
+        group_size = self.seqpar.size if self.seqpar is not None else 1  # (processes that count the same tokens)
         for step in range(self.start_step, self.total_steps):
             started = time.perf_counter()
             data = self.objective.step_data(self, step) if rollouts else next(steps)
@@ -284,7 +295,7 @@ class Trainer:
             n_tokens, stopping = self.dist.sum(data.trained_tokens, 1.0 if stop else 0.0)
             if stopping and step > self.start_step:
                 self._stop(step, stop.get("signal", signal.SIGTERM))
-            n_tokens = max(n_tokens, 1)
+            n_tokens = max(n_tokens / group_size, 1)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
             figures = {}  # the objective's own, per unit (preference: rewards, margins, accuracy)
             for j, (weight, batch) in enumerate(zip(data.weights, data.batches)):
@@ -301,7 +312,7 @@ class Trainer:
             figures = {name: total / n_tokens for name, total in zip(figures, totals)}
             if hasattr(self.objective, "step_figures"):  # (RL: rewards, lengths, KL, clipping: its own averages)
                 figures.update(self.objective.step_figures(self.dist))
-            real_tokens = int(real_tokens)
+            real_tokens = int(real_tokens / group_size)
             if not math.isfinite(loss_sum):
                 self._bad_step(step + 1, f"the loss is {loss_sum}")  # raises, or skips this update
                 losses.append(loss_sum)
@@ -359,5 +370,20 @@ class Trainer:
                           signal_number)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The objective's summed loss of one micro-batch (tuner/engine/objective.py)."""
-        return self.objective(self.model, batch)
+        """The objective's summed loss of one micro-batch (tuner/engine/objective.py); with sequence parallelism,
+        of this process's piece of its rows."""
+        if self.seqpar is None:
+            return self.objective(self.model, batch)
+        from tuner.model import ulysses
+        piece, positions = self.seqpar.shard(batch, self.tokenizer.pad_token_id)
+        with ulysses.active(self.seqpar.group, self.seqpar.size, positions):
+            return self.objective(self.model, piece)
+
+    @property
+    def data_rank(self) -> int:
+        """This process's place among the data-parallel processes (a sequence-parallel group is one)."""
+        return self.seqpar.data_rank if getattr(self, "seqpar", None) is not None else self.dist.rank
+
+    @property
+    def data_world(self) -> int:
+        return self.seqpar.data_world if getattr(self, "seqpar", None) is not None else self.dist.world_size

@@ -19,7 +19,7 @@ from tuner.engine.fused_loss import chunked_linear_cross_entropy
 from tuner.model import packed_attention
 from tuner.model.device import autocast
 
-TOKEN_KEYS = ("input_ids", "position_ids", "labels")  # the batch entries the loss itself handles
+TOKEN_KEYS = ("input_ids", "position_ids", "labels", "shift_labels")  # the batch entries the loss itself handles
 
 
 @dataclass
@@ -47,7 +47,10 @@ class NextTokenLoss:
         """Called once the model is built and before a checkpoint is resumed (nothing to do here)."""
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        targets = batch["labels"][:, 1:]
+        # Sequence parallel pieces come with their labels shifted already (a piece's last token predicts the
+        # next piece's first): then output n predicts shift_labels[n], with no shift here.
+        shifted = "shift_labels" in batch
+        targets = batch["shift_labels"] if shifted else batch["labels"][:, 1:]
         keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
         kwargs = {k: v for k, v in batch.items() if k not in TOKEN_KEYS}
         if self.takes_logits_to_keep:
@@ -69,7 +72,7 @@ class NextTokenLoss:
                            **kwargs).logits
         if "logits_to_keep" in kwargs:
             targets = targets[:, keep]
-        else:
+        elif not shifted:
             logits = logits[:, :-1]
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
