@@ -99,3 +99,36 @@ def test_two_processes_sharing_rows_equal_one_process(tmp_path, tiny_model_dir, 
     assert len(single) == len(double) >= 2
     for name in ("loss", "grad_norm", "tokens"):
         assert [s[name] for s in double] == pytest.approx([s[name] for s in single], rel=1e-4), name
+
+
+@pytest.mark.slow
+def test_resume_in_the_middle_of_a_sequence_parallel_run_equals_a_straight_run(tmp_path, tiny_model_dir, data_file,
+                                                                              monkeypatch):
+    """N=2 on 2 processes: 2 steps, then resumed to 4, equals 4 straight (both processes of the group get the
+    same rows after the resume: the sampler knows the groups)."""
+    from test_cli import tuner
+
+    cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=1, batch_size=1, accum=2, max_length=64)
+    options = ["train.sequence_parallel_size=2", "train.scheduler=constant", "checkpoint.save_steps=2"]
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("PORT", "29599")
+    tuner("train", cfg, "--work-dir", tmp_path / "straight", "--cfg-options", *options, "train.max_steps=4")
+    tuner("train", cfg, "--work-dir", tmp_path / "parts", "--cfg-options", *options, "train.max_steps=2")
+    tuner("train", cfg, "--work-dir", tmp_path / "parts", "--cfg-options", *options, "train.max_steps=4",
+          "--resume", "auto")
+
+    def losses(work):
+        return [json.loads(line)["loss"] for f in sorted(work.glob("*/vis_data/scalars.json"))
+                for line in f.read_text().splitlines()]
+
+    straight, parts = losses(tmp_path / "straight"), losses(tmp_path / "parts")
+    assert len(straight) == len(parts) == 4
+    assert parts == pytest.approx(straight, rel=1e-5)
+
+
+def test_check_config_says_how_rows_are_split(tmp_path, tiny_model_dir, data_file):
+    from test_cli import tuner
+
+    out = tuner("check-config", write_config(tmp_path, tiny_model_dir, data_file), "--cfg-options",
+                "train.sequence_parallel_size=2").stdout
+    assert "each row split over 2 processes (Ulysses)" in out

@@ -306,10 +306,11 @@ FIELDS = {  # XTuner file -> what its PART 1 and its dicts say, read by hand fro
         "train.max_steps": 3, "train.warmup_ratio": 0.03, "optim.lr": 5e-7, "preference.method": "dpo"},
     "cohere/cohere_104b/cohere_100b_128k_sp32.py": {  # max_iters=16, eta_min=lr * 0.15, sequence_parallel 32
         "train.max_steps": 16, "train.warmup_ratio": 0.0, "train.accumulative_counts": 32,
-        "data.max_length": 131072, "data.template": "cohere_chat", "optim.lr": 2e-5,
+        "data.max_length": 131072, "data.template": "cohere_chat", "optim.lr": 2e-5, "train.sequence_parallel_size": 32,
         "notes": ["eta_min=3e-06: tuner's cosine decays to 0", "sequence_parallel_size=32"]},
     "internlm/internlm2_7b/internlm2_7b_full_finetune_custom_dataset_e1_sequence_parallel_4.py": {
         "train.accumulative_counts": 4, "optim.lr": 4e-5, "optim.betas": (0.9, 0.95), "optim.weight_decay": 0.01,
+        "train.sequence_parallel_size": 4,
         "train.warmup_ratio": 0.025,  # type="LinearLR" as a string, end=warm_up_ratio * max_epochs
         "data.max_length": 32768, "data.pack": True, "data.template": "internlm2_chat",
         "notes": ["/path/to/json/file.json is XTuner's placeholder", "sequence_parallel_size=4"]},

@@ -240,6 +240,11 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
     named["optim"]["max_norm"] = p.add("max_norm", optim.max_norm, "grad clip")
     named["train"]["warmup_ratio"] = p.add("warmup_ratio", train.warmup_ratio)
 
+    if train.sequence_parallel_size > 1:
+        p.group("Parallel")
+        named["train"]["sequence_parallel_size"] = p.add("sequence_parallel_size", train.sequence_parallel_size,
+                                                         "processes sharing each sequence")
+
     p.group("Save")
     named["checkpoint"]["save_steps"] = p.add("save_steps", checkpoint.save_steps)
     named["checkpoint"]["save_total_limit"] = p.add("save_total_limit", checkpoint.save_total_limit,

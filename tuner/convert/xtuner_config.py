@@ -474,13 +474,15 @@ def _sections(path: Path, ns: dict, r: _Reader, model: dict, lora, data: dict, l
         r.note("batch_sampler", "the batch sampler is not carried over")
     sp = ns.get("sequence_parallel_size", 1)
     if isinstance(sp, int) and sp > 1:
-        r.note("sequence_parallel_size", f"sequence_parallel_size={sp}: tuner has no sequence parallelism yet; "
-                                         "each sequence is trained whole on one device")
+        r.note("sequence_parallel_size", f"sequence_parallel_size={sp}: each sequence is split over {sp} processes "
+                                         f"(train.sequence_parallel_size); run on a multiple of {sp} (NPROC_PER_NODE)")
     if ns.get("use_varlen_attn"):
         r.note("use_varlen_attn", "use_varlen_attn=True: tuner always keeps packed samples from seeing each "
                                   "other (FlashAttention's varlen kernel on a GPU with flash-attn, else its own)")
     optim, train = _optim(r, ns)
     train.update(_schedule(r, ns), batch_size=batch_size)
+    if isinstance(sp, int) and sp > 1:
+        train["sequence_parallel_size"] = sp
     evaluate, checkpoint = _hooks(r, ns)
     seed = (ns.get("randomness") or {}).get("seed") if isinstance(ns.get("randomness"), dict) else None
     if isinstance(seed, int):

@@ -197,7 +197,7 @@ class Trainer:
         """Memory estimate before training (a warning when it will not fit), and the FLOPs
         per token and machine peak that tokens/s are turned into MFU with."""
         cfg, t = self.cfg, self.cfg.train
-        tokens = t.batch_size * cfg.data.max_length
+        tokens = t.batch_size * -(-cfg.data.max_length // t.sequence_parallel_size)  # (a row's share per process)
         eight_bit = cfg.optim.name.endswith("8bit")
         estimate = estimate_memory(self.raw_model, tokens, t.gradient_checkpointing,
                                    self.compute_dtype.itemsize, 2 if eight_bit else 8)

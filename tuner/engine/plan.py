@@ -103,6 +103,10 @@ def describe_plan(cfg: Config) -> str:
         unit = "pairs" if cfg.preference is not None and cfg.preference.method != "kto" else "rows"
         lines.append(f"steps      at most {math.ceil(rows / per_step)} per epoch x {t.max_epochs} epochs on one process "
                      f"({rows} {unit}, {t.batch_size} x {t.accumulative_counts} per step; packing makes fewer)")
+    if t.sequence_parallel_size > 1:
+        lines.append(f"parallel   each row split over {t.sequence_parallel_size} processes (Ulysses): run on a "
+                     f"multiple of {t.sequence_parallel_size}; a step holds batch x accumulation x processes / "
+                     f"{t.sequence_parallel_size} rows")
     lines.append(f"train      batch {t.batch_size} x accumulation {t.accumulative_counts}, lr {cfg.optim.lr:g}, "
                  f"dtype {t.dtype}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}; "
                  "one process (torchrun / NPROC_PER_NODE, --fsdp or --deepspeed as for tuner train)")
@@ -130,6 +134,7 @@ def _memory_line(cfg: Config) -> str | None:
         model = apply_lora(model, cfg.lora, task="SEQ_CLS" if cfg.head == "reward" else "CAUSAL_LM")
     compute_bytes = 4 if cfg.train.dtype in ("fp32", "float32") else 2
     tokens = cfg.data.max_length if cfg.rl is None else cfg.rl.max_prompt_length + cfg.rl.max_completion_length
+    tokens = -(-tokens // cfg.train.sequence_parallel_size)  # (each process of a group holds 1/N of a row)
     estimate = estimate_memory(model, cfg.train.batch_size * tokens, cfg.train.gradient_checkpointing,
                                compute_bytes, 2 if cfg.optim.name.endswith("8bit") else 8)
     return f"memory     {estimate.describe().removeprefix('memory estimate ')} (one process, before sharding)"
