@@ -80,7 +80,8 @@ def test_two_processes_sharing_rows_equal_one_process(tmp_path, tiny_model_dir, 
                                                       case):
     """N=2 on 2 processes against 1 process, the same rows per step: every step's loss and gradient norm agree
     (rel 1e-4, fp32). Packed rows have samples straddling the cut (128-token rows of ~40-token samples);
-    the MQA model has one key/value head for two processes (repeated)."""
+    the MQA model has one key/value head for two processes (repeated), and runs with gradient checkpointing
+    (the forward recomputed in the backward is sharded too: it failed before)."""
     from test_cli import tuner
 
     method, packing, heads, *strategy = case.split("-")
@@ -89,11 +90,13 @@ def test_two_processes_sharing_rows_equal_one_process(tmp_path, tiny_model_dir, 
             "zero3": ["--deepspeed", "deepspeed_zero3"]}.get(strategy[0], []) if strategy else []
     cfg = write_config(tmp_path, model, data_file, lora=method == "lora", pack=packing == "packed", epochs=1,
                        batch_size=2, accum=2, max_length=128)
-    tuner("train", cfg, "--work-dir", tmp_path / "one")
+    extra = ["train.gradient_checkpointing=True"] if heads == "mqa" else []  # (recomputed in backward: sharded too)
+    tuner("train", cfg, "--work-dir", tmp_path / "one", *(["--cfg-options", *extra] if extra else []))
     monkeypatch.setenv("NPROC_PER_NODE", "2")
     monkeypatch.setenv("PORT", str(29595 + 2 * ["lora-packed-gqa", "full-unpacked-mqa", "lora-packed-gqa-fsdp",
                                                 "lora-packed-gqa-zero2"].index(case)))
-    run = tuner("train", cfg, "--work-dir", tmp_path / "two", "--cfg-options", "train.sequence_parallel_size=2", *args)
+    run = tuner("train", cfg, "--work-dir", tmp_path / "two", "--cfg-options", "train.sequence_parallel_size=2",
+                *extra, *args)
     assert "2 processes" in run.stderr
 
     def steps(work):

@@ -300,7 +300,8 @@ class Trainer:
             figures = {}  # the objective's own, per unit (preference: rewards, margins, accuracy)
             for j, (weight, batch) in enumerate(zip(data.weights, data.batches)):
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                with self.strategy.micro_batch(self.model, last=j == len(data.batches) - 1):
+                with self.strategy.micro_batch(self.model, last=j == len(data.batches) - 1), \
+                        self.piece_of(batch) as batch:  # (sequence parallel: backward too, which may recompute)
                     loss = self.loss_sum(batch) * (weight * self.dist.world_size / n_tokens)
                     self.strategy.backward(self.model, loss, self.scaler)
                 loss_sum += loss.detach().double() / self.dist.world_size
@@ -370,14 +371,21 @@ class Trainer:
                           signal_number)
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The objective's summed loss of one micro-batch (tuner/engine/objective.py); with sequence parallelism,
-        of this process's piece of its rows."""
+        """The objective's summed loss of one micro-batch (tuner/engine/objective.py)."""
+        return self.objective(self.model, batch)
+
+    @contextlib.contextmanager
+    def piece_of(self, batch: dict[str, torch.Tensor]):
+        """The micro-batch as this process trains it: whole, or with sequence parallelism its piece of every row,
+        the attention sharded over the group while inside (the backward too: gradient checkpointing runs the
+        forward again there)."""
         if self.seqpar is None:
-            return self.objective(self.model, batch)
+            yield batch
+            return
         from tuner.model import ulysses
         piece, positions = self.seqpar.shard(batch, self.tokenizer.pad_token_id)
         with ulysses.active(self.seqpar.group, self.seqpar.size, positions):
-            return self.objective(self.model, piece)
+            yield piece
 
     @property
     def data_rank(self) -> int:
