@@ -71,6 +71,14 @@ def data_file(tmp_path) -> Path:
     return path
 
 
+def scalars(work) -> list[dict]:
+    """Every logged step of a work dir (its runs in order: a resumed run's steps follow the first's)."""
+    import json
+
+    return [json.loads(line) for d in sorted(p for p in Path(work).iterdir() if (p / "vis_data").is_dir())
+            for line in (d / "vis_data" / "scalars.json").read_text().splitlines()]
+
+
 def write_config(folder: Path, model_path, data_path, *, lora: bool = True, extra: str = "", name: str = "tiny_config",
                  **settings) -> Path:
     """A config file in the built-in configs' shape, for a tiny model."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import scalars
 from test_families import family_dirs  # noqa: F401 - the family matrix's tiny models (a fixture)
 
 from tuner.config import load_config
@@ -147,9 +148,8 @@ def test_each_architecture_trains_with_its_generated_config(tmp_path, arch_dirs,
                          "train.gradient_checkpointing=False", "evaluate.inputs=[]"])
     trainer = Trainer(cfg, work_dir=tmp_path / "work")
     trainer.train()
-    scalars = [json.loads(line) for line in next((tmp_path / "work").glob("*/vis_data/scalars.json")).read_text()
-               .splitlines()]
-    assert len(scalars) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in scalars)
+    steps = scalars(tmp_path / "work")
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
 
 
 @pytest.mark.slow
@@ -173,10 +173,9 @@ def test_grpo_configs_train_two_steps_as_tiny_models(tmp_path, arch_dirs, arch):
                          "train.max_steps=2", "train.accumulative_counts=1", "train.dtype=fp32",
                          "train.gradient_checkpointing=False", "evaluate.inputs=[]"])
     Trainer(cfg, work_dir=tmp_path / "work").train()
-    scalars = [json.loads(line) for line in next((tmp_path / "work").glob("*/vis_data/scalars.json")).read_text()
-               .splitlines()]
-    assert len(scalars) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in scalars)
-    assert {"rewards/math_accuracy", "rewards/format"} <= scalars[0].keys()
+    steps = scalars(tmp_path / "work")
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert {"rewards/math_accuracy", "rewards/format"} <= steps[0].keys()
 
 
 def test_the_library_templates_equal_the_real_tokenizers():

@@ -14,18 +14,13 @@ from tuner.config import load_config
 from tuner.engine.loop import Trainer
 from tuner.errors import TunerError
 
-from conftest import CONVERSATIONS, write_config
+from conftest import CONVERSATIONS, scalars, write_config
 from test_cli import tuner
 
 
 def make(tmp_path, tiny_model_dir, data_file, work="work", options=(), **settings):
     return Trainer(load_config(write_config(tmp_path, tiny_model_dir, data_file, **settings), list(options)),
                    work_dir=tmp_path / work)
-
-
-def scalars(work):
-    return [json.loads(line) for d in sorted(p for p in work.iterdir() if (p / "vis_data").is_dir())
-            for line in (d / "vis_data" / "scalars.json").read_text().splitlines()]
 
 
 # The settings of the multi-process tests: 2 processes x batch 1 x accumulation 2 see the

@@ -12,6 +12,8 @@ from tuner.engine.grpo import GrpoLoss, Rollout
 from tuner.errors import TunerError
 from tuner.rewards import final_answer, format_reward, math_accuracy, soft_overlong_punishment
 
+from conftest import scalars
+
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7, 8]]  # (token ids; two prompts, two completions each)
 COMPLETIONS = [[11, 12, 13, 14], [15, 16], [17, 18, 19], [20]]
 
@@ -209,8 +211,8 @@ def test_a_reward_that_raises_names_itself_and_the_rows(tmp_path, tiny_model_dir
         Trainer(load_config(path), work_dir=tmp_path / "work").train()
     cfg = load_config(path, ["rl.reward_errors=zero", "train.max_steps=1"])  # scored 0 and counted: it trains
     Trainer(cfg, work_dir=tmp_path / "zero").train()
-    scalars = json.loads(next((tmp_path / "zero").glob("*/vis_data/scalars.json")).read_text().splitlines()[0])
-    assert scalars["reward_errors"] == 8 and scalars["rewards/broken"] == 0.0
+    first = scalars(tmp_path / "zero")[0]
+    assert first["reward_errors"] == 8 and first["rewards/broken"] == 0.0
     path = write_rl_config(tmp_path, tiny_model_dir, prompt_file, extra=BROKEN, rewards="[unscorable]")
     with pytest.raises(TunerError, match="every reward function returned None"):
         Trainer(load_config(path), work_dir=tmp_path / "none").train()
@@ -227,12 +229,11 @@ def test_rl_trains_logs_and_resumes_exactly(tmp_path, tiny_model_dir, prompt_fil
                            beta=0.04, num_iterations=2)
     whole = Trainer(load_config(path), work_dir=tmp_path / "whole").train()
     assert len(whole) == 4 and all(math.isfinite(x) for x in whole)
-    scalars = [json.loads(line) for line in next((tmp_path / "whole").glob("*/vis_data/scalars.json")).read_text()
-               .splitlines()]
+    steps = scalars(tmp_path / "whole")
     for name in ("reward", "reward_std", "rewards/e_count", "rewards/length", "completions/mean_length",
                  "completions/clipped_ratio", "kl", "entropy", "clip_ratio/region_mean"):
-        assert name in scalars[0], name
-    assert scalars[1]["kl"] > 0 and scalars[0]["completions/max_length"] <= 8
+        assert name in steps[0], name
+    assert steps[1]["kl"] > 0 and steps[0]["completions/max_length"] <= 8
     Trainer(load_config(path, ["train.max_steps=3"]), work_dir=tmp_path / "parts").train()
     rest = Trainer(load_config(path), work_dir=tmp_path / "parts", resume="auto").train()
     assert rest == pytest.approx(whole[3:], abs=1e-7)
@@ -293,10 +294,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_model_dir, prompt_file, 
     run = tuner("train", two, "--work-dir", tmp_path / "two", "--cfg-options", "train.max_steps=3", *args)
     assert "2 processes" in run.stderr
 
-    def steps(work):
-        return [json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
-
-    single, double = steps(tmp_path / "one"), steps(tmp_path / "two")
+    single, double = scalars(tmp_path / "one"), scalars(tmp_path / "two")
     assert len(single) == len(double) == 3 and any(s["kl"] > 0 for s in single[1:])
     # Gradients summed in another order leave a weight different in its last bits after an update or two, and
     # sampling, being discontinuous, may then pick another token: ZeRO-2 and ZeRO-3 do at step 3 here (one
@@ -333,5 +331,4 @@ def test_a_reward_model_folder_is_a_reward(tmp_path, tiny_model_dir, tokenizer, 
         load_config(write_rl_config(tmp_path, tiny_model_dir, prompt_file, rewards=f"['rm:{tmp_path}/missing']"))
     path = write_rl_config(tmp_path, tiny_model_dir, prompt_file, rewards=f"['rm:{folder}', 'length']")
     Trainer(load_config(path, ["train.max_steps=1"]), work_dir=tmp_path / "work").train()
-    scalars = json.loads(next((tmp_path / "work").glob("*/vis_data/scalars.json")).read_text().splitlines()[0])
-    assert math.isfinite(scalars[f"rewards/rm:{folder}"])
+    assert math.isfinite(scalars(tmp_path / "work")[0][f"rewards/rm:{folder}"])

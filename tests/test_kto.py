@@ -3,6 +3,7 @@ KTOTrainer, the data form, pairs split into desirable and undesirable answers, a
 
 import pytest
 import torch
+from conftest import scalars
 from test_preference import PAIRS, preference_config, write_pairs
 
 from tuner.config import DataConfig, PreferenceConfig
@@ -176,8 +177,6 @@ def test_two_process_kto_equals_one_process(tmp_path, tiny_model_dir, monkeypatc
     and the mean of the processes' KL estimates, so the same losses and KL. (The logged reward means are
     per micro-batch, weighted by its examples: they differ where the processes' shares of desirable
     answers differ.)"""
-    import json as _json
-
     from test_cli import tuner
 
     rows = ROWS * 2  # 16 examples: 4 steps of 4, no remainder
@@ -189,10 +188,7 @@ def test_two_process_kto_equals_one_process(tmp_path, tiny_model_dir, monkeypatc
     monkeypatch.setenv("PORT", "29585")
     assert "2 processes (DDP" in tuner("train", two, "--work-dir", tmp_path / "two").stderr
 
-    def steps(work):
-        return [_json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
-
-    single, double = steps(tmp_path / "one"), steps(tmp_path / "two")
+    single, double = scalars(tmp_path / "one"), scalars(tmp_path / "two")
     assert len(single) == len(double) == 4
     assert any(s["kl"] > 0 for s in single[1:])  # the KL estimate is in play
     for name in ("loss", "kl"):

@@ -11,6 +11,8 @@ from tuner.config import DataConfig, PreferenceConfig
 from tuner.data.formats import RowError, detect_format, preference_map_fn
 from tuner.errors import TunerError
 
+from conftest import scalars
+
 PAIRS = [
     {"prompt": [{"role": "user", "content": "What is the capital of France?"}],
      "chosen": [{"role": "assistant", "content": "Paris."}],
@@ -318,16 +320,13 @@ def test_a_reference_table_of_another_model_is_computed_again(tmp_path, tiny_mod
 def test_full_dpo_precomputes_the_reference_once_and_resumes_with_it(tmp_path, tiny_model_dir):
     """A full fine-tune's reference is the starting model's log-probs, computed before the first step and
     kept in the work dir: a run resumed from a checkpoint reads them and ends as the straight run."""
-    import json as _json
-
     from test_cli import tuner
 
     cfg = preference_config(tmp_path, tiny_model_dir, PAIRS * 2, lora=False, lr=1e-3, epochs=4, save_steps=2)
     straight = tuner("train", cfg, "--work-dir", tmp_path / "straight")
     assert "reference log-probs of 8 pairs computed once" in straight.stderr
     assert "accuracy:" in straight.stderr and (tmp_path / "straight" / "reference_logps.npy").exists()
-    steps = [_json.loads(line) for line in next((tmp_path / "straight").glob("*/vis_data/scalars.json"))
-             .read_text().splitlines()]
+    steps = scalars(tmp_path / "straight")
     assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as its reference
     assert steps[-1]["rewards/accuracies"] > 0.5 and steps[-1]["loss"] < steps[0]["loss"]
     stop_after_2 = ("\nimport os, signal\n\ndef stop(trainer, step, metrics):\n    if step == 2:\n"
@@ -338,8 +337,7 @@ def test_full_dpo_precomputes_the_reference_once_and_resumes_with_it(tmp_path, t
     assert "stopped by SIGTERM after step 2" in tuner("train", stopping, "--work-dir", work, check=False).stderr
     resumed = tuner("train", cfg, "--work-dir", work, "--resume", "auto")
     assert "read from" in resumed.stderr
-    again = [_json.loads(line) for d in sorted(p for p in work.iterdir() if (p / "vis_data").is_dir())
-             for line in (d / "vis_data" / "scalars.json").read_text().splitlines()]
+    again = scalars(work)
     assert [s["loss"] for s in again] == pytest.approx([s["loss"] for s in steps], rel=1e-5)
 
 
@@ -349,8 +347,6 @@ def test_two_process_dpo_matches_one_process(tmp_path, tiny_model_dir, monkeypat
     """DPO under DDP, FSDP2 and DeepSpeed ZeRO-2, 2 CPU processes x batch 1, against one process x batch 2:
     the same pairs per step, so the same losses and metrics (each process's pairs weigh as much as the
     other's); the reference is the base with the LoRA adapter off, inside each wrapper."""
-    import json as _json
-
     from test_cli import tuner
 
     if strategy.startswith("deepspeed"):
@@ -365,10 +361,7 @@ def test_two_process_dpo_matches_one_process(tmp_path, tiny_model_dir, monkeypat
     run = tuner("train", two, "--work-dir", tmp_path / "two", *flags)
     assert f"2 processes ({'DEEPSPEED' if 'deepspeed' in strategy else strategy.upper()}" in run.stderr
 
-    def steps(work):
-        return [_json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
-
-    single, double = steps(tmp_path / "one"), steps(tmp_path / "two")
+    single, double = scalars(tmp_path / "one"), scalars(tmp_path / "two")
     assert len(single) == len(double) == 6
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert [s[name] for s in double] == pytest.approx([s[name] for s in single], rel=1e-4, abs=1e-6), name

@@ -1,7 +1,5 @@
 """Sequence parallelism (DeepSpeed-Ulysses): 2 processes sharing each row train as one process on whole rows."""
 
-import json
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ from tuner.config import load_config
 from tuner.data.dataset import IGNORE
 from tuner.errors import TunerError
 
-from conftest import write_config
+from conftest import scalars, write_config
 
 
 def test_a_row_is_padded_shifted_and_cut_into_pieces():
@@ -99,10 +97,7 @@ def test_two_processes_sharing_rows_equal_one_process(tmp_path, tiny_model_dir, 
                 *extra, *args)
     assert "2 processes" in run.stderr
 
-    def steps(work):
-        return [json.loads(line) for line in next(work.glob("*/vis_data/scalars.json")).read_text().splitlines()]
-
-    single, double = steps(tmp_path / "one"), steps(tmp_path / "two")
+    single, double = scalars(tmp_path / "one"), scalars(tmp_path / "two")
     assert len(single) == len(double) >= 2
     for name in ("loss", "grad_norm", "tokens"):
         assert [s[name] for s in double] == pytest.approx([s[name] for s in single], rel=1e-4), name
@@ -124,11 +119,8 @@ def test_resume_in_the_middle_of_a_sequence_parallel_run_equals_a_straight_run(t
     tuner("train", cfg, "--work-dir", tmp_path / "parts", "--cfg-options", *options, "train.max_steps=4",
           "--resume", "auto")
 
-    def losses(work):
-        return [json.loads(line)["loss"] for f in sorted(work.glob("*/vis_data/scalars.json"))
-                for line in f.read_text().splitlines()]
-
-    straight, parts = losses(tmp_path / "straight"), losses(tmp_path / "parts")
+    straight = [s["loss"] for s in scalars(tmp_path / "straight")]
+    parts = [s["loss"] for s in scalars(tmp_path / "parts")]
     assert len(straight) == len(parts) == 4
     assert parts == pytest.approx(straight, rel=1e-5)
 

@@ -6,7 +6,7 @@
 Both train the same model with LoRA r=16 / alpha 32 on every linear layer (no dropout), loss dapo,
 beta 0, AdamW lr 5e-4 constant, fp32, one prompt per step with 8 completions (TRL's
 per_device_train_batch_size=8, num_generations=8; tuner's batch_size=8), at most 24 new tokens,
-temperature 1, on the one-word questions of examples/make_one_word_prompts.py with the same two
+temperature 1, on the one-word questions of examples/make_one_word_prompts.py with the demo config's two
 reward functions (brevity and the reference answer). TRL generates with transformers' `generate`
 (use_vllm=False). Each run is its own process; printed: the median step time (the first step left
 out), tuner's split into rollout / reward / the rest (log-probs, forward, backward, update), the mean
@@ -28,16 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_train import run, steps_of  # noqa: E402
 
-REWARDS = textwrap.dedent('''
-    import re
-
-    def one_word(prompts, completions, **columns):
-        return [1.0 / max(len(re.findall(r"\\w+", c[0]["content"])), 1) for c in completions]
-
-    def correct(prompts, completions, answer, **columns):
-        first = [re.findall(r"\\w+", c[0]["content"].lower())[:1] for c in completions]
-        return [float(f == [a.lower()]) for f, a in zip(first, answer)]
-''')
+# The demo config's own reward functions, for both (read from the config file, which is ordinary Python)
+REWARDS = f"""import runpy
+_config = runpy.run_path({str(ROOT / "configs" / "smollm2" / "smollm2_135m_instruct_lora_grpo_one_word.py")!r})
+one_word, correct = _config["one_word"], _config["correct"]
+"""
 
 TRL = textwrap.dedent('''
     import json, sys, time

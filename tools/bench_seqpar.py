@@ -21,6 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_train import steps_of  # noqa: E402
+
 CONFIG = '''
 import json, resource
 from tuner.config import *
@@ -81,7 +85,7 @@ def main() -> int:
                 if run.returncode != 0:
                     print(run.stderr[-2000:], file=sys.stderr)
                     return 1
-                steps = [json.loads(line) for f in work.glob("*/vis_data/scalars.json") for line in f.read_text().splitlines()]
+                steps = steps_of(work)
                 step = statistics.median(s["step_time"] for s in steps[1:])
                 peak = json.loads((tmp / f"peak{length}_{size}").read_text())
                 rows.append((length, size, peak, step, length / step))

@@ -461,6 +461,12 @@ class Config:
         """'reward' for a reward model (a scalar head), 'lm' for everything that generates."""
         return "reward" if self.preference is not None and self.preference.method == "reward" else "lm"
 
+    def row_tokens(self) -> int:
+        """Tokens of one row on one process (for memory estimates): max_length, or an RL prompt and its
+        completion; with sequence parallelism, this process's 1/N of it."""
+        tokens = self.data.max_length if self.rl is None else self.rl.max_prompt_length + self.rl.max_completion_length
+        return -(-tokens // self.train.sequence_parallel_size)
+
     @property
     def method(self) -> str:
         if self.lora is None:

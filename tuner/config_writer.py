@@ -137,16 +137,17 @@ class _Part1:
         return name
 
 
-def _arguments(section, named: dict[str, str], always: tuple[str, ...] | bool, functions: dict) -> list[str]:
+def _arguments(section, named: dict[str, str], always: tuple[str, ...], every_field: bool,
+               functions: dict) -> list[str]:
     """`field=...` for a section's constructor, in field order: the PART 1 name where there is one
-    (`named`), else the value of fields in `always` (True: of all) and of every field that differs from
-    its default."""
+    (`named`), else the value of fields in `always` (or of all, `every_field`) and of every field that
+    differs from its default."""
     items = []
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if f.name in named:
             items.append(f"{f.name}={named[f.name]}")
-        elif always is True or f.name in always or value != _default(f):
+        elif every_field or f.name in always or value != _default(f):
             items.append(f"{f.name}={literal(value, functions)}")
     return items
 
@@ -169,7 +170,7 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
     functions: dict[str, Any] = {}
     p = _Part1(functions)
     model, lora, data = sections["model"], sections.get("lora"), sections["data"]
-    llava, preference = sections.get("llava"), sections.get("preference")
+    llava, preference, rl = sections.get("llava"), sections.get("preference"), sections.get("rl")
     optim, train = sections["optim"], sections["train"]
     checkpoint, evaluate = sections["checkpoint"], sections["evaluate"]
     named: dict[str, dict[str, str]] = {name: {} for name in sections}
@@ -198,7 +199,7 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
         named["llava"]["image_folder"] = p.add("image_folder", llava.image_folder)
     named["data"]["template"] = p.add("prompt_template", data.template,
                                       "None: the tokenizer's own chat template" if data.template is None else "")
-    if sections.get("rl") is None:  # (online RL samples its sequences: rl.max_*_length say how long)
+    if rl is None:  # (online RL samples its sequences: rl.max_*_length say how long)
         named["data"]["max_length"] = p.add("max_length", data.max_length,
                                             "text tokens plus the image's" if llava is not None else "")
         named["data"]["pack"] = p.add("pack_to_max_length", data.pack,
@@ -219,7 +220,6 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
                 "LoRA: the base with the adapter off; full: the start's log-probs, computed once"
                 if preference.reference == "auto" else "")
 
-    rl = sections.get("rl")
     if rl is not None:
         p.group("Online RL: completions sampled per prompt, scored by the rewards")
         named["rl"]["loss"] = p.add("rl_loss", rl.loss, "grpo, bnpo, dr_grpo, dapo")
@@ -264,7 +264,7 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
                                            if evaluate.image.startswith(("http://", "https://")) else "a local image file")
 
     def build(name: str, section, always: tuple[str, ...] = (), comment: str = "") -> str:
-        items = _arguments(section, named.get(name, {}), every_field or always, functions)
+        items = _arguments(section, named.get(name, {}), always, every_field, functions)
         line = wrapped(f"{name} = {type(section).__name__}(", items) if items else f"{name} = {type(section).__name__}()"
         return line + (f"  # {comment}" if comment else "")
 
@@ -285,12 +285,12 @@ def xtuner_text(header: list[str], sections: dict[str, Any], every_field: bool =
 
     part3 = []
     if data.sources and single is None:
-        part3 += ["sources = [", *(f"    DatasetSource({', '.join(_arguments(s, {}, every_field or (), functions))}),"
+        part3 += ["sources = [", *(f"    DatasetSource({', '.join(_arguments(s, {}, (), every_field, functions))}),"
                                    for s in data.sources), "]"]
         named["data"]["sources"] = "sources"
     elif single is not None:
-        named["data"]["sources"] = "[" + ", ".join(_arguments(single, source_named, every_field or (), functions)).join(
-            ("DatasetSource(", ")")) + "]"
+        items = _arguments(single, source_named, (), every_field, functions)
+        named["data"]["sources"] = f"[DatasetSource({', '.join(items)})]"
     part3.append(build("data", data))
 
     part4 = [build("optim", optim), build("train", train, ("scheduler", "dtype"))]

@@ -19,7 +19,6 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tuner.config import (CheckpointConfig, DataConfig, DatasetSource, EvaluateConfig, LlavaConfig, LoraConfig,
                           ModelConfig, OptimConfig, PreferenceConfig, TrainConfig)

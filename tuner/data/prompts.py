@@ -40,6 +40,9 @@ class PromptSet:
     def num_tokens(self, i: int) -> int:
         return len(self.ids[i])
 
+    def details(self) -> str:
+        return ""  # (the data report's other lines: a prompt set has its summary only)
+
     def summary(self) -> str:
         lengths = sorted(len(i) for i in self.ids)
         median = lengths[len(lengths) // 2] if lengths else 0
@@ -48,8 +51,10 @@ class PromptSet:
                 + (f"; {self.skipped} bad rows skipped" if self.skipped else ""))
 
 
-def prompt_of(row: dict) -> tuple[object, list[dict], dict]:
-    """(the prompt as given, as messages, the other columns) of one row."""
+def prompt_of(row: dict, map_fn: Callable | None = None) -> tuple[object, list[dict], dict]:
+    """(the prompt as given, as messages, the other columns) of one row (made by `map_fn` first, if given)."""
+    if map_fn is not None:
+        row = map_fn(row)
     if row.get(BAD_ROW):
         raise RowError("", row[BAD_ROW])
     if "prompt" in row and row["prompt"] is not None:
@@ -91,7 +96,7 @@ def prompt_conversations(data, limit: int) -> list[dict]:
     for source in data.source_list():
         for _, _, row in iter_rows(source.path, source.split, source.revision, source.subset):
             try:
-                messages = prompt_of(source.map_fn(row) if source.map_fn is not None else row)[1]
+                messages = prompt_of(row, source.map_fn)[1]
             except (RowError, KeyError, TypeError, ValueError):
                 continue
             out.append({"messages": messages + [{"role": "assistant", "content": "42"}]})
@@ -107,9 +112,7 @@ def build_prompts(data, tokenizer, max_prompt_length: int, say: Callable[[str], 
     for source in data.source_list():
         for place, line, row in iter_rows(source.path, source.split, source.revision, source.subset):
             try:
-                if source.map_fn is not None:
-                    row = source.map_fn(row)
-                given, messages, columns = prompt_of(row)
+                given, messages, columns = prompt_of(row, source.map_fn)
                 if data.system and messages[0]["role"] != "system":
                     messages = [{"role": "system", "content": data.system}] + messages
                 text = template.render(messages, add_generation_prompt=True).text

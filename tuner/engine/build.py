@@ -54,7 +54,7 @@ def build_run(cfg: Config, strategy, device, dist, work_dir: Path, info: Callabl
         else:
             sequences, report = build_sequences(cfg.data, tokenizer, cfg.train.seed, say=info)
         info(f"Data: {report.summary()} ({time.perf_counter() - started:.1f}s)")
-        for line in (report.details().splitlines() if hasattr(report, "details") else []):
+        for line in report.details().splitlines():
             info(f"Data: {line}")
         model, built_sharded = strategy.load_model(cfg, device, dist, info)
         if cfg.head == "reward":  # (its own forward needs it to find each row's last token)

@@ -100,7 +100,6 @@ class GrpoLoss:
         from tuner.engine.preference import peft_model_of
 
         s, cfg = self.settings, trainer.cfg
-        self.trainer = trainer
         self.functions = resolve_rewards(s.rewards, cfg.path.parent, s.max_completion_length)
         self.names = [reward_name(f) for f in self.functions]
         self.functions = [RewardModelReward(f[3:]) if isinstance(f, str) else f for f in self.functions]
@@ -113,17 +112,14 @@ class GrpoLoss:
         dist = trainer.dist
         # Sharded weights: every forward needs every process, so the processes stop sampling together.
         all_done = (lambda mine: dist.sum(0.0 if mine else 1.0)[0] == 0) if sharded else None
-        tokenizer = trainer.tokenizer
-        stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         from tuner.data.templates import get_template
+        from tuner.generation.generate import reply_stop_words, single_token_ids
 
-        for word in get_template(cfg.data.template, tokenizer).stop_words:  # (the template's end of turn)
-            ids = tokenizer.encode(word, add_special_tokens=False)
-            if len(ids) == 1:
-                stop_ids.add(ids[0])
-        self.stop_ids = stop_ids
+        tokenizer = trainer.tokenizer  # (a completion ends where a chat reply would: end of turn or EOS)
+        self.stop_ids = single_token_ids(
+            tokenizer, reply_stop_words(get_template(cfg.data.template, tokenizer), tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.rollouts = TunerRollouts(trainer.raw_model, stop_ids, self.pad_id, self.device, self.compute_dtype,
+        self.rollouts = TunerRollouts(trainer.raw_model, self.stop_ids, self.pad_id, self.device, self.compute_dtype,
                                       all_done=all_done)
         if s.beta > 0:
             mode = s.reference if s.reference != "auto" else "adapter" if cfg.lora is not None else "copy"
@@ -157,7 +153,8 @@ class GrpoLoss:
         s, dist = self.settings, trainer.dist
         prompts = trainer.sequences
         chosen = trainer.schedule.prompts(index, dist.rank)
-        prompt_ids = [prompts.ids[i] for i in chosen for _ in range(s.num_generations)]
+        rows = [i for i in chosen for _ in range(s.num_generations)]  # (each prompt's completions in a row)
+        prompt_ids = [prompts.ids[i] for i in rows]
         # One generator per completion, seeded by the run's seed, the rollout, the prompt and the completion's
         # number: a resumed run, or a run on another number of processes, samples the same completions.
         base = (trainer.cfg.train.seed * 1_000_003 + index) * 1_000_033
@@ -166,8 +163,8 @@ class GrpoLoss:
         started = time.perf_counter()
         completion_ids = self.rollouts(prompt_ids, sampling, generators)
         sampled = time.perf_counter()
-        rows = [i for i in chosen for _ in range(s.num_generations)]
-        rewards = self.score(trainer, rows, completion_ids)  # (N, functions)
+        texts = trainer.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        rewards = self.score(trainer, rows, completion_ids, texts)  # (N, functions)
         scored = time.perf_counter()
         advantages, figures = self.advantages(rewards, dist)
         lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
@@ -183,7 +180,7 @@ class GrpoLoss:
         if s.beta > 0:
             rollout.ref_logps = self.logps_of(self.reference_model, rollout) if self.reference_model is not None else \
                 self._with_adapter_off(lambda: self.logps_of(trainer.raw_model, rollout))
-        self._log_samples(trainer, index, rows, completion_ids, rewards, advantages)
+        self._log_samples(trainer, index, rows, texts, rewards, advantages)
         rollout.figures.update({"time/rollout": sampled - started, "time/reward": scored - sampled,
                                 "time/logps": time.perf_counter() - scored})  # (old and reference log-probs)
         return rollout
@@ -192,11 +189,9 @@ class GrpoLoss:
         with self.peft_model.disable_adapter():
             return fn()
 
-    def score(self, trainer, rows: list[int], completion_ids: list[list[int]]) -> torch.Tensor:
+    def score(self, trainer, rows: list[int], completion_ids: list[list[int]], texts: list[str]) -> torch.Tensor:
         """(completions, reward functions) of rewards, NaN where a function returned None."""
         prompts = trainer.sequences
-        tokenizer = trainer.tokenizer
-        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         given = [prompts.prompts[i] for i in rows]
         completions = [t if isinstance(g, str) else [{"role": "assistant", "content": t}] for g, t in zip(given, texts)]
         keys = sorted({k for i in set(rows) for k in prompts.columns[i]})
@@ -261,11 +256,10 @@ class GrpoLoss:
             figures["reward_errors"] = float(self.errors)
         return advantages, figures
 
-    def _log_samples(self, trainer, index, rows, completion_ids, rewards, advantages) -> None:
+    def _log_samples(self, trainer, index, rows, texts, rewards, advantages) -> None:
         s, freq = self.settings, trainer.cfg.evaluate.freq
         if not trainer.dist.is_main or s.log_completions <= 0 or (index * s.num_iterations) % max(freq, 1):
             return
-        texts = trainer.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         for k in range(0, min(len(rows), s.log_completions * s.num_generations), s.num_generations):
             prompt = trainer.sequences.prompts[rows[k]]
             prompt = prompt if isinstance(prompt, str) else prompt[-1].get("content", "")

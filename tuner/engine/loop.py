@@ -83,6 +83,7 @@ class Trainer:
         # How the model is spread over processes: wrapping, syncing, the step and checkpoint state
         self.strategy = strategies.choose(self.dist.enabled, fsdp, deepspeed)
         self.built_sharded = False  # the model was built already sharded (see Strategy.load_model)
+        self.seqpar = None  # sequence parallelism: groups of processes sharing each row (engine/seqpar.py)
         self.device = self.dist.device() if self.dist.enabled else default_device()
         self.compute_dtype = resolve_compute_dtype(cfg.train.dtype, self.device)
 
@@ -108,7 +109,6 @@ class Trainer:
             self.logger.propagate = False
         self._seed_everything(cfg.train.seed)
 
-        self.seqpar = None  # sequence parallelism: groups of processes sharing each row (engine/seqpar.py)
         if cfg.train.sequence_parallel_size > 1:
             from tuner.engine.seqpar import SequenceParallel
             self.seqpar = SequenceParallel(cfg.train.sequence_parallel_size, self.dist)
@@ -197,7 +197,7 @@ class Trainer:
         """Memory estimate before training (a warning when it will not fit), and the FLOPs
         per token and machine peak that tokens/s are turned into MFU with."""
         cfg, t = self.cfg, self.cfg.train
-        tokens = t.batch_size * -(-cfg.data.max_length // t.sequence_parallel_size)  # (a row's share per process)
+        tokens = t.batch_size * cfg.row_tokens()
         eight_bit = cfg.optim.name.endswith("8bit")
         estimate = estimate_memory(self.raw_model, tokens, t.gradient_checkpointing,
                                    self.compute_dtype.itemsize, 2 if eight_bit else 8)
@@ -390,8 +390,8 @@ class Trainer:
     @property
     def data_rank(self) -> int:
         """This process's place among the data-parallel processes (a sequence-parallel group is one)."""
-        return self.seqpar.data_rank if getattr(self, "seqpar", None) is not None else self.dist.rank
+        return self.seqpar.data_rank if self.seqpar is not None else self.dist.rank
 
     @property
     def data_world(self) -> int:
-        return self.seqpar.data_world if getattr(self, "seqpar", None) is not None else self.dist.world_size
+        return self.seqpar.data_world if self.seqpar is not None else self.dist.world_size

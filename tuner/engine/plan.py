@@ -21,6 +21,7 @@ from tuner.config import EMBEDDED_MODEL, Config
 from tuner.data.modelscope import modelscope_id
 from tuner.data.sources import data_files, is_hub_dataset
 from tuner.data.tokenized import TokenStats, resolve_map_fns
+from tuner.rewards import reward_name
 
 
 def _remote(path: str) -> bool:
@@ -46,7 +47,7 @@ def _check_prompts(sources, stats: TokenStats) -> None:
     for source in sources:
         for place, line, row in iter_rows(source.path, source.split, source.revision, source.subset):
             try:
-                prompt_of(source.map_fn(row) if source.map_fn is not None else row)
+                prompt_of(row, source.map_fn)
             except (RowError, KeyError, TypeError, ValueError) as e:
                 raise TunerError(f"{place}:{line}: {e}") from None
             for file in data_files(source.path):
@@ -86,7 +87,7 @@ def describe_plan(cfg: Config) -> str:
     per_step = t.batch_size * t.accumulative_counts
     if cfg.rl is not None:
         rl = cfg.rl
-        names = [r if isinstance(r, str) else getattr(r, "__name__", type(r).__name__) for r in rl.rewards]
+        names = [reward_name(r) for r in rl.rewards]
         prompts = per_step // rl.num_generations
         lines.append(f"template   {template}; prompts up to {rl.max_prompt_length} tokens (cut from the left), "
                      f"completions up to {rl.max_completion_length}")
@@ -133,8 +134,6 @@ def _memory_line(cfg: Config) -> str | None:
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, task="SEQ_CLS" if cfg.head == "reward" else "CAUSAL_LM")
     compute_bytes = 4 if cfg.train.dtype in ("fp32", "float32") else 2
-    tokens = cfg.data.max_length if cfg.rl is None else cfg.rl.max_prompt_length + cfg.rl.max_completion_length
-    tokens = -(-tokens // cfg.train.sequence_parallel_size)  # (each process of a group holds 1/N of a row)
-    estimate = estimate_memory(model, cfg.train.batch_size * tokens, cfg.train.gradient_checkpointing,
+    estimate = estimate_memory(model, cfg.train.batch_size * cfg.row_tokens(), cfg.train.gradient_checkpointing,
                                compute_bytes, 2 if cfg.optim.name.endswith("8bit") else 8)
     return f"memory     {estimate.describe().removeprefix('memory estimate ')} (one process, before sharding)"

@@ -167,15 +167,30 @@ class _RowsDone:
         return torch.tensor([row.finish_reason is not None for row in self.rows], device=input_ids.device)
 
 
+def reply_stop_words(template, tokenizer, extra=()) -> tuple[str, ...]:
+    """What ends a reply: the template's end-of-turn words, `extra`, and the tokenizer's EOS."""
+    words = list(template.stop_words) + list(extra)
+    if tokenizer.eos_token and tokenizer.eos_token not in words:
+        words.append(tokenizer.eos_token)
+    return tuple(dict.fromkeys(w for w in words if w))
+
+
+def single_token_ids(tokenizer, words) -> set[int]:
+    """The ids of the words that are one token (they stop a row by id as well as by text)."""
+    ids = set()
+    for word in words:
+        encoded = tokenizer.encode(word, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return ids
+
+
 class Generator:
     def __init__(self, model, tokenizer, template_name: str | None = None, stop_words: list[str] | None = None,
                  compute_dtype: torch.dtype = torch.float32, context_length: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.template = get_template(template_name, tokenizer)
-        words = list(self.template.stop_words) + list(stop_words or [])
-        if tokenizer.eos_token and tokenizer.eos_token not in words:
-            words.append(tokenizer.eos_token)
-        self.stop_words = tuple(dict.fromkeys(w for w in words if w))
+        self.stop_words = reply_stop_words(self.template, tokenizer, stop_words or ())
         self.compute_dtype = compute_dtype
         config = getattr(model, "config", None)
         config = getattr(config, "text_config", None) or config  # LLaVA: the LLM's
@@ -193,13 +208,7 @@ class Generator:
         return next(self.model.parameters()).device
 
     def _stop_ids(self, words) -> set[int]:
-        """Stop words that are one token stop by id as well as by text."""
-        ids = set()
-        for word in words:
-            encoded = self.tokenizer.encode(word, add_special_tokens=False)
-            if len(encoded) == 1:
-                ids.add(encoded[0])
-        return ids
+        return single_token_ids(self.tokenizer, words)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
