@@ -476,11 +476,12 @@ class Config:
     def check_sections(self) -> None:
         """What one section's fields cannot say alone (after --cfg-options)."""
         if self.train.sequence_parallel_size > 1:
-            other = ("an rl section" if self.rl is not None else "a preference section" if self.preference is not None
-                     else "LLaVA" if self.llava is not None else None)
+            method = self.preference.method if self.preference is not None else None
+            other = ("an rl section" if self.rl is not None else f"preference.method='{method}'"
+                     if method in ("reward", "kto") else "LLaVA" if self.llava is not None else None)
             if other:
                 raise TunerError(f"config {self.path}: train.sequence_parallel_size > 1 with {other} is not supported "
-                                 "yet (sequence parallelism shards SFT and pretraining rows)",
+                                 "yet (sequence parallelism shards SFT, pretraining and DPO / SimPO / ORPO rows)",
                                  hint="set train.sequence_parallel_size=1")
         if self.rl is not None:
             if self.preference is not None or self.llava is not None:

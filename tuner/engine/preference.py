@@ -61,6 +61,8 @@ class PreferenceLoss:
     """precomputed reference log-probs, (pairs, 2) float64"""
     dist: object | None = None
     """the run's processes (KTO averages its KL estimate over them)"""
+    seqpar: object | None = None
+    """sequence parallelism (engine/seqpar.py): each process of a group holds a piece of every row"""
     metrics: dict = field(default_factory=dict)
     """the last micro-batch's metric sums over its pairs (the loop weights and adds them up)"""
 
@@ -70,7 +72,18 @@ class PreferenceLoss:
         return count_pairs(batch)
 
     def answer_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return answer_logps(model, batch, self.device, self.compute_dtype, self.attention, self.takes_logits_to_keep)
+        logps, lengths = answer_logps(model, batch, self.device, self.compute_dtype, self.attention,
+                                      self.takes_logits_to_keep)
+        if self.seqpar is not None:  # each process summed its piece of the rows: the group adds them up
+            from torch.distributed.nn.functional import all_reduce
+            logps = all_reduce(logps, group=self.seqpar.group)  # (backward: the group's gradients added up)
+            lengths = all_reduce(lengths.detach(), group=self.seqpar.group)
+        return logps, lengths
+
+    @property
+    def share(self) -> int:
+        """Processes that compute the same pairs' loss (a sequence-parallel group), each returning its share."""
+        return self.seqpar.size if self.seqpar is not None else 1
 
     def reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.reference == "table":
@@ -110,12 +123,14 @@ class PreferenceLoss:
                 losses = -chosen_mean - s.beta * F.logsigmoid(log_odds)
             chosen_reward, rejected_reward = s.beta * chosen_mean.detach(), s.beta * rejected_mean.detach()
         self._add_metrics(chosen_reward, rejected_reward, chosen.detach(), rejected.detach())
-        return losses.sum()
+        # With sequence parallelism every process of the group has the whole pairs' loss: each returns 1/N of it
+        # (the all-reduce's backward adds the N processes' gradients up again).
+        return losses.sum() / self.share
 
     def _add_metrics(self, chosen_reward, rejected_reward, chosen_logps, rejected_logps) -> None:
         values = (chosen_reward, rejected_reward, chosen_reward - rejected_reward,
                   (chosen_reward > rejected_reward).float(), chosen_logps, rejected_logps)
-        self.metrics = {name: value.double().sum() for name, value in zip(METRICS, values)}
+        self.metrics = {name: value.double().sum() / self.share for name, value in zip(METRICS, values)}
 
     def prepare(self, trainer) -> None:
         """The reference DPO compares with, fixed before training starts (and before a resumed
@@ -123,7 +138,7 @@ class PreferenceLoss:
         from tuner.errors import TunerError
 
         s = self.settings
-        self.dist = trainer.dist
+        self.dist, self.seqpar = trainer.dist, trainer.seqpar
         if s.method not in ("dpo", "kto"):
             return
         full_default = "precompute" if s.method == "dpo" else "copy"  # (KTO's KL rows change with each batch)
@@ -149,7 +164,8 @@ class PreferenceLoss:
             self.table = reference_table(self, trainer.model, trainer.sequences, trainer.sequences.collate,
                                          trainer.tokenizer.pad_token_id, trainer.cfg.train.batch_size, trainer.dist,
                                          trainer.work_dir / "reference_logps.npy", trainer.info,
-                                         table_key(trainer.cfg, self, trainer.sequences))
+                                         table_key(trainer.cfg, self, trainer.sequences),
+                                         (trainer.data_rank, trainer.data_world), trainer.piece_of)
             self.reference = "table"
 
 
@@ -196,11 +212,12 @@ def _stale(saved: Path, key: dict) -> str | None:
 
 
 def reference_table(objective: PreferenceLoss, model, sequences, collate, pad_id: int, batch_size: int, dist,
-                    path: Path, say, key: dict) -> torch.Tensor:
+                    path: Path, say, key: dict, share: tuple[int, int], piece_of) -> torch.Tensor:
     """Every pair's reference log-probs (chosen, rejected) under the starting model, computed once: read
     from `path` when an earlier start of this run wrote it with the same `key` (model, dtypes, tokens,
-    sampled pairs; kept beside it as JSON), else computed again. Each process computes its share of the
-    sequences; every process then holds the whole table."""
+    sampled pairs; kept beside it as JSON), else computed again. Each process (each sequence-parallel
+    group: `share` is (its place, how many), `piece_of` gives a process its piece of a batch) computes its
+    share of the sequences; every process then holds the whole table."""
     n_pairs = sequences.store.stats.pairs
     key_path = path.with_suffix(".json")
     if path.exists():
@@ -210,8 +227,9 @@ def reference_table(objective: PreferenceLoss, model, sequences, collate, pad_id
             say(f"DPO: reference log-probs of {n_pairs} pairs read from {path}")
             return table
         say(f"DPO: the reference log-probs in {path} are not this run's ({why}): computing them again")
-    mine = list(range(dist.rank, len(sequences), dist.world_size))
-    rounds = math.ceil(len(sequences) / (dist.world_size * batch_size))  # the same on every process (FSDP)
+    place, places = share
+    mine = list(range(place, len(sequences), places))
+    rounds = math.ceil(len(sequences) / (places * batch_size))  # the same on every process (FSDP)
     found: dict[int, tuple[float, float]] = {}
     was_training = model.training
     model.eval()
@@ -219,8 +237,8 @@ def reference_table(objective: PreferenceLoss, model, sequences, collate, pad_id
         for r in range(rounds):
             chunk = mine[r * batch_size:(r + 1) * batch_size] or [0]  # a process with none left repeats one
             batch = {k: v.to(objective.device) for k, v in collate([sequences[k] for k in chunk], pad_id).items()}
-            with torch.no_grad():
-                logps = objective.answer_logps(model, batch)[0].double().view(-1, 2).cpu()
+            with torch.no_grad(), piece_of(batch) as piece:
+                logps = objective.answer_logps(model, piece)[0].double().view(-1, 2).cpu()
             for pair, row in zip(batch["pair_index"].tolist(), logps.tolist()):
                 found[pair] = tuple(row)
     finally:

@@ -10,6 +10,10 @@ shifted before it is cut (a shard's last token predicts the next shard's first),
 pieces. Each process's loss is the sum over its own tokens; the loop divides by the trained tokens of the
 whole step counted once per group, and DDP reduces the gradients over the whole world once, so the
 result is what one process would compute on the whole rows.
+
+Preference pairs (DPO, SimPO, ORPO) stay within one group: a row's `sample_ids` (which answer each token
+belongs to) are shifted and cut like its labels, each process sums its piece's log-probs per answer, and
+the group adds them up (engine/preference.py) before the loss, which is not a sum over tokens.
 """
 
 from __future__ import annotations
@@ -39,16 +43,21 @@ class SequenceParallel:
 
     def shard(self, batch: dict[str, torch.Tensor], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(this process's piece of every row, the whole rows' position ids)."""
-        ids, positions, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+        ids, positions = batch["input_ids"], batch["position_ids"]
         rows, length = ids.shape
-        targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE)], dim=1)
         pad = (-length) % self.size
-        if pad:
-            ids = torch.cat([ids, ids.new_full((rows, pad), pad_id)], dim=1)
-            positions = torch.cat([positions, positions.new_zeros(rows, pad)], dim=1)
-            targets = torch.cat([targets, targets.new_full((rows, pad), IGNORE)], dim=1)
+
+        def padded(x: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.cat([x, x.new_full((rows, pad), value)], dim=1) if pad else x
+
+        ids, positions = padded(ids, pad_id), padded(positions, 0)
         piece = (length + pad) // self.size
         mine = slice(self.rank * piece, (self.rank + 1) * piece)
-        rest = {k: v for k, v in batch.items() if k not in ("input_ids", "position_ids", "labels")}
-        return {**rest, "input_ids": ids[:, mine], "position_ids": positions[:, mine],
-                "shift_labels": targets[:, mine]}, positions
+        out = {k: v for k, v in batch.items() if k not in ("input_ids", "position_ids", "labels")}
+        out.update(input_ids=ids[:, mine], position_ids=positions[:, mine])
+        # (sample_ids stay whole too: the pairs are counted from them)
+        for name, shifted, none in (("labels", "shift_labels", IGNORE), ("sample_ids", "shift_sample_ids", -1)):
+            if name in batch:  # output n predicts token n + 1: shifted before the cut
+                x = batch[name]
+                out[shifted] = padded(torch.cat([x[:, 1:], x.new_full((rows, 1), none)], dim=1), none)[:, mine]
+        return out, positions

@@ -16,7 +16,8 @@ from tuner.data.dataset import IGNORE
 from tuner.model import packed_attention
 from tuner.model.device import autocast
 
-PAIR_KEYS = ("input_ids", "position_ids", "labels", "sample_ids", "pair_index")  # not passed to the model
+PAIR_KEYS = ("input_ids", "position_ids", "labels", "sample_ids", "pair_index", "shift_labels",
+             "shift_sample_ids")  # not passed to the model
 
 
 def takes_logits_to_keep(model) -> bool:
@@ -32,8 +33,11 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> int:
 def answer_logps(model, batch: dict[str, torch.Tensor], device: torch.device, compute_dtype: torch.dtype,
                  attention: str, takes_logits_to_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each answer's tokens, its number of tokens), both float32, one per sample id
-    (pairs: chosen, rejected, chosen, ...)."""
-    targets, slots = batch["labels"][:, 1:], batch["sample_ids"][:, 1:]
+    (pairs: chosen, rejected, chosen, ...). A sequence-parallel piece (engine/seqpar.py) comes with its labels
+    and sample ids shifted already: its sums are of its own tokens."""
+    shifted = "shift_labels" in batch
+    targets, slots = ((batch["shift_labels"], batch["shift_sample_ids"]) if shifted else
+                      (batch["labels"][:, 1:], batch["sample_ids"][:, 1:]))
     keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
     kwargs = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
     if takes_logits_to_keep:
@@ -44,7 +48,7 @@ def answer_logps(model, batch: dict[str, torch.Tensor], device: torch.device, co
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                        **kwargs).logits
     if not takes_logits_to_keep:
-        logits = logits[:, :-1][:, keep]
+        logits = (logits if shifted else logits[:, :-1])[:, keep]
     targets, slots = targets[:, keep].flatten(), slots[:, keep].flatten()
     trained = targets != IGNORE
     token_logps = -F.cross_entropy(logits.flatten(0, 1).float()[trained], targets[trained], reduction="none")
