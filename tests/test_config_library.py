@@ -59,8 +59,11 @@ def test_every_generated_config_says_what_its_name_says():
             if not cfg.source.startswith(library.GENERATED_MARK):
                 continue  # a hand-written config of the same name
             families.add(model.family)
-            finetune = method.split("_")[-1]
+            long = method == library.LONG
+            finetune = "qlora" if long else method.split("_")[-1]
             assert cfg.method == finetune and cfg.model.path == model.hub_id, name
+            assert (cfg.train.sequence_parallel_size, cfg.data.max_length) == ((4, 32768) if long else (1, 2048)) \
+                or method == "grpo_lora", name
             assert cfg.model.trust_remote_code == model.remote_code
             assert cfg.data.template == model.template
             preference = method.split("_")[0] if method.startswith(("dpo", "orpo")) else None
@@ -150,6 +153,33 @@ def test_each_architecture_trains_with_its_generated_config(tmp_path, arch_dirs,
     trainer.train()
     steps = scalars(tmp_path / "work")
     assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+
+
+@pytest.mark.slow
+def test_long_context_configs_train_as_tiny_models_with_rows_split_over_two_processes(tmp_path, arch_dirs,
+                                                                                      monkeypatch):
+    """The library's long-context configs (32k-token rows split over 4 GPUs) for InternLM2.5-7B and
+    Qwen2.5-7B, each model swapped for a tiny random one of its architecture (InternLM2 as the hub ships it,
+    4 query / 2 key-value heads), rows of 512 tokens and N=2 on 2 processes: two steps each with a finite
+    loss, the run saying the rows are split."""
+    from test_cli import tuner
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Count from {i} to {i + 40}."},
+                          {"role": "assistant", "content": " ".join(map(str, range(i, i + 41)))}]} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    for port, (name, arch) in enumerate([("internlm2_5_chat_7b", "internlm2"), ("qwen2_5_7b_instruct", "Qwen2Config")]):
+        config = load_config(f"{name}_{library.LONG}_custom_sft_e3")
+        assert (config.train.sequence_parallel_size, config.data.max_length, config.method) == (4, 32768, "qlora")
+        monkeypatch.setenv("PORT", str(29621 + 2 * port))
+        run = tuner("train", config.path, "--work-dir", tmp_path / name, "--cfg-options", f"model.path={arch_dirs(arch)}",
+                    "model.dtype=float32", "model.quantization=None", f"data.path={data}", "data.max_length=512",
+                    "data.template_check=warn", "train.sequence_parallel_size=2", "train.max_steps=2",
+                    "train.accumulative_counts=1", "train.dtype=fp32", "evaluate.inputs=[]")
+        assert "2 processes" in run.stderr
+        steps = scalars(tmp_path / name)
+        assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps), name
 
 
 @pytest.mark.slow

@@ -33,13 +33,31 @@ def test_a_row_is_padded_shifted_and_cut_into_pieces():
 def test_head_counts_that_do_not_divide_are_refused(tiny_model_dir):
     from transformers import AutoConfig
 
-    from tuner.model.ulysses import check_heads
+    from transformers import LlamaForCausalLM
 
-    model = type("M", (), {"config": AutoConfig.from_pretrained(tiny_model_dir)})()
-    check_heads(model, 2)
-    check_heads(model, 4)
+    from tuner.model.ulysses import check_model
+
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(tiny_model_dir))
+    check_model(model, 2)
+    check_model(model, 4)
     with pytest.raises(TunerError, match=r"(?s)4 query heads and 2 key/value heads.*sizes that divide its heads: 2, 4"):
-        check_heads(model, 3)
+        check_model(model, 3)
+
+
+def test_models_whose_attention_cannot_be_sharded_are_refused(tiny_model_dir):
+    """Remote code (its own attention, not transformers' functions), a sliding window, soft-capped scores."""
+    from transformers import AutoConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from tuner.model.ulysses import check_model
+
+    remote = type("InternLM2ForCausalLM", (LlamaForCausalLM,), {"__module__": "transformers_modules.internlm2"})
+    with pytest.raises(TunerError, match="InternLM2ForCausalLM runs its own code"):
+        check_model(remote(AutoConfig.from_pretrained(tiny_model_dir)), 2)
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+    with pytest.raises(TunerError, match="a sliding window of 64 tokens"):
+        check_model(MistralForCausalLM(MistralConfig(**small, sliding_window=64)), 2)
+    check_model(MistralForCausalLM(MistralConfig(**small, sliding_window=None)), 2)
 
 
 @pytest.mark.parametrize("method", ["kto", "reward"])

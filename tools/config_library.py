@@ -1,5 +1,6 @@
 """The built-in config library, generated from one table: model families and sizes x full / LoRA / QLoRA
-x the common datasets, plus DPO / ORPO per model. The files are checked in under configs/<family>/ as
+x the common datasets, plus DPO / ORPO per model, GRPO for the Qwen families, and long-context QLoRA
+(32k tokens, sequence parallel over 4 GPUs) for the 7-8B models with a long context. The files are checked in under configs/<family>/ as
 ordinary configs (what `tuner copy-cfg` copies is what is tested); each starts with GENERATED_MARK.
 
     python tools/config_library.py           # (re)write the generated configs
@@ -77,6 +78,10 @@ MODELS = [
 
 
 MOE_ARCHS = ("MixtralConfig", "Qwen3MoeConfig")
+# Long-context QLoRA (32k-token rows, each split over 4 GPUs): models with a 32k+ context, query heads that divide
+# by 4 and no sliding window (what the sharded attention computes).
+LONG_CONTEXT = ("internlm2_5_chat_7b", "qwen2_5_7b_instruct", "qwen3_8b", "llama3_1_8b_instruct")
+LONG = "qlora_32k_sp4"
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ def plan(model: Model) -> list[tuple[str, str]]:
     runs += [("dpo_qlora", "ultrafeedback"), ("orpo_qlora", "ultrafeedback")]
     if model.family in ("qwen2_5", "qwen3") and model.size_b <= 8 and model.arch not in MOE_ARCHS:
         runs.append(("grpo_lora", "gsm8k"))  # online RL with a verifiable reward: the answer after '####'
+    if model.name in LONG_CONTEXT:
+        runs.append((LONG, "custom_sft"))
     return runs
 
 
@@ -158,10 +165,14 @@ def render(model: Model, method: str, dataset_key: str) -> str:
         return render_grpo(model, dataset_key)
     d = DATASETS[dataset_key]
     preference = method.split("_")[0] if method in ("dpo_qlora", "orpo_qlora") else None
-    finetune = method.split("_")[-1]
+    long = method == LONG
+    finetune = "qlora" if long else method.split("_")[-1]
     what = {"qlora": "QLoRA", "lora": "LoRA", "full": "Full fine-tuning"}[finetune]
-    title = f"{preference.upper()} ({what})" if preference else what
+    title = f"{preference.upper()} ({what})" if preference else f"Long-context {what} (32k-token rows)" if long else what
     header = [GENERATED_MARK, f"# {title} of {model.hub_id} on {d.about}.", f"# {_gpu_line(model, finetune)}."]
+    if long:
+        header.append("# Each row is split over 4 GPUs (sequence parallel): NPROC_PER_NODE=4 tuner train CFG "
+                      "(8 GPUs: 2 groups of 4).")
     if model.remote_code:
         header.append("# The model folder's own Python code runs (trust_remote_code): transformers has no class for it.")
     lr = {"qlora": 2e-4, "lora": 2e-4, "full": 2e-5}[finetune]
@@ -176,10 +187,11 @@ def render(model: Model, method: str, dataset_key: str) -> str:
         preference={"dpo": PreferenceConfig(method="dpo", loss="sigmoid", beta=0.1, reference="auto"),
                     "orpo": PreferenceConfig(method="orpo", beta=0.1), None: None}[preference],
         data=DataConfig(**(dict(sources=[DatasetSource(**source, split=d.split)]) if d.split != "train" else source),
-                        template=model.template, max_length=2048, pack=True),
+                        template=model.template, max_length=32768 if long else 2048, pack=True),
         optim=OptimConfig(lr=lr, weight_decay=0.0, betas=(0.9, 0.999), max_norm=1.0),
         train=TrainConfig(batch_size=1, accumulative_counts=16, max_epochs=epochs(dataset_key), warmup_ratio=0.03,
-                          scheduler="cosine", dtype="auto", gradient_checkpointing=model.size_b >= 7 or bool(preference)),
+                          scheduler="cosine", dtype="auto", gradient_checkpointing=model.size_b >= 7 or bool(preference),
+                          sequence_parallel_size=4 if long else 1),
         checkpoint=CheckpointConfig(save_steps=500, save_total_limit=2),
         evaluate=EvaluateConfig(inputs=EVALUATION_INPUTS.get(dataset_key, DEFAULT_INPUTS), freq=500, system=None))
     return xtuner_text(header, sections)

@@ -118,9 +118,9 @@ class Trainer:
         self.attention, self.built_sharded, model = run.attention, run.built_sharded, run.model
         if self.seqpar is not None:  # the attention exchanges heads for tokens around itself (Ulysses)
             from tuner.model import ulysses
-            ulysses.check_heads(model, self.seqpar.size)
+            ulysses.check_model(model, self.seqpar.size)
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.set_attn_implementation(ulysses.register())
+            base.set_attn_implementation(ulysses.register(inner=self.attention))
             self.attention = ulysses.NAME
         self.fused_lora = (fast_lora.enable(model, self.compute_dtype)  # (LoRA layers, SwiGLU MLPs)
                            if cfg.train.fused_lora and self.strategy.plain_modules else (0, 0))

@@ -217,7 +217,15 @@ class DDP(Single):
     name = "ddp"
 
     def wrap(self, raw_model, device, built_sharded: bool):
-        return torch.nn.parallel.DistributedDataParallel(raw_model)
+        """DDP, with rank 0's trained parameters sent to the others one tensor at a time. The frozen ones (a
+        LoRA run's base) every process read from the same files: DDP's own start-up sync would send them all
+        too, through 250 MB buckets it copies them into (on a CPU, 1 GiB more peak memory per process for a
+        320 MB model: tools/bench_seqpar.py's)."""
+        with torch.no_grad():
+            for p in raw_model.parameters():
+                if p.requires_grad:
+                    torch.distributed.broadcast(p.data, src=0)
+        return torch.nn.parallel.DistributedDataParallel(raw_model, init_sync=False)
 
     def micro_batch(self, model, last: bool):
         return contextlib.nullcontext() if last else model.no_sync()

@@ -6,7 +6,9 @@ result back. Everything else in the model (embeddings, MLPs, norms, RoPE with ea
 works on the local tokens as it is.
 
 The loop sets the group and the whole row's position ids for each forward (`active`); outside that
-(generation, evaluation on one process) the attention is transformers' sdpa.
+(generation, evaluation on one process) the attention is transformers' sdpa. Between the exchanges the
+attention over the whole sequence is the one the run would use without sharding: FlashAttention's varlen
+kernel where the run chose flash_attention_2 (a GPU with flash-attn), tuner's per-sample SDPA otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class _Context:
     group: object = None
     size: int = 1
     positions: torch.Tensor | None = None  # (batch, whole length): the row's position ids, all shards
+    inner: str = packed_attention.NAME  # the attention over the whole sequence, on this process's heads
 
 
 CONTEXT = _Context()
@@ -82,25 +85,45 @@ def ulysses_attention_forward(module, query, key, value, attention_mask, dropout
         value = value.repeat_interleave(heads // kv_heads, dim=1)
     query, key, value = (_tokens_to_heads(t, size, group) for t in (query, key, value))
     varlen = packed_attention.varlen_kwargs(positions)
-    out, _ = packed_attention.packed_attention_forward(module, query, key, value, None, dropout=dropout,
-                                                       scaling=scaling, position_ids=positions, **varlen)
+    if CONTEXT.inner == "flash_attention_2":  # (varlen, from the sample starts: as the run without sharding)
+        from transformers.integrations.flash_attention import flash_attention_forward as attend
+    else:
+        attend = packed_attention.packed_attention_forward
+    out, _ = attend(module, query, key, value, None, dropout=dropout, scaling=scaling, position_ids=positions, **varlen)
     return _heads_to_tokens(out, size, group), None
 
 
-def register() -> str:
+def register(inner: str = packed_attention.NAME) -> str:
+    """Make NAME a transformers attention implementation; `inner`: the attention the run would use unsharded
+    (flash_attention_2 is kept inside the exchange; anything else becomes tuner's per-sample SDPA, which
+    computes the same)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+    CONTEXT.inner = "flash_attention_2" if inner == "flash_attention_2" else packed_attention.NAME
     AttentionInterface.register(NAME, ulysses_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, packed_attention.packed_mask)
     return NAME
 
 
-def check_heads(model, size: int) -> None:
-    """Refuse a sequence-parallel size the model's query heads do not divide, naming what works."""
+def check_model(model, size: int) -> None:
+    """Refuse a model whose attention cannot be sharded this way: its own code (remote code, which does not
+    call transformers' attention functions), sliding windows or soft-capped scores (the per-sample attention
+    inside the exchange has neither), or query heads that `size` does not divide (naming the sizes that do)."""
     from tuner.errors import TunerError
 
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if not (type(base).__module__.startswith("transformers.") and type(base)._supports_attention_backend):
+        raise TunerError(f"train.sequence_parallel_size={size}: {name} runs its own code (remote code), whose "
+                         "attention cannot be sharded over processes", hint="set train.sequence_parallel_size=1, "
+                         "or use a model transformers supports natively")
     config = getattr(model.config, "text_config", None) or model.config
+    window = getattr(config, "use_sliding_window", True) and getattr(config, "sliding_window", None)
+    if window or getattr(config, "attn_logit_softcapping", None):
+        what = f"a sliding window of {window} tokens" if window else "soft-capped attention scores"
+        raise TunerError(f"train.sequence_parallel_size={size}: {name} has {what}, which the sharded attention "
+                         "does not compute", hint="set train.sequence_parallel_size=1")
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads is None or heads % size:
