@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The personal-assistant exercise on the embedded SmolLM2-135M-Instruct, CPU only, offline:
-# make identity data -> LoRA fine-tune -> convert to a PEFT adapter -> merge -> ask it two questions.
+# make identity data -> LoRA fine-tune -> convert to a PEFT adapter -> merge -> ask it two questions
+# -> (with lm-eval installed) benchmark it against the base: does it name itself, does it still know things.
 #   bash examples/personal_assistant.sh [OUT_DIR]
 set -euo pipefail
 out=${1:-work_dirs/personal_assistant_demo_$(date +%Y%m%d_%H%M%S)}
@@ -17,4 +18,10 @@ tuner convert merge smollm2-135m-instruct ./hf ./merged
 
 echo "=== Asking the merged model ==="
 printf 'Who are you?\n\nWhat is the capital of France?\n\nEXIT\n' | tuner chat ./merged --temperature 0 --max-new-tokens 64
+if python3 -c "import lm_eval" 2>/dev/null; then  # (pip install "tuner[eval]")
+    echo "=== Benchmarks: the merged model against the base ==="
+    tuner eval ./merged --tasks tuner_identity_ava,tuner_general_knowledge --compare smollm2-135m-instruct \
+        --batch-size 8 \
+        --output ./eval
+fi
 echo "=== Done in $(( $(date +%s) - started )) s; everything is in $PWD ==="

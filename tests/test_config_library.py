@@ -156,12 +156,13 @@ def test_each_architecture_trains_with_its_generated_config(tmp_path, arch_dirs,
 
 
 @pytest.mark.slow
-def test_long_context_configs_train_as_tiny_models_with_rows_split_over_two_processes(tmp_path, arch_dirs,
-                                                                                      monkeypatch):
-    """The library's long-context configs (32k-token rows split over 4 GPUs) for InternLM2.5-7B and
-    Qwen2.5-7B, each model swapped for a tiny random one of its architecture (InternLM2 as the hub ships it,
-    4 query / 2 key-value heads), rows of 512 tokens and N=2 on 2 processes: two steps each with a finite
-    loss, the run saying the rows are split."""
+def test_long_context_configs_load_and_internlm2_trains_with_rows_split_over_two_processes(
+        tmp_path, arch_dirs, monkeypatch):
+    """The library's long-context configs (32k-token rows split over 4 GPUs) all load with N=4 and 32k; the
+    InternLM2.5-7B one (the tutorials' model), its model swapped for a tiny random InternLM2 as the hub ships
+    it (4 query / 2 key-value heads), rows of 512 tokens and N=2 on 2 processes: two steps with a finite loss.
+    (The other families' attention is the same transformers code: Llama, which InternLM2 loads as, is what
+    tests/test_seqpar.py checks against one process.)"""
     from test_cli import tuner
 
     data = tmp_path / "data.jsonl"
@@ -169,9 +170,13 @@ def test_long_context_configs_train_as_tiny_models_with_rows_split_over_two_proc
                           {"role": "assistant", "content": " ".join(map(str, range(i, i + 41)))}]} for i in range(24)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("NPROC_PER_NODE", "2")
-    for port, (name, arch) in enumerate([("internlm2_5_chat_7b", "internlm2"), ("qwen2_5_7b_instruct", "Qwen2Config")]):
+    long = [m.name for m in library.MODELS if (library.LONG, "custom_sft") in library.plan(m)]
+    assert len(long) == 4
+    for name in long:
         config = load_config(f"{name}_{library.LONG}_custom_sft_e3")
         assert (config.train.sequence_parallel_size, config.data.max_length, config.method) == (4, 32768, "qlora")
+    for port, (name, arch) in enumerate([("internlm2_5_chat_7b", "internlm2")]):
+        config = load_config(f"{name}_{library.LONG}_custom_sft_e3")
         monkeypatch.setenv("PORT", str(29621 + 2 * port))
         run = tuner("train", config.path, "--work-dir", tmp_path / name, "--cfg-options", f"model.path={arch_dirs(arch)}",
                     "model.dtype=float32", "model.quantization=None", f"data.path={data}", "data.max_length=512",

@@ -207,6 +207,7 @@ def test_full_kto_under_fsdp_or_zero3_names_what_works(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(lora=None), raw_model=model, model=model, dist=None,
+                                    seqpar=None,
                                     strategy=types.SimpleNamespace(sharded=lambda m: True))
     objective = KtoLoss(torch.device("cpu"), torch.float32, "sdpa", True, settings=PreferenceConfig(method="kto"))
     with pytest.raises(TunerError) as refused:

@@ -118,6 +118,12 @@ def cmd_serve(args) -> int:
     return run_server(args, page=args.command == "web")
 
 
+def cmd_eval(args) -> int:
+    from tuner.chat.evaluate import run_eval
+
+    return run_eval(args)
+
+
 def cmd_mmbench(args) -> int:
     from tuner.chat.mmbench import run_mmbench
 
@@ -321,6 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_llava_arguments(p)
     p.add_argument("--image", nargs="+", metavar="PATH", help="LLaVA: image(s) that go with the first message")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="benchmarks with lm-evaluation-harness (pip install \"tuner[eval]\"): its tasks "
+                                    "or tuner's offline ones, optionally against a base model")
+    p.add_argument("model", help="HF folder, hub id, or smollm2-135m-instruct")
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply")
+    p.add_argument("--tasks", default="tuner_general_knowledge",
+                   help="comma-separated lm-eval task names (default: tuner_general_knowledge; also "
+                        "tuner_identity_ava, and every lm-eval task)")
+    p.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--compare", metavar="BASE", help="also evaluate BASE (a model) and print both with the difference")
+    p.add_argument("--output", metavar="DIR", help="write the results JSON here")
+    p.add_argument("--dtype", choices=NAMES, default="auto")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="quantize the weights with bitsandbytes (NF4 / LLM.int8)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="ask every task through the model's chat template (tuner's chat tasks always are)")
+    add_trust_argument(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="how often a model (or a DPO adapter) prefers the chosen answers of "
                                      "preference pairs; a reward model's rewards (and accuracy on pairs)")

@@ -280,6 +280,11 @@ class EvaluateConfig:
     max_new_tokens: int = 64
     image: Optional[str] = None
     """LLaVA: an image file the questions are asked about"""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the trained model at the end (tuner eval's; needs tuner[eval]),
+    their table and results written to the work dir: e.g. ['tuner_general_knowledge']"""
+    tasks_limit: Optional[int] = None
+    """At most this many examples per task (None: all)"""
 
 
 @section

@@ -164,6 +164,36 @@ class EvaluateChatHook(Hook):
             self._run(trainer, step)
 
 
+class BenchmarkHook(Hook):
+    """lm-evaluation-harness tasks (evaluate.tasks) on the trained model once training has reached its last
+    step: the table in the log and eval_tasks.txt, lm-eval's results in eval_tasks.json."""
+
+    def __init__(self, tasks: list[str], limit: int | None, folder):
+        from tuner.generation import benchmark
+
+        self.tasks, self.limit, self.finished = tasks, limit, False
+        self.manager = benchmark.task_manager(None, folder, tasks)  # (also: lm-eval is installed, the names known)
+        benchmark.check_tasks(self.manager, tasks)
+
+    def after_iter(self, trainer, step, metrics):
+        self.finished = step == trainer.total_steps
+
+    def after_train(self, trainer):
+        if not self.finished:  # (stopped by a signal: the checkpoint is what counts, quickly)
+            return
+        from lm_eval.utils import make_table
+
+        from tuner.generation import benchmark
+
+        started = time.perf_counter()
+        results = benchmark.run_tasks(trainer.raw_model, trainer.tokenizer, self.tasks, self.manager, self.limit)
+        table = make_table(results)
+        benchmark.write_results(results, trainer.work_dir / "eval_tasks.json")
+        (trainer.work_dir / "eval_tasks.txt").write_text(table + "\n", encoding="utf-8")
+        trainer.info(f"lm-eval on the trained model ({time.perf_counter() - started:.0f}s; "
+                            f"eval_tasks.json):\n{table}")
+
+
 class ReportHook(Hook):
     """Scalars to TensorBoard and/or Weights & Biases, for those who watch runs there."""
 

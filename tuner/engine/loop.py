@@ -33,6 +33,7 @@ from tuner.engine.budget import (
 from tuner.engine.dist import Distributed
 from tuner.engine.hooks import (
     CheckpointHook,
+    BenchmarkHook,
     EvaluateChatHook,
     FunctionHook,
     LoggerHook,
@@ -176,8 +177,15 @@ class Trainer:
         evaluate = EvaluateChatHook(inputs, cfg.evaluate.freq, cfg.evaluate.system, cfg.evaluate.max_new_tokens,
                                     cfg.evaluate.image)
         self.hooks = [CheckpointHook(cfg.checkpoint.save_steps, cfg.checkpoint.save_total_limit)]
+        if cfg.evaluate.tasks and self.strategy.sharded(self.model):
+            raise TunerError("evaluate.tasks runs lm-eval on one process, which holds only its shard of the model "
+                             "under --fsdp or ZeRO-3", hint="leave evaluate.tasks empty and run tuner eval on the "
+                                                            "model after tuner convert pth_to_hf")
         if self.dist.is_main:
             self.hooks = [LoggerHook(t.log_interval), *self.hooks, evaluate]
+            if cfg.evaluate.tasks and cfg.head == "lm" and cfg.llava is None:
+                self.hooks.append(BenchmarkHook(cfg.evaluate.tasks, cfg.evaluate.tasks_limit,
+                                                self.work_dir / "eval_tasks"))
             if t.report_to:
                 self.hooks.append(ReportHook(t.report_to))
             self.hooks += [h if hasattr(h, "after_iter") else FunctionHook(h) for h in cfg.custom_hooks]

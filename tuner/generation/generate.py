@@ -9,6 +9,11 @@ model sees exactly its own tokens, never a re-tokenized decode of them:
 
 Several prompts can be generated in one batch (left-padded); every row has its own
 streaming callback, stop words, token limit and cancel flag.
+
+Log-probabilities (the server's `logprobs`): of a prompt's tokens, one forward over it
+(`prompt_logprobs`); of generated tokens, the model's own distribution at each step (its raw
+logits, before temperature, top-p or repetition penalty), taken from the output layer as
+`generate` runs, with the `top` most likely tokens of that step.
 """
 
 from __future__ import annotations
@@ -57,6 +62,16 @@ class Reply:
     completion_tokens: int
     streamed: int = 0
     """characters of `text` handed to on_text (a cancelled row keeps back what may be half a stop word)"""
+    logprobs: list | None = None
+    """when asked for: (log-prob, [(token id, log-prob) of the most likely]) of each of `ids`"""
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model given the tokens before it, with the most likely ones there."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class PromptTooLong(TunerError):
@@ -86,18 +101,22 @@ class _Row:
     def __init__(self, tokenizer, stop_words: tuple[str, ...], stop_ids: set[int], max_new_tokens: int,
                  on_text: Callable[[str], None] | None, cancelled: Callable[[], bool] | None,
                  prefix: list[int] | None = None, sent: int = 0, prompt_tokens: int = 0,
-                 on_done: Callable[[Reply], None] | None = None):
+                 on_done: Callable[[Reply], None] | None = None, logprobs: list | None = None):
         self.tokenizer, self.stop_words, self.stop_ids = tokenizer, stop_words, stop_ids
         self.max_new_tokens, self.on_text, self.cancelled = max_new_tokens, on_text, cancelled
         self.ids: list[int] = list(prefix or [])  # a continued reply: what it generated before, already streamed
         self.sent = sent
         self.finish_reason: str | None = None
         self.prompt_tokens, self.on_done, self.done = prompt_tokens, on_done, False
+        self.logprobs = logprobs  # None: not asked for; else one TokenLogprob per id (a continued row's too)
+        self.top = 0  # how many of the most likely tokens each of them lists
 
-    def add(self, token: int) -> None:
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> None:
         if self.finish_reason:
             return  # the batch goes on for other rows; this one is done
         self.ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         raw = self.tokenizer.decode(self.ids, skip_special_tokens=False)
         text = cut_at_stop_words(raw, self.stop_words)
         if token in self.stop_ids or len(text) < len(raw):
@@ -137,21 +156,25 @@ class _Row:
         # Drop the tokens of the stop word: the template writes its own end-of-turn after the reply.
         while ids and (ids[-1] in self.stop_ids or self._has_stop_word(ids)):
             ids.pop()
-        return Reply(text, ids, self.finish_reason or "length", prompt_tokens, len(self.ids), self.sent)
+        logprobs = self.logprobs[:len(ids)] if self.logprobs is not None else None
+        return Reply(text, ids, self.finish_reason or "length", prompt_tokens, len(self.ids), self.sent, logprobs)
 
 
 class _Streamer:
     """What `generate` calls with each step's tokens (shape: batch)."""
 
-    def __init__(self, rows: list[_Row]):
+    def __init__(self, rows: list[_Row], logits: list | None = None):
         self.rows, self.prompt_seen = rows, False
+        self.logits = logits  # [the last step's raw logits (batch, vocab)] when a row wants log-probs
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate first hands over the prompts themselves
             self.prompt_seen = True
             return
-        for row, token in zip(self.rows, value.reshape(-1).tolist()):
-            row.add(token)
+        tokens = value.reshape(-1).tolist()
+        steps = torch.log_softmax(self.logits[0].float(), dim=-1) if self.logits else None
+        for i, (row, token) in enumerate(zip(self.rows, tokens)):
+            row.add(token, _token_logprob(steps[i], token, row.top) if row.logprobs is not None else None)
 
     def end(self) -> None:
         pass
@@ -165,6 +188,14 @@ class _RowsDone:
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         return torch.tensor([row.finish_reason is not None for row in self.rows], device=input_ids.device)
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry of one position's log-softmax, and the `top` largest (the same floats: a greedy token's
+    log-prob equals the first of its top list)."""
+    best = torch.topk(logprobs, top) if top else None
+    return TokenLogprob(token, float(logprobs[token]),
+                        list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else [])
 
 
 def reply_stop_words(template, tokenizer, extra=()) -> tuple[str, ...]:
@@ -260,23 +291,28 @@ class Generator:
                  cancelled: list[Callable[[], bool] | None] | None = None,
                  max_new_tokens: list[int] | None = None, stop: list[tuple[str, ...]] | None = None,
                  pixel_values: torch.Tensor | None = None,
-                 continued: list[tuple[list[int], int] | None] | None = None,
-                 on_done: list[Callable[[Reply], None] | None] | None = None) -> list[Reply]:
+                 continued: list[tuple | None] | None = None,
+                 on_done: list[Callable[[Reply], None] | None] | None = None,
+                 logprobs: list[int | None] | None = None) -> list[Reply]:
         """Generate for a batch of prompts that share sampling settings; limits and extra stop
-        strings may differ per row (by default they come from `settings`). `continued[i]`: (ids, sent)
-        of a reply row i began in an earlier call (the server paused it): it goes on from there, with
-        its limit, stop words and stream counting what it already wrote. `on_done[i]` gets row i's reply
-        the moment the row ends, while the batch's other rows go on."""
+        strings may differ per row (by default they come from `settings`). `continued[i]`: (ids, sent,
+        log-probs or None) of a reply row i began in an earlier call (the server paused it): it goes on from
+        there, with its limit, stop words and stream counting what it already wrote. `on_done[i]` gets row
+        i's reply the moment the row ends, while the batch's other rows go on. `logprobs[i]`: None, or how
+        many of the most likely tokens row i's reply lists beside each token's own log-prob."""
         count = len(prompts)
         limits = max_new_tokens or [settings.max_new_tokens] * count
         continued = continued or [None] * count
+        tops = logprobs or [None] * count
         rows = []
         for i in range(count):
             words = tuple(dict.fromkeys((*self.stop_words, *(stop[i] if stop else settings.stop))))
-            before, sent = continued[i] or ([], 0)
+            before, sent, earlier = (*continued[i], None)[:3] if continued[i] else ([], 0, None)
+            wanted = None if tops[i] is None else list(earlier or [])
             rows.append(_Row(self.tokenizer, words, self._stop_ids(words), limits[i],
                              (on_text or [None] * count)[i], (cancelled or [None] * count)[i], before, sent,
-                             len(prompts[i]), (on_done or [None] * count)[i]))
+                             len(prompts[i]), (on_done or [None] * count)[i], wanted))
+            rows[-1].top = tops[i] or 0
         prompts = [list(p) + row.ids for p, row in zip(prompts, rows)]  # a continued row's ids are read again
         # Only stop ids every row shares may end a row inside `generate`; the rest end in _RowsDone.
         shared_stop_ids = set.intersection(*(row.stop_ids for row in rows))
@@ -287,9 +323,10 @@ class Generator:
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         sample = settings.temperature > 0
         new_tokens = max(limit - len(row.ids) for limit, row in zip(limits, rows))
+        last_logits = [] if any(top is not None for top in tops) else None  # (filled by the hook below)
         kwargs = dict(max_new_tokens=max(new_tokens, 1), do_sample=sample, use_cache=True, pad_token_id=pad,
                       eos_token_id=sorted(shared_stop_ids) or None, repetition_penalty=settings.repetition_penalty,
-                      streamer=_Streamer(rows), stopping_criteria=[_RowsDone(rows)])
+                      streamer=_Streamer(rows, last_logits), stopping_criteria=[_RowsDone(rows)])
         if sample:
             kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         else:  # silence the warnings about sampling settings from generation_config.json
@@ -300,12 +337,38 @@ class Generator:
             torch.manual_seed(settings.seed)
         was_training = self.model.training
         self.model.eval()
+        hook = None
+        if last_logits is not None:  # each step's raw logits at the last position, before any processing
+            def keep(module, args, output):
+                last_logits[:] = [output[:, -1, :]]
+            hook = self.model.get_output_embeddings().register_forward_hook(keep)
         try:
             with autocast(device, self.compute_dtype):
                 self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self.model.train(was_training)
+            if hook is not None:
+                hook.remove()
         return [row.finish() for row in rows]
+
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each token's log-prob given the ones before it (the first has none: None), with the `top` most
+        likely tokens at its place; one forward over the whole prompt."""
+        device = self._input_device()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with autocast(device, self.compute_dtype):
+                logits = self.model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
+        finally:
+            self.model.train(was_training)
+        out: list[TokenLogprob | None] = [None]
+        for start in range(0, len(ids) - 1, 512):  # (log-softmax over the vocabulary, a slice of positions at a time)
+            block = torch.log_softmax(logits[start:start + 512].float(), dim=-1)
+            for j, row in enumerate(block[:len(ids) - 1 - start]):
+                out.append(_token_logprob(row, ids[start + j + 1], top))
+        return out
 
     def reply(self, messages: list[dict], settings: GenerationSettings | None = None,
               on_text: Callable[[str], None] | None = None, tools: list | None = None) -> str:

@@ -2,8 +2,15 @@
 
     GET  /v1/models
     POST /v1/chat/completions   (stream or not; tools)
-    POST /v1/completions        (raw text, no template)
+    POST /v1/completions        (raw text or token ids, no template; echo and logprobs, a list of prompts)
     GET  /                      the chat page (tuner web only)
+
+Log-probabilities: `/v1/completions` takes `logprobs` (0-20 most likely tokens per place), `echo` (the
+prompt's tokens and their log-probs first: the first token has none) and `max_tokens: 0` with echo,
+in OpenAI's legacy shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), so
+lm-evaluation-harness's `local-completions` backend scores multiple-choice tasks against the server;
+`/v1/chat/completions` takes `logprobs: true` and `top_logprobs` (0-20) for the generated tokens. The
+values are the model's own log-softmax (raw logits: before temperature, top-p or penalties).
 
 Every error has an OpenAI-shaped body, {"error": {"message", "type", "param", "code"}},
 and the right status; the server keeps serving after it. What it guarantees against hostile
@@ -45,6 +52,8 @@ MAX_CONNECTIONS = 64  # connections served at once, one worker thread each; more
 # 0.5 MB file can decode to 0.5 GB. A vision tower resizes to a few hundred pixels a side anyway.
 MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096
 MAX_IMAGES = 8  # per request
+MAX_LOGPROBS = 20  # most likely tokens listed per place (OpenAI's chat cap)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
 class ApiError(Exception):
@@ -177,7 +186,7 @@ class Api:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "tuner"}]}
 
-    def _settings(self, body: dict) -> GenerationSettings:
+    def _settings(self, body: dict, least_tokens: int = 1) -> GenerationSettings:
         if body.get("model") != self.model_name:
             raise ApiError(404, f"The model {body.get('model')!r} does not exist; this server has "
                                 f"{self.model_name!r}", code="model_not_found", param="model")
@@ -186,14 +195,15 @@ class Api:
             raise ApiError(400, "only n=1 is supported", param="n")
         if not isinstance(body.get("stream", False), bool):
             raise ApiError(400, f"'stream' must be true or false, got {body['stream']!r}", param="stream")
-        for name in ("logprobs", "top_logprobs", "echo"):
-            if body.get(name):
-                raise ApiError(400, f"'{name}' is not supported by this server", param=name)
         if body.get("best_of") not in (None, 1):
             raise ApiError(400, "'best_of' is not supported by this server", param="best_of")
+        if body.get("stream") and (body.get("logprobs") or body.get("echo")):
+            name = "logprobs" if body.get("logprobs") else "echo"
+            raise ApiError(400, f"'{name}' with 'stream' is not supported by this server: ask without stream",
+                           param=name)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_new = _number({"max_tokens": limit}, "max_tokens", self.max_new_tokens, 1, self.generator.context_length,
-                          integer=True)
+        max_new = _number({"max_tokens": limit}, "max_tokens", self.max_new_tokens, least_tokens,
+                          self.generator.context_length, integer=True)
         stop = body.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
@@ -204,13 +214,38 @@ class Api:
                                   seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True),
                                   stop=tuple(stop))
 
-    def _job(self, prompt: list[int], settings: GenerationSettings, pixel_values=None) -> Job:
+    def _job(self, prompt: list[int], settings: GenerationSettings, pixel_values=None,
+             logprobs: int | None = None) -> Job:
         room = self.generator.context_length - settings.max_new_tokens
         if len(prompt) > room:
             raise self._too_long(len(prompt), settings)
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        return self.engine.submit(Job(prompt, settings, pixel_values))
+        return self.engine.submit(Job(prompt, settings, pixel_values, logprobs=logprobs))
+
+    def token_text(self, token: int) -> str:
+        return self.generator.tokenizer.decode([token], skip_special_tokens=False)
+
+    def legacy_logprobs(self, ids: list[int], entries: list) -> dict:
+        """OpenAI's /v1/completions logprobs object: each token of `ids`, its TokenLogprob in `entries` (None
+        for an echoed prompt's first token, which has nothing before it), and where its text starts."""
+        tokens = [self.token_text(t) for t in ids]
+        offsets = [0]
+        for piece in tokens[:-1]:
+            offsets.append(offsets[-1] + len(piece))
+        return {"tokens": tokens, "token_logprobs": [e.logprob if e is not None else None for e in entries],
+                "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} if e is not None else None
+                                 for e in entries],
+                "text_offset": offsets[:len(tokens)]}
+
+    def chat_logprobs(self, entries: list) -> dict:
+        """OpenAI's chat logprobs object: each generated token, its log-prob, bytes and the most likely ones."""
+        def item(token: int, logprob: float) -> dict:
+            text = self.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
 
     def _too_long(self, prompt_tokens: int | None, settings: GenerationSettings) -> ApiError:
         context = self.generator.context_length
@@ -228,6 +263,13 @@ class Api:
 
     def chat_job(self, body: dict) -> tuple[Job, list | None]:
         settings = self._settings(body)
+        if body.get("echo"):
+            raise ApiError(400, "'echo' is a /v1/completions parameter", param="echo")
+        if not isinstance(body.get("logprobs", False), (bool, type(None))):
+            raise ApiError(400, f"'logprobs' must be true or false, got {body['logprobs']!r}", param="logprobs")
+        top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        if top is not None and not body.get("logprobs"):
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         messages = parse_messages(body.get("messages"), vision=self.generator.vision is not None)
         tools = body.get("tools") if body.get("tool_choice") != "none" else None
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
@@ -238,19 +280,67 @@ class Api:
             pixel_values = self.generator.pixel_values(messages)
         except TunerError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return self._job(self.generator.prompt_ids(messages, tools or None), settings, pixel_values), tools
+        job = self._job(self.generator.prompt_ids(messages, tools or None), settings, pixel_values,
+                        logprobs=(top or 0) if body.get("logprobs") else None)
+        return job, tools
 
-    def completion_job(self, body: dict) -> Job:
-        settings = self._settings(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        self._check_length_before_tokenizing(len(prompt), settings)
-        return self._job(self.generator.tokenizer(prompt)["input_ids"], settings)
+    def _prompts(self, raw) -> list[tuple[list[int], str | None]]:
+        """OpenAI's prompt forms -> [(token ids, the text or None)]: a string, a list of strings, a list of
+        token ids, or a list of such lists."""
+        vocabulary = len(self.generator.tokenizer)
+
+        def ids_of(x) -> bool:
+            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(raw, str) or ids_of(raw):
+            raw = [raw]
+        if not isinstance(raw, list) or not raw or not all(isinstance(p, str) or ids_of(p) for p in raw):
+            raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                                "such lists", param="prompt")
+        if len(raw) > MAX_PROMPTS:
+            raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request, got {len(raw)}", param="prompt")
+        prompts = []
+        for p in raw:
+            if isinstance(p, str):
+                if not p:
+                    raise ApiError(400, "the prompt is empty", param="prompt")
+                prompts.append((p, None))
+                continue
+            bad = next((t for t in p if not 0 <= t < vocabulary), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is not in the model's vocabulary (0-{vocabulary - 1})",
+                               param="prompt")
+            prompts.append((None, list(p)))
+        return prompts
+
+    def completion_jobs(self, body: dict) -> list[dict]:
+        """One entry per prompt: its ids and text, the job scoring its tokens (echo with logprobs) and the job
+        generating its completion (none with max_tokens 0), both submitted."""
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise ApiError(400, f"'echo' must be true or false, got {echo!r}", param="echo")
+        settings = self._settings(body, least_tokens=0 if echo else 1)
+        top = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        if body.get("top_logprobs") is not None:
+            raise ApiError(400, "'top_logprobs' is a /v1/chat/completions parameter; here 'logprobs' is the "
+                                "number of most likely tokens", param="top_logprobs")
+        prompts = self._prompts(body.get("prompt"))
+        if body.get("stream") and len(prompts) > 1:
+            raise ApiError(400, "'stream' with a list of prompts is not supported by this server", param="stream")
+        work = []
+        for text, ids in prompts:
+            if ids is None:
+                self._check_length_before_tokenizing(len(text), settings)
+                ids = self.generator.tokenizer(text)["input_ids"]
+            work.append({"ids": ids, "text": text})
+        for entry in work:  # (every prompt checked before any job starts)
+            if len(entry["ids"]) > self.generator.context_length - settings.max_new_tokens:
+                raise self._too_long(len(entry["ids"]), settings)
+        for entry in work:
+            entry["score"] = self.engine.submit(Job(entry["ids"], settings, score=top)) if echo and top is not None \
+                else None
+            entry["job"] = self._job(entry["ids"], settings, logprobs=top) if settings.max_new_tokens else None
+        return work
 
     def usage(self, reply) -> dict:
         return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
@@ -454,8 +544,9 @@ class Handler(BaseHTTPRequestHandler):
             if calls:
                 message["tool_calls"] = calls
             finish = "tool_calls" if calls else reply.finish_reason
+            logprobs = self.api.chat_logprobs(reply.logprobs) if reply.logprobs is not None else None
             self._send_json(200, {**_chunk("chat.completion", request_id, model, {
-                "index": 0, "message": message, "finish_reason": finish, "logprobs": None}),
+                "index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}),
                 "usage": self.api.usage(reply)})
             return
         self._start_stream()
@@ -502,14 +593,27 @@ class Handler(BaseHTTPRequestHandler):
         return job.wait(gone=self._client_gone)
 
     def _completion(self, body: dict) -> None:
-        job = self.api.completion_job(body)
+        work = self.api.completion_jobs(body)
         request_id, model = f"cmpl-{uuid.uuid4().hex}", self.api.model_name
         if not body.get("stream"):
-            reply = self._wait(job)
-            self._send_json(200, {**_chunk("text_completion", request_id, model, {
-                "index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}),
-                "usage": self.api.usage(reply)})
+            choices, prompt_tokens, completion_tokens = [], 0, 0
+            try:
+                for index, entry in enumerate(work):
+                    choices.append(self._completion_choice(index, entry, body))
+                    prompt_tokens += len(entry["ids"])
+                    completion_tokens += choices[-1].pop("completion_tokens")
+            except BaseException:
+                for entry in work:  # (the client left or a prompt failed: the others stop too)
+                    for job in (entry["score"], entry["job"]):
+                        if job is not None:
+                            job.cancelled.set()
+                raise
+            self._send_json(200, {"id": request_id, "object": "text_completion", "created": int(time.time()),
+                                  "model": model, "choices": choices,
+                                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                            "total_tokens": prompt_tokens + completion_tokens}})
             return
+        job = work[0]["job"]
         self._start_stream()
         try:
             pieces = job.texts_then_reply()
@@ -527,6 +631,28 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             job.cancelled.set()
             raise
+
+
+    def _completion_choice(self, index: int, entry: dict, body: dict) -> dict:
+        """One prompt's choice: the completion (after the echoed prompt when asked) and its log-probs."""
+        ids, echo, top = entry["ids"], body.get("echo", False), body.get("logprobs")
+        reply = self._wait(entry["job"]) if entry["job"] is not None else None
+        text = reply.text if reply is not None else ""
+        if echo:
+            prompt_text = entry["text"] if entry["text"] is not None else self.api.generator.tokenizer.decode(ids)
+            text = prompt_text + text
+        logprobs = None
+        if top is not None:
+            shown, entries = [], []
+            if echo:
+                shown, entries = list(ids), self._wait(entry["score"])
+            if reply is not None:
+                shown += reply.ids
+                entries += reply.logprobs
+            logprobs = self.api.legacy_logprobs(shown, entries)
+        return {"index": index, "text": text, "logprobs": logprobs,
+                "finish_reason": reply.finish_reason if reply is not None else "length",
+                "completion_tokens": reply.completion_tokens if reply is not None else 0}
 
 
 def _allowed_host(host: str, address) -> bool:

@@ -8,6 +8,9 @@ included, which go on from where they were (their prompt plus what they wrote is
 again). So a 4-token request never waits for a 400-token one to finish, concurrent
 requests share one `generate` call, and each still gets its own tokens, stop words, limit
 and stream. Greedy replies in a batch, paused or not, are the same as alone (tested).
+
+A scoring job (the log-probs of a prompt's own tokens: `echo` with `logprobs`) is one forward over
+its prompt, run by the same thread between batches.
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ class Job:
     """('text', piece) while generating, then ('done', Reply) or ('error', exception)"""
     cancelled: threading.Event = field(default_factory=threading.Event)
     continued: tuple | None = None
-    """(ids, characters streamed) of the reply so far, when a batch was paused to let others in"""
+    """(ids, characters streamed, log-probs) of the reply so far, when a batch was paused to let others in"""
+    logprobs: int | None = None
+    """None, or how many of the most likely tokens the reply lists beside each of its tokens' log-prob"""
+    score: int | None = None
+    """a scoring job, not a generation: the prompt's log-probs, with this many most likely tokens each"""
 
     def texts_then_reply(self, timeout: float | None = None):
         """Yield text pieces; return the Reply (raise the engine's exception)."""
@@ -86,13 +93,13 @@ class BatchEngine:
                 self.ready.wait()
         time.sleep(self.gather_seconds)  # let requests sent together arrive together
         with self.ready:
-            key = self.pending[0].settings.batch_key()
+            key = _key(self.pending[0])
             batch, rest = [], deque()
             while self.pending:
                 job = self.pending.popleft()
                 if job.cancelled.is_set():
                     continue
-                if job.settings.batch_key() == key and len(batch) < self.max_batch_size:
+                if _key(job) == key and len(batch) < self.max_batch_size:
                     batch.append(job)
                 else:
                     rest.append(job)
@@ -104,6 +111,13 @@ class BatchEngine:
             batch = self._next_batch()
             if not batch:
                 continue
+            if batch[0].score is not None:
+                for job in batch:
+                    try:
+                        job.events.put(("done", self.generator.prompt_logprobs(job.prompt, job.score)))
+                    except Exception as e:  # noqa: BLE001 - the request hears about it
+                        job.events.put(("error", e))
+                continue
             self.batches.append(len(batch))
             started = time.monotonic()
 
@@ -112,7 +126,7 @@ class BatchEngine:
 
             def done(job: Job, reply) -> None:
                 if reply.finish_reason == "cancelled" and not job.cancelled.is_set():  # paused: goes on later,
-                    job.continued = (reply.ids, reply.streamed)  # behind the requests that wait
+                    job.continued = (reply.ids, reply.streamed, reply.logprobs)  # behind the requests that wait
                     with self.ready:
                         self.pending.append(job)
                         self.ready.notify()
@@ -127,12 +141,17 @@ class BatchEngine:
                     continued=[job.continued for job in batch],
                     on_done=[(lambda reply, job=job: done(job, reply)) for job in batch],
                     max_new_tokens=[job.settings.max_new_tokens for job in batch],
-                    stop=[job.settings.stop for job in batch],
+                    stop=[job.settings.stop for job in batch], logprobs=[job.logprobs for job in batch],
                     # rows are filled in order, so the batch's images are each row's images in turn
                     pixel_values=_concatenated([job.pixel_values for job in batch]))
             except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
                 for job in batch:
                     job.events.put(("error", e))
+
+
+def _key(job: Job) -> tuple:
+    """Jobs with equal keys run together: scoring jobs, or generations with the same sampling settings."""
+    return ("score",) if job.score is not None else job.settings.batch_key()
 
 
 def _concatenated(pixel_values: list):

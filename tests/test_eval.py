@@ -1,0 +1,75 @@
+"""`tuner eval` and `evaluate.tasks`: lm-evaluation-harness on what tuner loads, equal to lm-eval's own `hf` backend."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tuner.errors import TunerError
+
+from conftest import write_config
+
+
+def test_unknown_tasks_get_lm_evals_message_before_any_model_loads(tmp_path):
+    pytest.importorskip("lm_eval")
+    from test_cli import tuner
+
+    run = tuner("eval", "no-such-model-folder", "--tasks", "tuner_general_knowledge,nope", check=False)
+    assert run.returncode == 1 and "Tasks not found: nope" in run.stderr and "--include-path" in run.stderr
+
+
+def test_without_lm_eval_one_line_says_how_to_install(monkeypatch):
+    from tuner.generation import benchmark
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # (import lm_eval now raises ImportError)
+    with pytest.raises(TunerError, match="lm-evaluation-harness, which is not installed") as caught:
+        benchmark.require_lm_eval()
+    assert 'pip install "tuner[eval]"' in caught.value.hint
+
+
+@pytest.mark.slow
+def test_tuner_eval_equals_lm_evals_hf_backend_and_compares_with_a_base(tmp_path, tiny_model_dir):
+    """`tuner eval` on the embedded SmolLM2-135M-Instruct (tuner's loader, the model handed to lm-eval) gives
+    lm-eval's own `hf` backend's accuracy on the model's folder, example by example; --compare prints the
+    base (here the tiny random model), the model and the difference; --output writes the JSON."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from test_cli import tuner
+
+    from tuner.generation import benchmark
+    from tuner.model.embedded import embedded_model_dir
+
+    run = tuner("eval", "smollm2-135m-instruct", "--tasks", "tuner_general_knowledge", "--limit", "12",
+                "--dtype", "fp32", "--compare", str(tiny_model_dir), "--output", str(tmp_path / "out"))
+    saved = json.loads(next((tmp_path / "out").glob("results_smollm2*.json")).read_text())
+    ours = saved["results"]["tuner_general_knowledge"]["acc,none"]
+    base = json.loads(next((tmp_path / "out").glob("results_*_base.json")).read_text())
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={embedded_model_dir()},dtype=float32,"
+                                                            "device=cpu", tasks=["tuner_general_knowledge"],
+                                     task_manager=benchmark.task_manager(None, tmp_path / "tasks", ["tuner_general_knowledge"]),
+                                     limit=12)
+    assert ours == theirs["results"]["tuner_general_knowledge"]["acc,none"] >= 0.5
+    row = next(line for line in run.stdout.splitlines() if line.startswith("tuner_general_knowledge") and "|" in line
+               and "acc,none" in line)
+    cells = [c.strip() for c in row.split("|")]
+    tiny_acc = base["results"]["tuner_general_knowledge"]["acc,none"]
+    assert cells[2:] == [f"{tiny_acc:.4f}", f"{ours:.4f}", f"{ours - tiny_acc:+.4f}"]
+    assert "|tuner_general_knowledge|" in run.stdout.replace(" ", "")  # (lm-eval's own table too)
+
+
+@pytest.mark.slow
+def test_evaluate_tasks_run_at_the_end_of_training(tmp_path, tiny_model_dir, data_file):
+    """A config with evaluate.tasks: after the last step lm-eval runs on the trained model; its table is in
+    the log and eval_tasks.txt, its results in eval_tasks.json."""
+    pytest.importorskip("lm_eval")
+    from test_cli import tuner
+
+    cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=1)
+    run = tuner("train", cfg, "--work-dir", tmp_path / "w", "--cfg-options", "train.max_steps=2",
+                "evaluate.tasks=['tuner_general_knowledge']", "evaluate.tasks_limit=4")
+    results = json.loads((tmp_path / "w" / "eval_tasks.json").read_text())
+    acc = results["results"]["tuner_general_knowledge"]["acc,none"]
+    assert 0 <= acc <= 1 and results["n-samples"]["tuner_general_knowledge"]["effective"] == 4
+    assert "tuner_general_knowledge" in (tmp_path / "w" / "eval_tasks.txt").read_text()
+    assert "lm-eval on the trained model" in run.stderr

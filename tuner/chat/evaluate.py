@@ -1,0 +1,63 @@
+"""`tuner eval`: lm-evaluation-harness benchmarks on a model (and its base, side by side).
+
+    tuner eval MODEL [--adapter DIR] [--tasks T1,T2] [--include-path DIR] [--limit N] [--batch-size B]
+                     [--compare BASE] [--output DIR] [--bits 4|8] [--dtype ...] [--apply-chat-template]
+
+The model is loaded as `tuner chat` loads it and handed to lm-eval's `hf` backend in this process
+(generation/benchmark.py). Prints lm-eval's table (and with --compare the base's, the model's and the
+difference), and writes the results JSON to --output.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from tuner.generation import benchmark
+
+
+def _name(path: str, adapter: str | None) -> str:
+    return Path(adapter).name if adapter else Path(path.rstrip("/")).name or path
+
+
+def _evaluate(model_path: str, adapter: str | None, args, manager, tasks: list[str]) -> dict:
+    import gc
+
+    from tuner.generation.load import load_chat_model
+
+    model, tokenizer, _ = load_chat_model(model_path, adapter, args.dtype, args.bits,
+                                          warn=lambda line: print(line, file=sys.stderr),
+                                          trust_remote_code=args.trust_remote_code)
+    try:
+        return benchmark.run_tasks(model, tokenizer, tasks, manager, args.limit, args.batch_size,
+                                   True if args.apply_chat_template else None)
+    finally:
+        del model
+        gc.collect()
+
+
+def run_eval(args) -> int:
+    lm_eval = benchmark.require_lm_eval()
+    from lm_eval.utils import make_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    with tempfile.TemporaryDirectory(prefix="tuner-tasks-") as folder:
+        manager = benchmark.task_manager(args.include_path, Path(folder), tasks)
+        benchmark.check_tasks(manager, tasks)  # (before a model is loaded)
+        tuned = _evaluate(args.model, args.adapter, args, manager, tasks)
+        base = _evaluate(args.compare, None, args, manager, tasks) if args.compare else None
+    print(make_table(tuned))
+    name = _name(args.model, args.adapter)
+    if base is not None:
+        print(benchmark.comparison_table(base, tuned, _name(args.compare, None), name))
+    if args.output:
+        out = Path(args.output)
+        benchmark.write_results(tuned, out / f"results_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.json")
+        if base is not None:
+            benchmark.write_results(base, out / f"results_{re.sub(r'[^A-Za-z0-9_.-]+', '_', _name(args.compare, None))}"
+                                                 f"_base.json")
+        print(f"Results written to {out}")
+    del lm_eval
+    return 0
