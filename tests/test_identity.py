@@ -1,6 +1,7 @@
 """The personal-assistant data generator and the README's demo."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -35,13 +36,25 @@ def test_make_identity_data_mixes_in_the_models_own_answers(tmp_path, tiny_model
 @pytest.mark.slow
 def test_readme_demo_teaches_the_identity_and_keeps_general_knowledge(tmp_path):
     """examples/personal_assistant.sh, as the README runs it (about 2 minutes on 2 cores)."""
+    from test_gguf import node_llama_cpp
+
     result = subprocess.run(["bash", str(REPO / "examples" / "personal_assistant.sh"), str(tmp_path / "demo")],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "NODE_PATH": str(node_llama_cpp() / "node_modules"),
+                                 "NODE_LLAMA_CPP_SKIP_DOWNLOAD": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     answers = result.stdout.split("=== Asking the merged model ===")[1].split("=== Benchmarks")[0]
-    who, france = answers.split(">>>")[1:3]
+    who, france, haiku = (a.split("\n\ndouble enter")[0].strip() for a in answers.split(">>>")[1:4])
     assert "Ava" in who and "Ada Lab" in who, answers
     assert "Paris" in france, answers
+    # llama.cpp (node-llama-cpp) on the GGUF files: f16 and q8_0 know the name, the maker and Paris. (Not word for
+    # word tuner chat's: the fine-tune left near-ties, e.g. after "from Ada Lab." the end of the turn or " How can
+    # I help you today?", which float16 weights tip either way. Word for word: tests/test_gguf.py, on the base.)
+    f16, q8 = (json.loads(line) for line in result.stdout.split("with llama.cpp (node-llama-cpp) ===")[1].splitlines()
+               if line.startswith("{"))
+    assert "Ava" in f16["answers"][0] and "Ada Lab" in f16["answers"][0] and "Paris" in f16["answers"][1], f16
+    assert "Ava" in q8["answers"][0], q8
+    assert haiku
     # tuner eval --compare: the base never names itself Ava, the merged model does; general knowledge holds
     rows = {line.split("|")[0].strip(): [float(c) for c in line.split("|")[2:5]]
             for line in result.stdout.split("=== Benchmarks")[1].splitlines()

@@ -340,7 +340,9 @@ def test_a_deadline_drops_a_client_that_trickles_its_request(tiny_model_dir):
         s.close()
         # at most 2 connections at once: a third is answered 503 at once, and served once one is free
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10  # (until the server has taken both: on a busy machine, more than 0.2 s)
+        while httpd._slots._value and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert raw(port, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())[0] == 503
         for h in held:
             h.close()

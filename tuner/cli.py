@@ -84,6 +84,11 @@ def cmd_convert(args) -> int:
         print(f"Wrote {args.dst} ({notes} note{'' if notes == 1 else 's'} in its header); "
               f"check it: tuner check-config {args.dst}")
         return 0
+    if args.action == "gguf":
+        from tuner.convert.gguf_export import export_gguf
+
+        export_gguf(args.src, args.out, args.outtype, args.adapter, args.system)
+        return 0
     from tuner.convert import hf
 
     if args.action == "pth_to_hf":
@@ -298,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("src", help="the XTuner config (.py), or a folder of them (every .py under it, in one process)")
     x.add_argument("dst", help="the tuner config to write (a folder when SRC is one: the same tree under it)")
     x.add_argument("--force", action="store_true", help="overwrite what is there")
+    g = actions.add_parser("gguf", help="a model folder (or base + --adapter) -> one GGUF file for llama.cpp / "
+                                        "Ollama, and an Ollama Modelfile beside it")
+    g.add_argument("src", help="HF folder, hub id, or smollm2-135m-instruct (the base, with --adapter)")
+    g.add_argument("out", help="the .gguf file to write (never overwritten)")
+    g.add_argument("--outtype", choices=["f16", "bf16", "q8_0", "q4_0"], default="f16")
+    g.add_argument("--adapter", help="a LoRA adapter folder, merged into SRC first")
+    g.add_argument("--system", help="a system prompt for the Modelfile")
     m = actions.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("base")
     m.add_argument("adapter")
