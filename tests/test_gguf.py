@@ -116,6 +116,21 @@ def test_quantized_files_read_back_close_and_bad_requests_are_refused(tmp_path, 
         [f"{t}.{e}" for t in ("bf16", "q8_0", "q4_0") for e in ("gguf", "Modelfile")] + ["f16.gguf"])
 
 
+def test_the_pre_tokenizer_is_told_by_the_tokenizer_not_the_architecture():
+    """A Qwen2 model with DeepSeek's tokenizer (DeepSeek-R1-Distill-Qwen: Qwen's tokens plus DeepSeek's) is
+    refused, not written with Qwen's split rules, which llama.cpp would apply to it silently."""
+    from tuner.convert.gguf_export import _pre_tokenizer
+
+    class Vocabulary(dict):  # (what the function reads of a tokenizer: its vocabulary and size)
+        def get_vocab(self):
+            return self
+
+    qwen = Vocabulary({"<|endoftext|>": 151643, "<|im_start|>": 151644, **{f"t{i}": i for i in range(151_000)}})
+    assert _pre_tokenizer(qwen) == "qwen2"
+    with pytest.raises(TunerError, match="does not know which pre-tokenization"):
+        _pre_tokenizer(Vocabulary({**qwen, "<｜begin▁of▁sentence｜>": 151646}))
+
+
 def node_llama_cpp() -> Path:
     """A folder whose node_modules has node-llama-cpp and its prebuilt Linux x64 CPU build (83 MB: not the CUDA
     and Vulkan builds an ordinary install also fetches), installed once with npm."""

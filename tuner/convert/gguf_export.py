@@ -5,9 +5,10 @@ llama.cpp checkout), plus an Ollama Modelfile beside it.
     tuner convert gguf SRC OUT.gguf [--outtype f16|bf16|q8_0|q4_0] [--adapter DIR]
 
 Architectures: Llama (SmolLM2, Llama 3 without rope scaling), Mistral, Qwen2 and Qwen3, with a byte-level
-BPE tokenizer (tokenizer.json; SentencePiece tokenizers such as InternLM2's and Llama 2's are refused). llama.cpp's Llama rotates query/key pairs
-differently from transformers' (interleaved halves): their rows are permuted on the way, as llama.cpp's
-own converter does; Qwen's rotation is transformers' own (NEOX), unchanged. Others are refused by name.
+BPE tokenizer (tokenizer.json; SentencePiece tokenizers such as InternLM2's and Llama 2's are refused).
+llama.cpp's Llama rotates query/key pairs differently from transformers' (interleaved halves): their rows
+are permuted on the way, as llama.cpp's own converter does; Qwen's rotation is transformers' own (NEOX),
+unchanged. Others are refused by name.
 
 The tokenizer goes in as llama.cpp reads it: every token in id order with its type (normal, control for
 special tokens, user-defined for other added ones), the merges, the special ids and the chat template
@@ -32,15 +33,17 @@ ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("ll
                  "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False)}
 
 
-def _pre_tokenizer(tokenizer, config: dict) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenization (split rules before BPE merges)."""
+def _pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenization (split rules before BPE merges), told by the
+    tokenizer itself, not by the model's architecture: DeepSeek's R1 distills are Qwen2 and Llama models with
+    DeepSeek's tokenizer, which llama.cpp splits its own way."""
     vocab = tokenizer.get_vocab()
-    if config.get("model_type") in ("qwen2", "qwen3") or "<|endoftext|>" in vocab and "<|im_start|>" in vocab \
-            and len(tokenizer) > 150_000:
+    known = "<｜begin▁of▁sentence｜>" not in vocab  # (DeepSeek's tokenizers: not one of the three below)
+    if known and "<|endoftext|>" in vocab and "<|im_start|>" in vocab and len(tokenizer) > 150_000:
         return "qwen2"
-    if "<|begin_of_text|>" in vocab and len(tokenizer) >= 128_000:
+    if known and "<|begin_of_text|>" in vocab and len(tokenizer) >= 128_000:
         return "llama-bpe"
-    if len(tokenizer) == 49152 and vocab.get("<|im_start|>") == 1:  # SmolLM / SmolLM2
+    if known and len(tokenizer) == 49152 and vocab.get("<|im_start|>") == 1:  # SmolLM / SmolLM2
         return "smollm"
     raise TunerError("tuner does not know which pre-tokenization llama.cpp must apply for this tokenizer "
                      f"({type(tokenizer).__name__}, {len(tokenizer)} tokens)",
@@ -94,7 +97,7 @@ def _encode(tensor: torch.Tensor, outtype: str):
     return quants.quantize(data, kind), kind
 
 
-def _stop_words(folder: Path, tokenizer) -> list[str]:
+def _stop_words(tokenizer) -> list[str]:
     from tuner.data.templates import get_template
     from tuner.generation.generate import reply_stop_words
 
@@ -157,7 +160,7 @@ def _write(folder: Path, out: Path, outtype: str, system: str | None, say) -> No
                          hint="use llama.cpp's convert_hf_to_gguf.py for this model")
     arch, permute = ARCHITECTURES[name]
     tokenizer = load_tokenizer(str(folder))
-    pre = _pre_tokenizer(tokenizer, config)
+    pre = _pre_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     c = model.config
     heads, kv_heads = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
@@ -216,6 +219,6 @@ def _write(folder: Path, out: Path, outtype: str, system: str | None, say) -> No
         tmp.unlink(missing_ok=True)
         raise
     modelfile = out.with_name(out.stem + ".Modelfile")
-    modelfile.write_text(modelfile_text(out.name, _stop_words(folder, tokenizer), system), encoding="utf-8")
+    modelfile.write_text(modelfile_text(out.name, _stop_words(tokenizer), system), encoding="utf-8")
     say(f"Wrote {out} ({arch}, {outtype}, {written} tensors, {out.stat().st_size / 2**20:.0f} MiB) and {modelfile.name} "
         f"(ollama create NAME -f {modelfile})")
