@@ -22,6 +22,10 @@ def _name(path: str, adapter: str | None) -> str:
     return Path(adapter).name if adapter else Path(path.rstrip("/")).name or path
 
 
+def _results_file(folder: Path, name: str, suffix: str = "") -> Path:
+    return folder / f"results_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}{suffix}.json"
+
+
 def _evaluate(model_path: str, adapter: str | None, args, manager, tasks: list[str]) -> dict:
     import gc
 
@@ -39,7 +43,7 @@ def _evaluate(model_path: str, adapter: str | None, args, manager, tasks: list[s
 
 
 def run_eval(args) -> int:
-    lm_eval = benchmark.require_lm_eval()
+    benchmark.require_lm_eval()  # (one line saying how to install it, before anything else)
     from lm_eval.utils import make_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -54,10 +58,8 @@ def run_eval(args) -> int:
         print(benchmark.comparison_table(base, tuned, _name(args.compare, None), name))
     if args.output:
         out = Path(args.output)
-        benchmark.write_results(tuned, out / f"results_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.json")
+        benchmark.write_results(tuned, _results_file(out, name))
         if base is not None:
-            benchmark.write_results(base, out / f"results_{re.sub(r'[^A-Za-z0-9_.-]+', '_', _name(args.compare, None))}"
-                                                 f"_base.json")
+            benchmark.write_results(base, _results_file(out, _name(args.compare, None), "_base"))
         print(f"Results written to {out}")
-    del lm_eval
     return 0

@@ -101,7 +101,7 @@ class _Row:
     def __init__(self, tokenizer, stop_words: tuple[str, ...], stop_ids: set[int], max_new_tokens: int,
                  on_text: Callable[[str], None] | None, cancelled: Callable[[], bool] | None,
                  prefix: list[int] | None = None, sent: int = 0, prompt_tokens: int = 0,
-                 on_done: Callable[[Reply], None] | None = None, logprobs: list | None = None):
+                 on_done: Callable[[Reply], None] | None = None, logprobs: list | None = None, top: int = 0):
         self.tokenizer, self.stop_words, self.stop_ids = tokenizer, stop_words, stop_ids
         self.max_new_tokens, self.on_text, self.cancelled = max_new_tokens, on_text, cancelled
         self.ids: list[int] = list(prefix or [])  # a continued reply: what it generated before, already streamed
@@ -109,7 +109,7 @@ class _Row:
         self.finish_reason: str | None = None
         self.prompt_tokens, self.on_done, self.done = prompt_tokens, on_done, False
         self.logprobs = logprobs  # None: not asked for; else one TokenLogprob per id (a continued row's too)
-        self.top = 0  # how many of the most likely tokens each of them lists
+        self.top = top  # how many of the most likely tokens each of them lists
 
     def add(self, token: int, logprob: TokenLogprob | None = None) -> None:
         if self.finish_reason:
@@ -311,8 +311,7 @@ class Generator:
             wanted = None if tops[i] is None else list(earlier or [])
             rows.append(_Row(self.tokenizer, words, self._stop_ids(words), limits[i],
                              (on_text or [None] * count)[i], (cancelled or [None] * count)[i], before, sent,
-                             len(prompts[i]), (on_done or [None] * count)[i], wanted))
-            rows[-1].top = tops[i] or 0
+                             len(prompts[i]), (on_done or [None] * count)[i], wanted, tops[i] or 0))
         prompts = [list(p) + row.ids for p, row in zip(prompts, rows)]  # a continued row's ids are read again
         # Only stop ids every row shares may end a row inside `generate`; the rest end in _RowsDone.
         shared_stop_ids = set.intersection(*(row.stop_ids for row in rows))

@@ -284,9 +284,9 @@ class Api:
                         logprobs=(top or 0) if body.get("logprobs") else None)
         return job, tools
 
-    def _prompts(self, raw) -> list[tuple[list[int], str | None]]:
-        """OpenAI's prompt forms -> [(token ids, the text or None)]: a string, a list of strings, a list of
-        token ids, or a list of such lists."""
+    def _prompts(self, raw) -> list[tuple[str | None, list[int] | None]]:
+        """OpenAI's prompt forms -> [(the text, None) or (None, token ids)]: a string, a list of strings, a list
+        of token ids, or a list of such lists."""
         vocabulary = len(self.generator.tokenizer)
 
         def ids_of(x) -> bool:
