@@ -129,14 +129,17 @@ def test_converted_folder_is_a_plain_llama_folder(internlm2_dir):
 def test_an_internlm2_folder_is_written_to_gguf_as_its_llama_form(internlm2_dir, tmp_path):
     """tuner convert gguf on a hub-format InternLM2 folder writes the Llama it loads as: transformers' GGUF
     reader gives back its weights (float16) and llama.cpp's SentencePiece vocabulary holds its pieces, the chat
-    tokens at their ids as control tokens, the Modelfile stopping at <|im_end|>. (llama.cpp running InternLM2's
-    real tokenizer: tests/test_gguf.py.)"""
+    tokens at their ids as control tokens, the Modelfile stopping at <|im_end|> with the training config's
+    system prompt. (llama.cpp running InternLM2's real tokenizer: tests/test_gguf.py.)"""
     from gguf import GGUFReader, TokenType
     from transformers import AutoModelForCausalLM
 
-    from tuner.convert.gguf_export import export_gguf
+    from conftest import write_config
+    from tuner.cli import main
 
-    out = export_gguf(str(internlm2_dir), tmp_path / "internlm2.gguf", say=lambda _: None)
+    config = write_config(tmp_path, internlm2_dir, tmp_path / "data.jsonl", extra="data.system = 'You are Ava.'\n")
+    out = tmp_path / "internlm2.gguf"
+    assert main(["convert", "gguf", str(internlm2_dir), str(out), "--config", str(config)]) == 0
     expected = AutoModelForCausalLM.from_pretrained(_converted(internlm2_dir), dtype=torch.float32).state_dict()
     got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).state_dict()
     assert max(float((v.half().float() - got[k]).abs().max()) for k, v in expected.items() if v.dim() == 2) == 0
@@ -144,7 +147,8 @@ def test_an_internlm2_folder_is_written_to_gguf_as_its_llama_form(internlm2_dir,
     assert fields["tokenizer.ggml.model"].contents() == "llama"
     tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
     assert (tokens[92543], types[92543]) == ("<|im_start|>", TokenType.CONTROL)
-    assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "internlm2.Modelfile").read_text()
+    modelfile = (tmp_path / "internlm2.Modelfile").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'SYSTEM "You are Ava."' in modelfile
 
 
 def test_packed_rows_keep_converted_samples_apart(internlm2_dir):

@@ -87,7 +87,12 @@ def cmd_convert(args) -> int:
     if args.action == "gguf":
         from tuner.convert.gguf_export import export_gguf
 
-        export_gguf(args.src, args.out, args.outtype, args.adapter, args.system)
+        system = args.system
+        if system is None and args.config:  # the system prompt the model was trained with
+            from tuner.config import load_config
+
+            system = load_config(args.config).data.system
+        export_gguf(args.src, args.out, args.outtype, args.adapter, system)
         return 0
     from tuner.convert import hf
 
@@ -310,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outtype", choices=["f16", "bf16", "q8_0", "q4_0"], default="f16")
     g.add_argument("--adapter", help="a LoRA adapter folder, merged into SRC first")
     g.add_argument("--system", help="a system prompt for the Modelfile")
+    g.add_argument("--config", help="the training config: its data.system becomes the Modelfile's system prompt "
+                                    "(--system wins)")
     m = actions.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("base")
     m.add_argument("adapter")
