@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from tuner.errors import TunerError
 
@@ -73,3 +74,41 @@ def test_evaluate_tasks_run_at_the_end_of_training(tmp_path, tiny_model_dir, dat
     assert 0 <= acc <= 1 and results["n-samples"]["tuner_general_knowledge"]["effective"] == 4
     assert "tuner_general_knowledge" in (tmp_path / "w" / "eval_tasks.txt").read_text()
     assert "lm-eval on the trained model" in run.stderr
+
+
+@pytest.mark.slow
+def test_tuner_eval_reads_gguf_files_and_4_bit_weights_as_lm_eval_does(tmp_path, tiny_model_dir):
+    """`tuner eval FILE.gguf` (tuner's loader: the file read once into a cached folder) gives every choice the
+    log-likelihood (1e-4) lm-eval's own hf backend gives it reading the same file (gguf_file=); `tuner eval
+    FOLDER --bits 4` those of the folder loaded by transformers itself with bitsandbytes' NF4 (double
+    quantization, fp32 compute) and handed to lm-eval (its model_args cannot ask transformers 5 for 4-bit
+    weights). --log-samples writes them (samples_TASK.jsonl)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from tuner.cli import main
+    from tuner.convert.gguf_export import export_gguf
+    from tuner.generation import benchmark
+
+    gguf = export_gguf(str(tiny_model_dir), tmp_path / "tiny.gguf", say=lambda _: None)
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    task = "tuner_general_knowledge"
+    manager = benchmark.task_manager(None, tmp_path / "tasks", [task])
+    cases = {"gguf": ([str(gguf)], dict(model="hf", model_args=f"pretrained={tmp_path},gguf_file=tiny.gguf,"
+                                                                "dtype=float32,device=cpu")),
+             "4bit": ([str(tiny_model_dir), "--bits", "4"], dict(model=HFLM(
+                 pretrained=AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4,
+                                                                 dtype=torch.float32),
+                 tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))))}
+    for name, (ours, theirs) in cases.items():
+        out = tmp_path / name
+        assert main(["eval", *ours, "--tasks", task, "--limit", "8", "--dtype", "fp32", "--output", str(out),
+                     "--log-samples"]) == 0
+        mine = [json.loads(line) for line in (out / f"samples_{task}.jsonl").read_text().splitlines()]
+        reference = lm_eval.simple_evaluate(**theirs, tasks=[task], task_manager=manager, limit=8)["samples"][task]
+        assert [s["doc_id"] for s in mine] == [s["doc_id"] for s in reference] and len(mine) == 8
+        worst = max(abs(float(a[0]) - float(b[0])) for m, r in zip(mine, reference)
+                    for a, b in zip(m["filtered_resps"], r["filtered_resps"]))
+        assert worst < 1e-4, (name, worst)  # every choice's log-likelihood

@@ -151,6 +151,26 @@ def test_an_internlm2_folder_is_written_to_gguf_as_its_llama_form(internlm2_dir,
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'SYSTEM "You are Ava."' in modelfile
 
 
+@pytest.mark.slow
+def test_tuner_eval_on_an_internlm2_folder_equals_lm_eval_on_its_llama_form(internlm2_dir, tmp_path):
+    """tuner eval on the hub-format folder gives every choice the log-likelihood lm-eval's own hf backend
+    gives it on the converted Llama folder (no remote code either way)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from tuner.cli import main
+    from tuner.generation import benchmark
+
+    task = "tuner_general_knowledge"
+    assert main(["eval", str(internlm2_dir), "--tasks", task, "--limit", "4", "--dtype", "fp32",
+                 "--output", str(tmp_path / "out"), "--log-samples"]) == 0
+    mine = [json.loads(line) for line in (tmp_path / "out" / f"samples_{task}.jsonl").read_text().splitlines()]
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={_converted(internlm2_dir)},dtype=float32,"
+                                                            "device=cpu", tasks=[task], limit=4,
+                                     task_manager=benchmark.task_manager(None, tmp_path / "tasks", [task]))
+    pairs = [(a[0], b[0]) for m, r in zip(mine, theirs["samples"][task])
+             for a, b in zip(m["filtered_resps"], r["filtered_resps"])]
+    assert len(pairs) == 16 and max(abs(float(a) - float(b)) for a, b in pairs) < 1e-4
+
+
 def test_packed_rows_keep_converted_samples_apart(internlm2_dir):
     """Two samples in one packed row give the same logits as each alone (tuner_packed and sdpa)."""
     from tuner.model import packed_attention

@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--compare", metavar="BASE", help="also evaluate BASE (a model) and print both with the difference")
     p.add_argument("--output", metavar="DIR", help="write the results JSON here")
+    p.add_argument("--log-samples", action="store_true",
+                   help="with --output: also every example's prompt, answers and scores (samples_TASK.jsonl)")
     p.add_argument("--dtype", choices=NAMES, default="auto")
     p.add_argument("--bits", type=int, choices=[4, 8], help="quantize the weights with bitsandbytes (NF4 / LLM.int8)")
     p.add_argument("--apply-chat-template", action="store_true",

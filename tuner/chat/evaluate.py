@@ -1,11 +1,12 @@
 """`tuner eval`: lm-evaluation-harness benchmarks on a model (and its base, side by side).
 
     tuner eval MODEL [--adapter DIR] [--tasks T1,T2] [--include-path DIR] [--limit N] [--batch-size B]
-                     [--compare BASE] [--output DIR] [--bits 4|8] [--dtype ...] [--apply-chat-template]
+                     [--compare BASE] [--output DIR [--log-samples]] [--bits 4|8] [--dtype ...]
+                     [--apply-chat-template]
 
 The model is loaded as `tuner chat` loads it and handed to lm-eval's `hf` backend in this process
 (generation/benchmark.py). Prints lm-eval's table (and with --compare the base's, the model's and the
-difference), and writes the results JSON to --output.
+difference), and writes the results JSON to --output (with --log-samples every example too).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def _evaluate(model_path: str, adapter: str | None, args, manager, tasks: list[s
 
 def run_eval(args) -> int:
     benchmark.require_lm_eval()  # (one line saying how to install it, before anything else)
+    if getattr(args, "log_samples", False) and not args.output:
+        from tuner.errors import TunerError
+        raise TunerError("--log-samples writes the examples into the --output folder", hint="add --output DIR")
     from lm_eval.utils import make_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -61,5 +65,9 @@ def run_eval(args) -> int:
         benchmark.write_results(tuned, _results_file(out, name))
         if base is not None:
             benchmark.write_results(base, _results_file(out, _name(args.compare, None), "_base"))
+        if getattr(args, "log_samples", False):
+            benchmark.write_samples(tuned, out)
+            if base is not None:
+                benchmark.write_samples(base, out, "_base")
         print(f"Results written to {out}")
     return 0

@@ -153,6 +153,23 @@ def comparison_table(base: dict, tuned: dict, base_name: str, tuned_name: str) -
     return "\n".join(lines)
 
 
+def write_samples(results: dict, folder: Path, suffix: str = "") -> list[Path]:
+    """Every example lm-eval ran, one JSON line each (its prompt, the model's answers and their scores), as
+    lm-eval's own --log_samples writes them: samples_TASK[suffix].jsonl; each written whole or not at all."""
+    from lm_eval.utils import handle_non_serializable
+
+    written = []
+    for task, samples in (results.get("samples") or {}).items():
+        path = folder / f"samples_{task}{suffix}.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n"
+                               for s in samples), encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
 def write_results(results: dict, path: Path) -> None:
     """lm-eval's results as JSON (its own encoder for what is not plain), written whole or not at all."""
     from lm_eval.utils import handle_non_serializable
