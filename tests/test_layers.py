@@ -13,7 +13,7 @@ LAYERS = {
     "generation": 3,
     "engine": 4,
     "convert": 5,
-    "chat": 6, "serve": 6,
+    "chat": 6, "serve": 6, "board": 7,
     "cli": 7, "__main__": 7, "__init__": 7,
 }
 

@@ -86,6 +86,20 @@ def test_echoed_prompts_and_generated_tokens_have_the_models_log_probs(tiny, tin
     assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob for c in content)
     assert all(c.bytes == list(c.token.encode()) for c in content)
 
+    # streamed, chat and completion: every generated token's log-probs in one chunk before the last, as without
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=5, temperature=0, logprobs=True, top_logprobs=3,
+                                                 stream=True))
+    streamed = [c.choices[0].logprobs.content for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(streamed) == 1 and [(c.token, c.logprob) for c in streamed[0]] == [(c.token, c.logprob) for c in content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    whole = client.completions.create(model="tiny", prompt=text, max_tokens=3, logprobs=2, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=text, max_tokens=3, logprobs=2, temperature=0,
+                                            stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert len(streamed) == 1 and streamed[0].token_logprobs == whole.choices[0].logprobs.token_logprobs
+    assert streamed[0].tokens == whole.choices[0].logprobs.tokens
+
 
 @pytest.mark.slow
 def test_lm_eval_against_the_server_equals_its_hf_backend(tmp_path):

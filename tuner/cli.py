@@ -122,6 +122,12 @@ def cmd_chat(args) -> int:
     return run_chat(args)
 
 
+def cmd_board(args) -> int:
+    from tuner.board.run import run_board
+
+    return run_board(args)
+
+
 def cmd_serve(args) -> int:
     from tuner.serve.run import run_server
 
@@ -410,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--request-timeout", type=float, default=60,
                        help="seconds a request's headers and body may take to arrive, however slowly they trickle")
         p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("board", help="a web page over work dirs: runs, live loss curves (overlaid), evaluation "
+                                     "answers, benchmark tables, configs")
+    p.add_argument("work_dirs", nargs="*", help="folders of work dirs, or work dirs (default: ./work_dirs)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (set --api-key)")
+    p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNER_API_KEY); the page's "
+                                     "address then carries it as #key=KEY")
+    p.set_defaults(func=cmd_board)
 
     p = sub.add_parser("list-dataset-format", help="list the dataset formats and the columns they read")
     p.set_defaults(func=cmd_list_dataset_format)

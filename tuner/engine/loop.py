@@ -43,6 +43,7 @@ from tuner.engine.hooks import (
     save_checkpoint_or_explain,
 )
 from tuner.engine.objective import objective_for
+from tuner.engine.runstate import RunState, describe_method
 from tuner.engine.optim import build_optimizer, lr_lambda
 from tuner.errors import Interrupted, TunerError
 from tuner.model import fast_lora
@@ -100,6 +101,9 @@ class Trainer:
                 raise TunerError(f"cannot write the work dir {self.work_dir}: {e.strerror or e}",
                                  hint="choose another --work-dir, or make this one writable") from None
             self.logger = file_logger(self.run_dir / f"{stamp}.log")
+            self.run_state = RunState(self.run_dir, config=cfg.name, config_path=str(cfg.path), model=cfg.model.path,
+                                      method=describe_method(cfg), total_steps=None, start_step=0)
+            self.run_state.write()
             config_copy = self.work_dir / f"{cfg.name}.py"
             if cfg.path.resolve() != config_copy.resolve():
                 shutil.copyfile(cfg.path, config_copy)
@@ -278,11 +282,43 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> list[float]:
-        """Run to `total_steps`; returns the loss of each step run (set up first, unless `setup` ran)."""
-        if not getattr(self, "hooks", None):
-            self.setup()
-        with stop_on_signals() as stop:
-            return self._train(stop)
+        """Run to `total_steps`; returns the loss of each step run (set up first, unless `setup` ran). run.json
+        in the run folder says how it ended (tuner/engine/runstate.py)."""
+        try:
+            if not getattr(self, "hooks", None):
+                self.setup()
+            self._run_state(total_steps=self.total_steps, start_step=self.start_step)
+            with stop_on_signals() as stop:
+                losses = self._train(stop)
+        except Interrupted as e:
+            self._run_state("stopped", checkpoint=str(self.work_dir / f"iter_{e.step}.pth"), error=str(e))
+            self._plot()
+            raise
+        except BaseException as e:
+            self._run_state("crashed", error=f"{type(e).__name__}: {e}"[:2000])
+            raise
+        self._run_state("finished")
+        self._plot()
+        return losses
+
+    def _plot(self) -> None:
+        """loss.png (metrics.png) in the work dir, named in the log's last line; never fails the run."""
+        if not self.dist.is_main:
+            return
+        try:
+            from tuner.engine.plot import plot_run
+
+            figures = plot_run(self.work_dir, f"{self.cfg.name} ({describe_method(self.cfg)})")
+        except Exception as e:  # noqa: BLE001 - a figure is not worth a failed run
+            self.info(f"no loss.png: {type(e).__name__}: {e}")
+            return
+        if figures:
+            self.info("Curves: " + ", ".join(str(f) for f in figures))
+
+    def _run_state(self, state: str | None = None, **changes) -> None:
+        run_state = getattr(self, "run_state", None)  # (the main process's, once setup made the run folder)
+        if run_state is not None:
+            run_state.write(state, **changes)
 
     def _train(self, stop: dict) -> list[float]:
         losses = []
@@ -374,9 +410,11 @@ class Trainer:
         for hook in self.hooks:
             hook.after_train(self)
         name = signal.Signals(signal_number).name
-        raise Interrupted(f"stopped by {name} after step {step} of {self.total_steps}; checkpoint {path}\n"
-                          f"  resume with: tuner train {self.cfg.path} --work-dir {self.work_dir} --resume auto",
-                          signal_number)
+        stopped = Interrupted(f"stopped by {name} after step {step} of {self.total_steps}; checkpoint {path}\n"
+                              f"  resume with: tuner train {self.cfg.path} --work-dir {self.work_dir} --resume auto",
+                              signal_number)
+        stopped.step = step
+        raise stopped
 
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The objective's summed loss of one micro-batch (tuner/engine/objective.py)."""

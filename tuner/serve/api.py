@@ -9,8 +9,8 @@ Log-probabilities: `/v1/completions` takes `logprobs` (0-20 most likely tokens p
 prompt's tokens and their log-probs first: the first token has none) and `max_tokens: 0` with echo,
 in OpenAI's legacy shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), so
 lm-evaluation-harness's `local-completions` backend scores multiple-choice tasks against the server;
-`/v1/chat/completions` takes `logprobs: true` and `top_logprobs` (0-20) for the generated tokens. The
-values are the model's own log-softmax (raw logits: before temperature, top-p or penalties).
+`/v1/chat/completions` takes `logprobs: true` and `top_logprobs` (0-20) for the generated tokens. Streamed
+(without echo), every generated token's log-probs come in one chunk before the last. The values are the model's own log-softmax (raw logits: before temperature, top-p or penalties).
 
 Every error has an OpenAI-shaped body, {"error": {"message", "type", "param", "code"}},
 and the right status; the server keeps serving after it. What it guarantees against hostile
@@ -197,10 +197,9 @@ class Api:
             raise ApiError(400, f"'stream' must be true or false, got {body['stream']!r}", param="stream")
         if body.get("best_of") not in (None, 1):
             raise ApiError(400, "'best_of' is not supported by this server", param="best_of")
-        if body.get("stream") and (body.get("logprobs") or body.get("echo")):
-            name = "logprobs" if body.get("logprobs") else "echo"
-            raise ApiError(400, f"'{name}' with 'stream' is not supported by this server: ask without stream",
-                           param=name)
+        if body.get("stream") and body.get("echo"):
+            raise ApiError(400, "'echo' with 'stream' is not supported by this server: ask without stream",
+                           param="echo")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         max_new = _number({"max_tokens": limit}, "max_tokens", self.max_new_tokens, least_tokens,
                           self.generator.context_length, integer=True)
@@ -577,6 +576,9 @@ class Handler(BaseHTTPRequestHandler):
                 finish = "tool_calls"
             elif len(content) > streamed:
                 emit({"index": 0, "delta": {"content": content[streamed:]}, "finish_reason": None})
+            if reply.logprobs is not None:  # (every generated token's, in one chunk before the last)
+                emit({"index": 0, "delta": {}, "logprobs": self.api.chat_logprobs(reply.logprobs),
+                      "finish_reason": None})
             final = _chunk("chat.completion.chunk", request_id, model,
                            {"index": 0, "delta": {}, "finish_reason": finish})
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -625,6 +627,10 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 self._event(_chunk("text_completion", request_id, model,
                                    {"index": 0, "text": piece, "finish_reason": None, "logprobs": None}))
+            if reply.logprobs is not None:  # (every generated token's, in one chunk before the last)
+                self._event(_chunk("text_completion", request_id, model, {
+                    "index": 0, "text": "", "finish_reason": None,
+                    "logprobs": self.api.legacy_logprobs(reply.ids, reply.logprobs)}))
             self._event(_chunk("text_completion", request_id, model,
                                {"index": 0, "text": "", "finish_reason": reply.finish_reason, "logprobs": None}))
             self._end_stream()
