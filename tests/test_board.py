@@ -173,9 +173,10 @@ def test_the_board_refuses_paths_outside_its_folders_and_bad_keys(tmp_path):
     try:
         status, body = get("/api/runs")
         assert status == 200 and [r["id"] for r in json.loads(body)["runs"]] == ["0:a"]
-        assert json.loads(get("/api/scalars?run=0:a")[1])["rows"] == [{"step": 1, "loss": 2.0}]
+        assert json.loads(get("/api/scalars?run=0:a&after=-1")[1])["runs"]["0:a"]["rows"] == [{"step": 1, "loss": 2.0}]
         for bad in ("0:../../outside", "0:a/../../outside", "1:a", "x", "0:/etc"):
-            assert get(f"/api/scalars?run={bad}")[0] == 404, bad
+            assert get(f"/api/scalars?run={bad}&after=-1")[0] == 404, bad
+        assert get("/api/scalars?run=0:a")[0] == 400  # (an 'after' for every run)
         assert get("/api/runs", key=None)[0] == 401 and get("/api/runs", key="wrong")[0] == 401
         assert get("/", key=None)[0] == 200 and get("/static/uPlot.iife.min.js", key=None)[0] == 200
     finally:

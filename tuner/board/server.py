@@ -8,7 +8,8 @@ The page (board.html) and its charting library (uPlot, MIT, in static/) are file
 build step, nothing fetched. The JSON routes it reads:
 
     GET /api/runs                       every run's summary, and the folders that are not tuner runs
-    GET /api/scalars?run=ID&after=STEP  the run's per-step rows after STEP, where it resumed, lines skipped
+    GET /api/scalars?run=ID&after=STEP  per-step rows after STEP, where it resumed, lines skipped; for several
+                                        runs at once: run=ID&after=STEP repeated
     GET /api/run?run=ID                 its config (resolved_config.py), evaluation answers, benchmark table
 
 The HTTP side is `tuner serve`'s (tuner/serve/api.py): the same key rule (Authorization: Bearer KEY;
@@ -30,6 +31,7 @@ from tuner.serve.api import ApiError, Handler, Server
 STATIC = {"/static/uPlot.iife.min.js": ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
           "/static/uPlot.min.css": ("uPlot.min.css", "text/css; charset=utf-8")}
 EVAL_OUTPUTS = re.compile(r"^eval_outputs_iter_(\d+)\.txt$")
+MAX_RUNS_PER_REQUEST = 200
 MAX_TEXT_BYTES = 2 << 20  # (a config or an answers file larger than this is cut: it is for reading)
 
 
@@ -56,14 +58,21 @@ class Board:
                 "not_runs": others}
 
     def scalars(self, query: dict) -> dict:
-        folder = self.work_dir(query)
-        try:
-            after = int((query.get("after") or ["-1"])[0])
-        except ValueError:
-            raise ApiError(400, "'after' must be a step number", param="after") from None
-        points = read_points(folder)
-        return {"rows": [r for r in points.rows if r["step"] > after], "resumed_at": points.resumed_at,
-                "skipped_lines": points.skipped}
+        """Several runs' new rows in one answer: run=ID&after=STEP, repeated (the page polls its ticked runs)."""
+        ids, afters = query.get("run") or [], query.get("after") or []
+        if len(afters) != len(ids) or len(ids) > MAX_RUNS_PER_REQUEST:
+            raise ApiError(400, f"give one 'after' per 'run', at most {MAX_RUNS_PER_REQUEST} runs", param="after")
+        answer = {}
+        for run_id, after in zip(ids, afters):
+            folder = self.work_dir({"run": [run_id]})
+            try:
+                after = int(after)
+            except ValueError:
+                raise ApiError(400, "'after' must be a step number", param="after") from None
+            points = read_points(folder)
+            answer[run_id] = {"rows": [r for r in points.rows if r["step"] > after],
+                              "resumed_at": points.resumed_at, "skipped_lines": points.skipped}
+        return {"runs": answer}
 
     def details(self, query: dict) -> dict:
         folder = self.work_dir(query)
