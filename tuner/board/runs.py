@@ -96,9 +96,10 @@ def _total_from_log(folder: Path) -> int | None:
     totals = []
     for log in folder.glob("*.log"):
         try:
-            totals += [int(m.group(2)) for m in TOTAL_IN_LOG.finditer(log.read_text(encoding="utf-8", errors="replace"))]
+            text = log.read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue
+        totals += [int(m.group(2)) for m in TOTAL_IN_LOG.finditer(text)]
     return totals[-1] if totals else None
 
 

@@ -291,7 +291,9 @@ class Trainer:
             with stop_on_signals() as stop:
                 losses = self._train(stop)
         except Interrupted as e:
-            self._run_state("stopped", checkpoint=str(self.work_dir / f"iter_{e.step}.pth"), error=str(e))
+            step = getattr(e, "step", None)
+            self._run_state("stopped", checkpoint=str(self.work_dir / f"iter_{step}.pth") if step is not None else None,
+                            error=str(e))
             self._plot()
             raise
         except BaseException as e:
