@@ -77,12 +77,13 @@ def test_evaluate_tasks_run_at_the_end_of_training(tmp_path, tiny_model_dir, dat
 
 
 @pytest.mark.slow
-def test_tuner_eval_reads_gguf_files_and_4_bit_weights_as_lm_eval_does(tmp_path, tiny_model_dir):
+def test_tuner_eval_reads_gguf_files_adapters_and_4_bit_weights_as_lm_eval_does(tmp_path, tiny_model_dir):
     """`tuner eval FILE.gguf` (tuner's loader: the file read once into a cached folder) gives every choice the
     log-likelihood (1e-4) lm-eval's own hf backend gives it reading the same file (gguf_file=); `tuner eval
-    FOLDER --bits 4` those of the folder loaded by transformers itself with bitsandbytes' NF4 (double
-    quantization, fp32 compute) and handed to lm-eval (its model_args cannot ask transformers 5 for 4-bit
-    weights). --log-samples writes them (samples_TASK.jsonl)."""
+    BASE --adapter DIR` those of lm-eval's hf backend with peft=DIR; `tuner eval FOLDER --bits 4` those of the
+    folder loaded by transformers itself with bitsandbytes' NF4 (double quantization, fp32 compute) and handed
+    to lm-eval (its model_args cannot ask transformers 5 for 4-bit weights). --log-samples writes them
+    (samples_TASK.jsonl)."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -91,13 +92,21 @@ def test_tuner_eval_reads_gguf_files_and_4_bit_weights_as_lm_eval_does(tmp_path,
     from tuner.convert.gguf_export import export_gguf
     from tuner.generation import benchmark
 
+    from peft import LoraConfig, get_peft_model
+
     gguf = export_gguf(str(tiny_model_dir), tmp_path / "tiny.gguf", say=lambda _: None)
+    torch.manual_seed(0)  # (an adapter that changes the answers: B not zero)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
     task = "tuner_general_knowledge"
     manager = benchmark.task_manager(None, tmp_path / "tasks", [task])
     cases = {"gguf": ([str(gguf)], dict(model="hf", model_args=f"pretrained={tmp_path},gguf_file=tiny.gguf,"
                                                                 "dtype=float32,device=cpu")),
+             "adapter": ([str(tiny_model_dir), "--adapter", str(tmp_path / "adapter")],
+                         dict(model="hf", model_args=f"pretrained={tiny_model_dir},peft={tmp_path / 'adapter'},"
+                                                     "dtype=float32,device=cpu")),
              "4bit": ([str(tiny_model_dir), "--bits", "4"], dict(model=HFLM(
                  pretrained=AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4,
                                                                  dtype=torch.float32),
