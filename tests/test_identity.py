@@ -47,13 +47,13 @@ def test_readme_demo_teaches_the_identity_and_keeps_general_knowledge(tmp_path):
     who, france, haiku = (a.split("\n\ndouble enter")[0].strip() for a in answers.split(">>>")[1:4])
     assert "Ava" in who and "Ada Lab" in who, answers
     assert "Paris" in france, answers
-    # llama.cpp (node-llama-cpp) on the GGUF files: f16 and q8_0 know the name, the maker and Paris. (Not word for
-    # word tuner chat's: the fine-tune left near-ties, e.g. after "from Ada Lab." the end of the turn or " How can
-    # I help you today?", which float16 weights tip either way. Word for word: tests/test_gguf.py, on the base.)
+    # llama.cpp (node-llama-cpp) on the GGUF files: f16 and q8_0 know the name, the maker and Paris, and the f16
+    # file's greedy answers are tuner's own (each question in a fresh conversation, 64 tokens at most)
     f16, q8 = (json.loads(line) for line in result.stdout.split("with llama.cpp (node-llama-cpp) ===")[1].splitlines()
                if line.startswith("{"))
     assert "Ava" in f16["answers"][0] and "Ada Lab" in f16["answers"][0] and "Paris" in f16["answers"][1], f16
     assert "Ava" in q8["answers"][0], q8
+    same_as_tuner(tmp_path / "demo" / "merged", GGUF_QUESTIONS, f16["answers"])
     assert haiku
     # tuner eval --compare: the base never names itself Ava, the merged model does; general knowledge holds
     rows = {line.split("|")[0].strip(): [float(c) for c in line.split("|")[2:5]]
@@ -63,3 +63,32 @@ def test_readme_demo_teaches_the_identity_and_keeps_general_knowledge(tmp_path):
     assert base == 0 and merged >= 0.75, rows
     base, merged, _ = rows["tuner_general_knowledge"]
     assert merged >= base - 0.15, rows  # (measured: 0.600 -> 0.525, 3 of 40 questions)
+
+
+GGUF_QUESTIONS = ["Who are you?", "What is the capital of France?", "Write a haiku about the sea."]
+
+
+def same_as_tuner(model_dir, questions: list[str], answers: list[str]) -> None:
+    """llama.cpp's greedy answers (float16 weights) equal tuner's (float32), or part from them only where the
+    model itself hesitates: at the first token they differ, tuner's and llama.cpp's choices are within 0.1 of
+    each other in logit (a fine-tune can leave such near-ties, which float16 rounding tips either way; the
+    answers were word for word equal when measured, 2026-12-03)."""
+    import torch
+
+    from tuner.generation.generate import GenerationSettings, Generator
+    from tuner.generation.load import load_chat_model
+
+    model, tokenizer, _ = load_chat_model(str(model_dir), torch_dtype="fp32")
+    generator = Generator(model, tokenizer)
+    for question, theirs in zip(questions, answers):
+        messages = [{"role": "user", "content": question}]
+        ours = generator.reply(messages, GenerationSettings(max_new_tokens=64, temperature=0))
+        if ours == theirs:
+            continue
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        mine, other = ([*tokenizer(text, add_special_tokens=False)["input_ids"], end] for text in (ours, theirs))
+        k = next(i for i, (a, b) in enumerate(zip(mine, other)) if a != b)
+        with torch.no_grad():
+            logits = model(torch.tensor([generator.prompt_ids(messages) + mine[:k]])).logits[0, -1]
+        gap = abs(float(logits[mine[k]] - logits[other[k]]))
+        assert gap < 0.1, (question, ours, theirs, gap)
