@@ -77,13 +77,13 @@ def test_evaluate_tasks_run_at_the_end_of_training(tmp_path, tiny_model_dir, dat
 
 
 @pytest.mark.slow
-def test_tuner_eval_reads_gguf_files_adapters_and_4_bit_weights_as_lm_eval_does(tmp_path, tiny_model_dir):
+def test_tuner_eval_reads_gguf_files_adapters_and_4_and_8_bit_weights_as_lm_eval_does(tmp_path, tiny_model_dir):
     """`tuner eval FILE.gguf` (tuner's loader: the file read once into a cached folder) gives every choice the
     log-likelihood (1e-4) lm-eval's own hf backend gives it reading the same file (gguf_file=); `tuner eval
     BASE --adapter DIR` those of lm-eval's hf backend with peft=DIR; `tuner eval FOLDER --bits 4` those of the
     folder loaded by transformers itself with bitsandbytes' NF4 (double quantization, fp32 compute) and handed
-    to lm-eval (its model_args cannot ask transformers 5 for 4-bit weights). --log-samples writes them
-    (samples_TASK.jsonl)."""
+    to lm-eval (its model_args cannot ask transformers 5 for 4-bit weights), `--bits 8` as LLM.int8. --log-samples
+    writes them (samples_TASK.jsonl)."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -110,6 +110,10 @@ def test_tuner_eval_reads_gguf_files_adapters_and_4_bit_weights_as_lm_eval_does(
              "4bit": ([str(tiny_model_dir), "--bits", "4"], dict(model=HFLM(
                  pretrained=AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4,
                                                                  dtype=torch.float32),
+                 tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir)))),
+             "8bit": ([str(tiny_model_dir), "--bits", "8"], dict(model=HFLM(
+                 pretrained=AutoModelForCausalLM.from_pretrained(
+                     tiny_model_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.float32),
                  tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))))}
     for name, (ours, theirs) in cases.items():
         out = tmp_path / name
