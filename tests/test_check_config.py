@@ -36,3 +36,16 @@ def test_a_bad_config_is_one_line_with_the_file_and_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "tuner", "check-config", str(bad)], capture_output=True, text=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert f"{bad}:4" in run.stderr and "batch_sise" in run.stderr
+
+
+def test_a_missing_data_file_does_not_hide_the_rest_of_the_plan(tmp_path):
+    """A built-in config whose data is not there yet (XTuner's users copy a config before fetching data):
+    every part of the plan that resolves is printed, then the problem, exit 1."""
+    from test_cli import tuner
+
+    run = tuner("check-config", "smollm2_135m_instruct_lora_dpo_signoff_e2", "--cfg-options",
+                f"data.path={tmp_path / 'missing.jsonl'}", check=False)
+    assert run.returncode == 1
+    assert "smollm2-135m-instruct (lora, dpo)" in run.stdout and "train      batch" in run.stdout
+    assert "memory     " in run.stdout and f"data       {tmp_path / 'missing.jsonl'}: not found" in run.stdout
+    assert "missing.jsonl" in run.stderr and "steps      " not in run.stdout  # (no rows to count)

@@ -189,20 +189,29 @@ def cmd_list_dataset_format(args) -> int:
 
 
 def cmd_check_config(args) -> int:
+    """Each config's plan, every part that resolves, then every problem found (exit 1 if any)."""
     from tuner.config import load_config
-    from tuner.engine.plan import describe_plan
+    from tuner.engine.plan import check_plan
 
     failed = 0
     for i, path in enumerate(args.config):
         if len(args.config) > 1:
             print(f"{'' if i == 0 else chr(10)}== {path}")
         try:
-            print(describe_plan(load_config(path, args.cfg_options)))
+            lines, problems = check_plan(load_config(path, args.cfg_options))
         except TunerError as e:
             if len(args.config) == 1:
                 raise
             print(f"tuner check-config: error: {e}", file=sys.stderr)
             failed += 1
+            continue
+        print("\n".join(lines), flush=True)
+        for problem in problems:
+            print(f"tuner check-config: error: {problem}", file=sys.stderr)
+        if problems:
+            failed += 1
+            if len(args.config) == 1:
+                return 1
     if len(args.config) > 1:
         print(f"\n{len(args.config) - failed} of {len(args.config)} configs checked; {failed} failed")
     return 1 if failed else 0

@@ -8,7 +8,9 @@ loading a model's weights, tokenizing data or downloading anything:
     memory     1.04 GiB: weights 0.52, grads 0.02, optimizer 0.04, activations 0.47 (one process, ...)
 
 Rows are counted in local .jsonl files; the memory line comes from the model's structure built on the
-meta device, when its config is on this machine.
+meta device, when its config is on this machine. A part that cannot be resolved (a data file that is not
+there, a bad first row, a model folder that does not load) does not hide the others: `check_plan` gives
+the lines it could write and every problem it found.
 """
 
 from __future__ import annotations
@@ -56,6 +58,30 @@ def _check_prompts(sources, stats: TokenStats) -> None:
 
 
 def describe_plan(cfg: Config) -> str:
+    """The plan, or the first problem raised (for callers that need a plan that holds whole)."""
+    from tuner.errors import TunerError
+
+    lines, problems = check_plan(cfg)
+    if problems:
+        raise TunerError(problems[0])
+    return "\n".join(lines)
+
+
+def check_plan(cfg: Config) -> tuple[list[str], list[str]]:
+    """(the plan's lines, the problems found): every part is tried, a problem in one does not stop the next."""
+    from tuner.errors import TunerError
+
+    problems: list[str] = []
+
+    def attempt(part, *args):
+        try:
+            return part(*args)
+        except TunerError as e:
+            problems.append(str(e) + (f" ({e.hint})" if getattr(e, "hint", None) else ""))
+        except OSError as e:
+            problems.append(f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "))
+        return None
+
     lines = [f"config     {cfg.path}"]
     model = cfg.model
     what = cfg.method + ("" if cfg.preference is None else f", {cfg.preference.method}") + (
@@ -65,18 +91,23 @@ def describe_plan(cfg: Config) -> str:
                  + (", runs the model folder's own code" if model.trust_remote_code else ""))
     stats = TokenStats()
     local = [s for s in cfg.data.source_list() if not _remote(s.path)]
-    if local and cfg.rl is not None:  # prompts: the first row of each local file read as one
-        _check_prompts(local, stats)
-    elif local:  # the formats of local files (their first rows read); hub datasets are not looked at
-        resolve_map_fns(dataclasses.replace(cfg.data, path="", sources=local), stats, images=cfg.llava is not None)
-    rows, counted = 0, True
+    present = [s for s in local if attempt(data_files, s.path) is not None]  # (a missing file: one problem)
+    if present and cfg.rl is not None:  # prompts: the first row of each local file read as one
+        attempt(_check_prompts, present, stats)
+    elif present:  # the formats of local files (their first rows read); hub datasets are not looked at
+        attempt(resolve_map_fns, dataclasses.replace(cfg.data, path="", sources=present), stats,
+                cfg.llava is not None)
+    rows, counted = 0, len(present) == len(local)
     for source in cfg.data.source_list():
         if _remote(source.path):
             where = f"[{source.split}] from the Hugging Face hub" if is_hub_dataset(source.path) else "from ModelScope"
             lines.append(f"data       {source.path} {where}, format {source.format}")
             counted = False
             continue
-        for f in data_files(source.path):  # (a missing file or an empty folder is an error there)
+        if source not in present:
+            lines.append(f"data       {source.path}: not found (see below)")
+            continue
+        for f in data_files(source.path):
             n = _count_rows(f)
             counted = counted and n is not None
             rows += round((n or 0) * source.repeats)
@@ -111,10 +142,10 @@ def describe_plan(cfg: Config) -> str:
     lines.append(f"train      batch {t.batch_size} x accumulation {t.accumulative_counts}, lr {cfg.optim.lr:g}, "
                  f"dtype {t.dtype}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}; "
                  "one process (torchrun / NPROC_PER_NODE, --fsdp or --deepspeed as for tuner train)")
-    memory = _memory_line(cfg)
+    memory = attempt(_memory_line, cfg)
     if memory:
         lines.append(memory)
-    return "\n".join(lines)
+    return lines, problems
 
 
 def _memory_line(cfg: Config) -> str | None:
