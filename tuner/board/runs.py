@@ -106,12 +106,11 @@ def _total_from_log(folder: Path) -> int | None:
 def read_run(work_dir: Path, run_id: str) -> Run:
     folders = run_folders(work_dir)
     points = read_points(work_dir)
-    latest = folders[-1]
-    state = _state_file(latest)
-    first = _state_file(folders[0])
+    segments = [_state_file(f) for f in folders]  # (each run folder's run.json, oldest first)
+    first, state = segments[0], segments[-1]
     last = points.rows[-1] if points.rows else {}
     steps = last.get("step", 0)
-    total = state.get("total_steps") or _total_from_log(latest)
+    total = state.get("total_steps") or _total_from_log(folders[-1])
     try:
         updated = max((f / SCALARS).stat().st_mtime for f in folders if (f / SCALARS).exists())
     except ValueError:
@@ -129,10 +128,9 @@ def read_run(work_dir: Path, run_id: str) -> Run:
         else:
             status = "crashed"
     elapsed = 0.0
-    for folder in folders:
-        segment = _state_file(folder)
+    for index, segment in enumerate(segments):
         if segment.get("started"):
-            end = segment.get("ended") or (updated if folder == latest else segment["started"])
+            end = segment.get("ended") or (updated if index == len(segments) - 1 else segment["started"])
             elapsed += max(0.0, (end or segment["started"]) - segment["started"])
     return Run(id=run_id, work_dir=work_dir, name=work_dir.name, config=first.get("config"), state=status,
                model=state.get("model") or first.get("model"), method=state.get("method") or first.get("method"),

@@ -19,14 +19,13 @@ files inside a served folder are read, and only JSON and text: nothing in a work
 
 from __future__ import annotations
 
-import hmac
 import re
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from tuner.board.runs import Runs, read_points
-from tuner.serve.api import ApiError, Handler, Server
+from tuner.serve.api import ApiError, Handler, Server, check_bearer
 
 STATIC = {"/static/uPlot.iife.min.js": ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
           "/static/uPlot.min.css": ("uPlot.min.css", "text/css; charset=utf-8")}
@@ -40,13 +39,7 @@ class Board:
         self.runs = Runs(roots)
         self.api_key = api_key
 
-    def check_key(self, header: str | None) -> None:
-        if self.api_key and not hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode()):
-            raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.",
-                           code="invalid_api_key")
-
-    def work_dir(self, query: dict) -> Path:
-        run_id = (query.get("run") or [""])[0]
+    def work_dir(self, run_id: str) -> Path:
         folder = self.runs.work_dir(run_id)
         if folder is None:
             raise ApiError(404, f"no run {run_id!r} in the served folders", code="not_found", param="run")
@@ -64,7 +57,7 @@ class Board:
             raise ApiError(400, f"give one 'after' per 'run', at most {MAX_RUNS_PER_REQUEST} runs", param="after")
         answer = {}
         for run_id, after in zip(ids, afters):
-            folder = self.work_dir({"run": [run_id]})
+            folder = self.work_dir(run_id)
             try:
                 after = int(after)
             except ValueError:
@@ -75,7 +68,7 @@ class Board:
         return {"runs": answer}
 
     def details(self, query: dict) -> dict:
-        folder = self.work_dir(query)
+        folder = self.work_dir((query.get("run") or [""])[0])
         answers = {}
         for file in folder.iterdir():
             match = EVAL_OUTPUTS.match(file.name)
@@ -105,14 +98,15 @@ class BoardHandler(Handler):
             url = urlsplit(self.path)
             if url.path in ("/", "/index.html"):
                 self._send_bytes(resources.files("tuner.board").joinpath("board.html").read_bytes(),
-                                 "text/html; charset=utf-8")
+                                 "text/html; charset=utf-8", "no-cache")
             elif url.path == "/health":
                 self._send_json(200, {"status": "ok"})
             elif url.path in STATIC:
                 name, kind = STATIC[url.path]
-                self._send_bytes(resources.files("tuner.board").joinpath("static", name).read_bytes(), kind)
+                self._send_bytes(resources.files("tuner.board").joinpath("static", name).read_bytes(), kind,
+                                 "no-cache")
             elif url.path.startswith("/api/"):
-                self.board.check_key(self.headers.get("Authorization"))
+                check_bearer(self.board.api_key, self.headers.get("Authorization"))
                 query = parse_qs(url.query)
                 routes = {"/api/runs": lambda: self.board.all_runs(), "/api/scalars": lambda: self.board.scalars(query),
                           "/api/run": lambda: self.board.details(query)}
@@ -127,14 +121,6 @@ class BoardHandler(Handler):
     def do_POST(self):  # noqa: N802
         self.close_connection = self.body_unread = True
         self._send_error(ApiError(405, "the board only answers GET requests", code="method_not_allowed"))
-
-    def _send_bytes(self, data: bytes, kind: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        self.wfile.write(data)
 
 
 def make_board_server(board: Board, host: str, port: int) -> Server:

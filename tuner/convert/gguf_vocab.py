@@ -29,13 +29,17 @@ def write_vocabulary(writer, folder: Path, tokenizer, vocab_size: int) -> None:
 
     state = _tokenizer_json(folder)
     if _is_sentencepiece(folder, state):
-        tokens, scores, types = _sentencepiece(folder, state, tokenizer, vocab_size)
+        proto = None  # (tokenizer.model, parsed once: its pieces and its space-prefix setting)
+        if (folder / "tokenizer.model").exists():
+            from tuner.model.sentencepiece import read_model
+            proto = read_model(folder / "tokenizer.model")
+        tokens, scores, types = _sentencepiece(proto, state, tokenizer, vocab_size)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        writer.add_add_space_prefix(_adds_space_prefix(folder, state))
+        writer.add_add_space_prefix(_adds_space_prefix(proto, state))
         special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
     else:
         tokens, types = _byte_level(tokenizer, vocab_size)
@@ -108,7 +112,7 @@ def _byte_level(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 # ------------------------------------------------------------------ SentencePiece
-def _sentencepiece(folder: Path, state: dict | None, tokenizer,
+def _sentencepiece(proto, state: dict | None, tokenizer,
                    vocab_size: int) -> tuple[list[str], list[float], list[int]]:
     """(tokens, scores, types) in id order, `vocab_size` long (the model's rows; ids no token has are
     unused padding pieces). Added tokens (chat markers) are control tokens when special, otherwise
@@ -118,10 +122,8 @@ def _sentencepiece(folder: Path, state: dict | None, tokenizer,
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     scores = [CONTROL_SCORE] * vocab_size
     types = [TokenType.UNUSED] * vocab_size
-    if (folder / "tokenizer.model").exists():
-        from tuner.model.sentencepiece import read_model
-
-        for i, piece in enumerate(read_model(folder / "tokenizer.model").pieces):
+    if proto is not None:  # tokenizer.model: SentencePiece's own pieces, scores and types
+        for i, piece in enumerate(proto.pieces):
             if i < vocab_size:  # (SentencePiece's types are numbered as GGUF's: normal 1 ... byte 6)
                 tokens[i], scores[i], types[i] = piece.piece, piece.score, TokenType(piece.type)
     else:
@@ -147,13 +149,11 @@ def _sentencepiece(folder: Path, state: dict | None, tokenizer,
     return tokens, scores, types
 
 
-def _adds_space_prefix(folder: Path, state: dict | None) -> bool:
+def _adds_space_prefix(proto, state: dict | None) -> bool:
     """Whether the tokenizer puts '▁' before a text (SentencePiece's add_dummy_prefix): Llama 2 and Mistral
     do, Gemma and InternLM2 do not."""
-    if (folder / "tokenizer.model").exists():
-        from tuner.model.sentencepiece import read_model
-
-        return bool(read_model(folder / "tokenizer.model").normalizer_spec.add_dummy_prefix)
+    if proto is not None:
+        return bool(proto.normalizer_spec.add_dummy_prefix)
 
     def parts(node):
         if not node:

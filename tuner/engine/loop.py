@@ -43,8 +43,8 @@ from tuner.engine.hooks import (
     save_checkpoint_or_explain,
 )
 from tuner.engine.objective import objective_for
-from tuner.engine.runstate import RunState, describe_method
 from tuner.engine.optim import build_optimizer, lr_lambda
+from tuner.engine.runstate import RunState, describe_method
 from tuner.errors import Interrupted, TunerError
 from tuner.model import fast_lora
 from tuner.model.adapt import count_parameters

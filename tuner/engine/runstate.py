@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_FILE = "run.json"
+SCALARS = Path("vis_data") / "scalars.json"
+RUN_FOLDER = re.compile(r"^\d{8}_\d{6}")  # (the run folders' time stamps: 20261203_154201)
 
 
 def describe_method(cfg) -> str:
@@ -40,8 +42,6 @@ def describe_method(cfg) -> str:
     if cfg.llava is not None:
         parts.append("LLaVA")
     return " · ".join(parts)
-SCALARS = Path("vis_data") / "scalars.json"
-RUN_FOLDER = re.compile(r"^\d{8}_\d{6}")  # (the run folders' time stamps: 20261203_154201)
 
 
 class RunState:
@@ -56,12 +56,12 @@ class RunState:
             if state != "running":
                 self.fields["ended"] = time.time()
         self.fields.update(changes)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        from tuner.engine.checkpoint import atomic_write_text
+
         try:
-            tmp.write_text(json.dumps(self.fields, indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(self.fields, indent=1) + "\n")
         except OSError:  # (a full disk must not turn a finished run into a failed one)
-            tmp.unlink(missing_ok=True)
+            pass
 
 
 @dataclass

@@ -161,11 +161,8 @@ def write_samples(results: dict, folder: Path, suffix: str = "") -> list[Path]:
     written = []
     for task, samples in (results.get("samples") or {}).items():
         path = folder / f"samples_{task}{suffix}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n"
-                               for s in samples), encoding="utf-8")
-        tmp.replace(path)
+        _write_whole(path, "".join(json.dumps(s, default=handle_non_serializable, ensure_ascii=False) + "\n"
+                                   for s in samples))
         written.append(path)
     return written
 
@@ -174,8 +171,13 @@ def write_results(results: dict, path: Path) -> None:
     """lm-eval's results as JSON (its own encoder for what is not plain), written whole or not at all."""
     from lm_eval.utils import handle_non_serializable
 
+    _write_whole(path, json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=1,
+                                  default=handle_non_serializable))
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """A temporary name, then renamed: a reader never finds half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=1,
-                              default=handle_non_serializable), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

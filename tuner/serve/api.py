@@ -10,7 +10,8 @@ prompt's tokens and their log-probs first: the first token has none) and `max_to
 in OpenAI's legacy shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`), so
 lm-evaluation-harness's `local-completions` backend scores multiple-choice tasks against the server;
 `/v1/chat/completions` takes `logprobs: true` and `top_logprobs` (0-20) for the generated tokens. Streamed
-(without echo), every generated token's log-probs come in one chunk before the last. The values are the model's own log-softmax (raw logits: before temperature, top-p or penalties).
+(without echo), every generated token's log-probs come in one chunk before the last. The values are the
+model's own log-softmax (raw logits: before temperature, top-p or penalties).
 
 Every error has an OpenAI-shaped body, {"error": {"message", "type", "param", "code"}},
 and the right status; the server keeps serving after it. What it guarantees against hostile
@@ -177,10 +178,7 @@ class Api:
         self.created = int(time.time())
 
     def check_key(self, header: str | None) -> None:
-        # constant time: how long the comparison takes says nothing about how much of the key was right
-        if self.api_key and not hmac.compare_digest((header or "").encode(), f"Bearer {self.api_key}".encode()):
-            raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.",
-                           code="invalid_api_key")
+        check_bearer(self.api_key, header)
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -346,6 +344,14 @@ class Api:
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
+def check_bearer(api_key: str | None, header: str | None) -> None:
+    """With a key set, the Authorization header must be 'Bearer KEY' (tuner serve, web and board)."""
+    # constant time: how long the comparison takes says nothing about how much of the key was right
+    if api_key and not hmac.compare_digest((header or "").encode(), f"Bearer {api_key}".encode()):
+        raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.",
+                       code="invalid_api_key")
+
+
 def _chunk(kind: str, request_id: str, model: str, choice: dict) -> dict:
     return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
 
@@ -368,6 +374,15 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_bytes(self, data: bytes, kind: str, cache_control: str | None = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        if cache_control:
+            self.send_header("Cache-Control", cache_control)
         self.end_headers()
         self.wfile.write(data)
 
@@ -476,12 +491,8 @@ class Handler(BaseHTTPRequestHandler):
         self.server.clear_deadline(self.connection)
         try:
             if self.path in ("/", "/index.html") and self.page:
-                data = resources.files("tuner.serve").joinpath("page.html").read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self._send_bytes(resources.files("tuner.serve").joinpath("page.html").read_bytes(),
+                                 "text/html; charset=utf-8")
             elif self.path == "/health":
                 self._send_json(200, {"status": "ok"})
             elif self.path == "/v1/models":
