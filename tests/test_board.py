@@ -91,15 +91,20 @@ def test_run_states_from_real_trainings_and_the_board_page(tmp_path, tiny_model_
 
     if not CHROMIUM and not os.environ.get("CI"):
         pytest.skip("no chromium on this machine (apt install chromium)")
-    board_page(tmp_path, runs, cfg, 120 + len(read_points(killed).rows))
+    board_page(tmp_path, runs, 120 + len(read_points(killed).rows), {"model.path": str(tiny_model_dir),
+               "data.path": str(data_file), "data.max_length": "128", "evaluate.inputs": ""})
 
 
-def board_page(tmp_path: Path, runs: Path, cfg: Path, points: int) -> None:
+def board_page(tmp_path: Path, runs: Path, points: int, form: dict) -> None:
+    """The page over the runs above, then a run launched from its form (an edited lr), watched while it trains
+    (the curve grows without a reload), stopped (a checkpoint), resumed from the page to the end."""
     from playwright.sync_api import expect, sync_playwright
 
+    from tuner.engine.runstate import read_points
+
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tuner.cli", "board", str(runs), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "tuner.cli", "board", str(runs), "--port", str(port),
+                               "--allow-launch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     live = None
     try:
@@ -117,18 +122,45 @@ def board_page(tmp_path: Path, runs: Path, cfg: Path, points: int) -> None:
             expect(loss).to_have_attribute("data-points", str(points), timeout=20_000)  # both runs overlaid
             assert page.locator('.chart[data-metric="loss"] .u-legend .u-series').count() == 3  # step + 2 runs
 
-            live = start_training(cfg, runs / "live", "--cfg-options", "train.max_steps=2000")
-            row = page.locator('tr.run[data-run="0:live"]')
-            expect(row).to_have_count(1, timeout=60_000)
-            row.locator("input.tick").check()
+            page.click("#new-run")
+            page.fill("#config-search", "personal_assistant_e3")
+            page.locator("#config-list").select_option(PERSONAL)
+            expect(page.locator('[data-key="optim.lr"]')).to_have_value("0.0005")
+            for key, value in {**form, "train.max_steps": "400", "train.max_epochs": "100", "optim.lr": "fast"}.items():
+                page.fill(f'[data-key="{key}"]', value)
+            page.click("#start")  # an invalid value: the check's message, nothing started
+            expect(page.locator("#launch-status")).to_have_text("problems found: nothing started")
+            expect(page.locator("#plan .error")).to_contain_text("optim.lr")
+            page.fill('[data-key="optim.lr"]', "0.001")
+            page.click("#check")
+            expect(page.locator("#plan")).to_contain_text("memory ")
+            page.click("#start")
+            expect(page.locator("#launch-status")).to_contain_text("started in ")
+            live = runs / PERSONAL
+            row = page.locator(f'tr.run[data-run="0:{PERSONAL}"]')
+            expect(row).to_have_count(1)
+            expect(row).to_have_attribute("data-state", "running", timeout=60_000)
+            wait_until(lambda: len(read_points(live).rows) >= 2, what="the launched run's first steps")
+            page.click("#stop")
+            expect(row.locator(".state")).to_have_text("stopped with a checkpoint", timeout=60_000)
+            expect(page.locator("#log")).to_contain_text("stopped by SIGTERM")  # (focused on start: its log)
+            page.click("#resume")
+            expect(row).to_have_attribute("data-state", "running", timeout=60_000)
             seen = []
             deadline = time.time() + 60
             while time.time() < deadline and len(set(seen)) < 3:
                 seen.append(int(loss.get_attribute("data-points") or 0))
                 time.sleep(0.5)
             assert len(set(seen)) >= 3 and seen == sorted(seen), seen  # it grew while the page stayed open
-            page.locator('tr.run[data-state="finished"]').click()
-            expect(page.locator("#tab-config pre")).to_contain_text("pretrained_model_name_or_path")
+            expect(row.locator(".state")).to_have_text("finished", timeout=120_000)
+            expect(row).to_contain_text("resumed 1x")
+            expect(row).to_contain_text("400 / 400")
+            assert "--resume auto" in (runs / PERSONAL / "launch.log").read_text()
+            assert max(r["lr"] for r in read_points(runs / PERSONAL).rows) == pytest.approx(1e-3)
+            page.click('.tabs button[data-tab="config"]')
+            expect(page.locator("#tab-config .diff")).to_contain_text("+lr = 1e-3")
+            page.locator('tr.run[data-state="finished"]').first.click()
+            expect(page.locator("#tab-config pre").last).to_contain_text("pretrained_model_name_or_path")
             screenshot = tmp_path / "board.png"
             page.screenshot(path=str(screenshot), full_page=True)
             if os.environ.get("TUNER_KEEP_SCREENSHOT"):
@@ -136,9 +168,11 @@ def board_page(tmp_path: Path, runs: Path, cfg: Path, points: int) -> None:
                 shutil.copy(screenshot, os.environ["TUNER_KEEP_SCREENSHOT"])
             browser.close()
     finally:
-        if live is not None:
-            live.kill()
-            live.wait(30)
+        for state in live.glob("*/run.json") if live else []:  # (runs started from the page outlive the board)
+            try:
+                os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         server.terminate()
         server.wait(10)
 
@@ -181,3 +215,126 @@ def test_the_board_refuses_paths_outside_its_folders_and_bad_keys(tmp_path):
         assert get("/", key=None)[0] == 200 and get("/static/uPlot.iife.min.js", key=None)[0] == 200
     finally:
         server.shutdown()
+
+
+def _api(server, key=None):
+    """get(path) and post(path, body) against an in-process board: (status, decoded JSON)."""
+    import urllib.error
+    import urllib.request
+
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def call(path, body=None, headers=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(base + path, data=data, headers={
+            **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {}),
+            **({"Content-Type": "application/json"} if data else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+    return call
+
+
+PERSONAL = "smollm2_135m_instruct_lora_personal_assistant_e3"
+
+
+def test_launching_from_the_board_checks_the_form_and_writes_the_edited_config(tmp_path, tiny_model_dir, data_file):
+    """The launch API on an in-process board: off without --allow-launch; a bad value, an unknown field or a
+    config that is not built in is refused with the config check's own message and nothing is started; a good
+    form writes the edited built-in config into a new work dir (the edits as literals: a hostile string stays a
+    string) and runs tuner train there, which finishes with the edited settings; Stop reaches only runs the
+    board started; Resume needs a checkpoint."""
+    import threading
+
+    from tuner.board.server import Board, make_board_server
+    from tuner.config import load_config
+
+    root = tmp_path / "work_dirs"
+    root.mkdir()
+    off = make_board_server(Board([root]), "127.0.0.1", 0)
+    threading.Thread(target=off.serve_forever, daemon=True).start()
+    try:
+        assert _api(off)("/api/plan", {"config": PERSONAL})[0] == 403
+        assert _api(off)("/api/configs?q=x")[0] == 403
+    finally:
+        off.shutdown()
+
+    board = Board([root], allow_launch=True)
+    server = make_board_server(board, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    call = _api(server)
+    try:
+        status, found = call("/api/configs?q=personal_assistant")
+        assert status == 200 and PERSONAL in found["configs"]
+        status, form = call(f"/api/form?config={PERSONAL}")
+        fields = {f["key"]: f for f in form["fields"]}
+        assert fields["optim.lr"]["value"] == 5e-4 and fields["lora.r"]["value"] == 16
+        assert fields["data.format"]["value"] == "openai" and "alpaca" in fields["data.format"]["choices"]
+        assert call("/api/form?config=../../etc/passwd")[0] == 400
+
+        hostile = "x'); import os; os.system('touch PWNED') #"
+        good = {"model.path": str(tiny_model_dir), "data.path": str(data_file), "optim.lr": "0.001",
+                "train.max_steps": "3", "data.max_length": "128", "data.pack": False, "train.max_epochs": "1",
+                "evaluate.inputs": ""}
+        for values, message in [({**good, "optim.lr": "fast"}, "optim.lr"),
+                                ({**good, "train.batch_size": "0"}, "batch_size must be at least 1"),
+                                ({**good, "lora.rank": "8"}, "no field 'lora.rank'"),
+                                ({**good, "data.path": str(tmp_path / "missing.jsonl")}, "missing.jsonl")]:
+            status, plan = call("/api/plan", {"config": PERSONAL, "values": values})
+            assert status == 200 and any(message in p for p in plan["problems"]), (values, plan)
+            status, refused = call("/api/launch", {"config": PERSONAL, "values": values})
+            assert status == 400 and message in refused["error"]["message"], refused
+        assert call("/api/launch", {"config": "tiny_config", "values": good})[0] == 400
+        assert list(root.iterdir()) == []  # nothing was started
+
+        status, plan = call("/api/plan", {"config": PERSONAL, "values": good, "deepspeed": "deepspeed_zero2"})
+        assert plan["problems"] == [] and plan["changes"][0].startswith("model.path")
+        assert any(line.startswith("memory ") for line in plan["lines"]) and plan["lines"][-1] == "deepspeed  deepspeed_zero2"
+        status, started = call("/api/launch", {"config": PERSONAL, "values": {**good, "evaluate": None}})
+        assert status == 400  # (an unknown field: nothing started)
+        status, started = call("/api/launch", {"config": PERSONAL, "values": good})
+        assert status == 200 and started["run"] == f"0:{PERSONAL}", started
+        work = root / PERSONAL
+        config = load_config(work / f"{PERSONAL}.py")
+        assert config.optim.lr == 1e-3 and config.train.max_steps == 3 and config.data.pack is False
+        assert config.evaluate.inputs == [] and config.lora.r == 16  # (what the form did not change stays)
+        assert "# Changed: model.path" in (work / f"{PERSONAL}.py").read_text()
+
+        wait_until(lambda: not board.launcher.running(work), 300, "the launched run")
+        assert board.launcher.exit_code(work) == 0, (work / "launch.log").read_text()[-3000:]
+        run = next(r for r in call("/api/runs")[1]["runs"] if r["id"] == started["run"])
+        assert run["state"] == "finished" and run["steps"] == 3 and run["launched"] is False, run
+        from tuner.engine.runstate import read_points
+
+        assert max(r["lr"] for r in read_points(work).rows) <= 1e-3
+        log = call(f"/api/log?run={started['run']}&offset=0")[1]
+        assert log["text"].startswith(f"$ tuner train {work / PERSONAL}.py") and "Training finished" in log["text"]
+        assert call(f"/api/log?run={started['run']}&offset={log['next']}")[1]["text"] == ""
+        details = call(f"/api/run?run={started['run']}")[1]
+        assert details["builtin"] == PERSONAL and "+lr = 1e-3" in details["diff"], details["diff"]
+
+        # Stop reaches only runs this board started; a finished run is not resumed
+        assert call("/api/stop", {"run": started["run"]})[0] == 400
+        status, refused = call("/api/resume", {"run": started["run"]})
+        assert status == 409 and "finished" in refused["error"]["message"]
+        assert call("/api/resume", {"run": "0:../.."})[0] == 404
+        # a page elsewhere cannot make the board start a run (Origin check), nor a large body
+        assert call("/api/launch", {"config": PERSONAL, "values": good},
+                    headers={"Origin": "http://evil.example"})[0] == 403
+        assert not list(tmp_path.rglob("PWNED"))
+
+        status, started = call("/api/launch", {"config": PERSONAL, "values": {**good, "data.path": hostile}})
+        assert status == 400  # (no such file: refused before anything is written)
+        text = launch_text(PERSONAL, {**good, "model.path": hostile})
+        assert f"pretrained_model_name_or_path = {hostile!r}" in text
+    finally:
+        server.shutdown()
+
+
+def launch_text(name, values):
+    from tuner.board.launch import changes, config_text, edited_config
+
+    cfg = edited_config(name, values)
+    return config_text(cfg, name, changes(name, cfg))

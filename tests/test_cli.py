@@ -160,7 +160,7 @@ def test_errors_are_clear_with_real_exit_codes(tmp_path, tiny_model_dir, data_fi
     run = functools.partial(in_process, capsys)
     cfg = write_config(tmp_path, tiny_model_dir, data_file)
     _fails_cleanly(run("train", cfg, "--cfg-options", "data.template=nope"), "unknown prompt template 'nope'")
-    _fails_cleanly(run("train", cfg, "--cfg-options", "optim.lr=abc"), "could not convert")
+    _fails_cleanly(run("train", cfg, "--cfg-options", "optim.lr=abc"), "optim.lr=abc': expected a number, got 'abc'")
     skipped = run("train", write_config(tmp_path, tiny_model_dir, bad_data), "--work-dir", tmp_path / "w3",
                   "--skip-bad-rows")
     assert skipped.returncode == 0, skipped.stderr

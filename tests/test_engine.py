@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -237,18 +238,83 @@ def test_two_process_resume_after_sigterm_is_exact(tmp_path, tiny_model_dir, dat
     assert [s["loss"] for s in scalars(work)] == [s["loss"] for s in scalars(tmp_path / "straight")]
 
 
-def test_memory_estimate_mfu_and_tensorboard(tmp_path, tiny_model_dir, data_file):
-    pytest.importorskip("tensorboard")
+def test_memory_estimate_mfu_and_every_tracker(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    """One training reporting to TensorBoard, W&B (offline), SwanLab (no key: offline into the run folder) and
+    MLflow (its default store, mlflow.db where tuner runs): each holds every step's loss as scalars.json
+    does, under train/loss, and the resolved config as the run's parameters."""
+    for module in ("tensorboard", "wandb", "swanlab", "mlflow"):
+        pytest.importorskip(module)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1, options=["train.report_to=tensorboard"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("SWANLAB_MODE", "SWANLAB_API_KEY", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1,
+                   options=["train.report_to=tensorboard,wandb,swanlab,mlflow", "optim.lr=3e-4"])
     trainer.train()
     log = next((tmp_path / "work").glob("*/*.log")).read_text()
     assert "memory estimate" in log and "GiB available" in log and "mfu:" in log
+    assert "SwanLab: no API key" in log and "MLflow: run " in log
     steps = scalars(tmp_path / "work")
-    assert all(0 < s["mfu"] < 1 for s in steps)
+    losses = [s["loss"] for s in steps]
+    assert all(0 < s["mfu"] < 1 for s in steps) and len(losses) >= 3
+
     events = EventAccumulator(str(next((tmp_path / "work").glob("*/tensorboard")))).Reload()
-    assert len(events.Scalars("train/loss")) == len(steps)
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    assert "lr = 3e-4" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tuner").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [s["step"] for s in steps]
+    assert [m.value for m in history] == pytest.approx(losses)
+    assert run.data.params["optim.lr"] == "0.0003" and run.data.params["lora.r"] == "8"
+    assert run.info.run_name == "tiny_config" and run.info.status == "FINISHED"
+    from tuner.engine.hooks import ReportHook
+
+    crashing = ReportHook(["mlflow"])  # (a training that raises marks its tracker runs failed, not finished)
+    crashing.before_train(trainer)
+    crashing.after_crash(trainer)
+    statuses = sorted(r.info.status for r in client.search_runs([run.info.experiment_id]))
+    assert statuses == ["FAILED", "FINISHED"]
+
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    reader = DataStoreReader()
+    reader.open(next((tmp_path / "work").glob("*/swanlog/run-*/run-*.swanlab")))
+    swan = {}
+    for data in reader:
+        record = Record()
+        record.ParseFromString(data)
+        if record.HasField("scalar") and record.scalar.key == "train/loss":
+            swan[record.scalar.step] = record.scalar.value.number
+    assert swan == pytest.approx({s["step"]: s["loss"] for s in steps}, rel=1e-6)
+    swan_config = next((tmp_path / "work").glob("*/swanlog/run-*/files/config.yaml")).read_text()
+    assert "optim.lr:" in swan_config and "value: 0.0003" in swan_config
+
+    runs = list((tmp_path / "work").glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    # wandb's own service process writes the file: on a loaded machine it can still be writing when finish()
+    # returns (seen once, with the suite and other tests sharing 2 cores)
+    deadline = time.time() + 30
+    while b"train/mfu" not in runs[0].read_bytes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert b"train/loss" in runs[0].read_bytes() and b"optim.lr" in runs[0].read_bytes()
+
+
+def test_a_tracker_that_is_not_installed_says_what_to_install(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "swanlab", None)  # (as if not installed: importing it fails)
+    from tuner.engine.trackers import open_tracker
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, data_file))
+    with pytest.raises(TunerError) as e:
+        open_tracker("swanlab", cfg, tmp_path, print)
+    assert "needs the swanlab package" in str(e.value) and e.value.hint == "pip install swanlab"
 
 
 def test_flops_per_token_counts_lora_as_two_passes():
@@ -298,22 +364,6 @@ def test_deepspeed_zero_on_two_processes_matches_one_process(tmp_path, tiny_mode
     from tuner.engine.checkpoint import checkpoints_in
 
     assert pth_to_hf(load_config(ds_cfg), checkpoints_in(first)[-1], tmp_path / "hf").exists()
-
-
-def test_wandb_reporting_offline(tmp_path, tiny_model_dir, data_file, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1, options=["train.report_to=wandb"])
-    trainer.train()
-    runs = list((tmp_path / "work").glob("*/wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 1
-    # wandb's own service process writes the file: on a loaded machine it can still be writing when finish()
-    # returns (seen once, with the suite and other tests sharing 2 cores)
-    deadline = time.time() + 30
-    while b"train/mfu" not in runs[0].read_bytes() and time.time() < deadline:
-        time.sleep(0.5)
-    assert b"train/loss" in runs[0].read_bytes() and b"train/mfu" in runs[0].read_bytes()
 
 
 def test_checkpoint_keys_are_worked_out_with_one_call_into_peft(tiny_model_dir, monkeypatch):

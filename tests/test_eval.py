@@ -57,6 +57,12 @@ def test_tuner_eval_equals_lm_evals_hf_backend_and_compares_with_a_base(tmp_path
     tiny_acc = base["results"]["tuner_general_knowledge"]["acc,none"]
     assert cells[2:] == [f"{tiny_acc:.4f}", f"{ours:.4f}", f"{ours - tiny_acc:+.4f}"]
     assert "|tuner_general_knowledge|" in run.stdout.replace(" ", "")  # (lm-eval's own table too)
+    from tuner.board.server import _eval_results  # (the board's table of a results file in a work dir)
+
+    tables = {t["file"]: t["rows"] for t in _eval_results(tmp_path / "out")}
+    (name,) = [n for n in tables if n.startswith("results_smollm2")]
+    assert tables[name] == [["tuner_general_knowledge", "acc", ours,
+                             saved["results"]["tuner_general_knowledge"]["acc_stderr,none"]]]
 
 
 @pytest.mark.slow
@@ -74,6 +80,9 @@ def test_evaluate_tasks_run_at_the_end_of_training(tmp_path, tiny_model_dir, dat
     assert 0 <= acc <= 1 and results["n-samples"]["tuner_general_knowledge"]["effective"] == 4
     assert "tuner_general_knowledge" in (tmp_path / "w" / "eval_tasks.txt").read_text()
     assert "lm-eval on the trained model" in run.stderr
+    from tuner.board.server import _eval_results
+
+    assert [t["rows"][0][:3] for t in _eval_results(tmp_path / "w")] == [["tuner_general_knowledge", "acc", acc]]
 
 
 @pytest.mark.slow

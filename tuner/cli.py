@@ -15,6 +15,7 @@ import time
 import warnings
 
 from tuner.chat.prompts import SYSTEM_TEMPLATES
+from tuner.config import TRACKERS
 from tuner.dtypes import NAMES
 from tuner.engine import allocator
 from tuner.errors import TunerError
@@ -293,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint, or the work dir's last one")
     p.add_argument("--seed", type=int)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count rows that fail validation")
-    p.add_argument("--report-to", nargs="+", choices=["tensorboard", "wandb"], default=[],
-                   help="also send scalars there (pip install tensorboard / wandb)")
+    p.add_argument("--report-to", nargs="+", choices=TRACKERS, default=[],
+                   help="also send scalars and the config there (pip install tensorboard / wandb / swanlab / mlflow)")
     p.add_argument("--deepspeed", metavar="PRESET|JSON",
                    help="DeepSpeed ZeRO: deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, deepspeed_zero3, "
                         "deepspeed_zero3_offload, or a JSON file (batch, accumulation, clipping come from the config)")
@@ -427,12 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("board", help="a web page over work dirs: runs, live loss curves (overlaid), evaluation "
-                                     "answers, benchmark tables, configs")
+                                     "answers, benchmark tables, configs; with --allow-launch, start, stop and "
+                                     "resume runs from it")
     p.add_argument("work_dirs", nargs="*", help="folders of work dirs, or work dirs (default: ./work_dirs)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (set --api-key)")
     p.add_argument("--port", type=int, default=6006)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNER_API_KEY); the page's "
                                      "address then carries it as #key=KEY")
+    p.add_argument("--allow-launch", action="store_true",
+                   help="let the page start runs (built-in configs with edited fields, in a new work dir under the "
+                        "first folder), stop and resume them; needs --api-key on a host other than loopback")
     p.set_defaults(func=cmd_board)
 
     p = sub.add_parser("list-dataset-format", help="list the dataset formats and the columns they read")

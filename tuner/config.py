@@ -30,6 +30,7 @@ from tuner.dtypes import DtypeName
 from tuner.errors import TunerError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+TRACKERS = ("tensorboard", "wandb", "swanlab", "mlflow")  # train.report_to (engine/trackers.py)
 
 
 def section(cls):
@@ -237,7 +238,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more time"""
     report_to: list[str] = field(default_factory=list)
-    """Also send scalars to 'tensorboard' and/or 'wandb' (optional extras)"""
+    """Also send scalars to 'tensorboard', 'wandb', 'swanlab' and/or 'mlflow' (optional extras)"""
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient norm: stop with a message naming the step, or skip that step's update"""
     chunked_loss: bool = True
@@ -252,9 +253,9 @@ class TrainConfig:
     None: 2 on a GPU, 0 on a CPU (the training process makes them: its cores are busy training)"""
 
     def validate(self):
-        unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
+        unknown = [r for r in self.report_to if r not in TRACKERS]
         if unknown:
-            raise TunerError(f"TrainConfig.report_to: unknown {unknown}; valid: tensorboard, wandb")
+            raise TunerError(f"TrainConfig.report_to: unknown {unknown}; valid: {', '.join(TRACKERS)}")
         for name in ("batch_size", "accumulative_counts", "max_epochs", "log_interval", "sequence_parallel_size"):
             if getattr(self, name) < 1:
                 raise TunerError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
@@ -567,10 +568,11 @@ def parse_value(raw: str, annotation: Any) -> Any:
         if raw.lower() in ("false", "0", "no"):
             return False
         raise TunerError(f"expected true or false, got {raw!r}")
-    if annotation is int:
-        return int(raw)
-    if annotation is float:
-        return float(raw)
+    if annotation in (int, float):
+        try:
+            return annotation(raw)
+        except ValueError:
+            raise ValueError(f"expected {'a whole number' if annotation is int else 'a number'}, got {raw!r}") from None
     if origin in (list, tuple):
         try:
             value = ast.literal_eval(raw)

@@ -155,6 +155,15 @@ class Runs:
             others += [str(p) for p in not_runs]
         return runs, others
 
+    def id_of(self, work_dir: Path) -> str:
+        """The id of a work dir under a served root (the inverse of work_dir)."""
+        work_dir = Path(work_dir).resolve()
+        for number, root in enumerate(self.roots):
+            if work_dir == root or root in work_dir.parents:
+                relative = work_dir.relative_to(root).as_posix()
+                return f"{number}:{'' if relative == '.' else relative}"
+        raise ValueError(f"{work_dir} is not under a served folder")
+
     def work_dir(self, run_id: str) -> Path | None:
         """The work dir a run id names, only if it is a work dir inside a served root (ids come from clients)."""
         number, _, relative = run_id.partition(":")

@@ -30,6 +30,7 @@ class Hook:
     def before_train(self, trainer) -> None: ...
     def after_iter(self, trainer, step: int, metrics: dict) -> None: ...
     def after_train(self, trainer) -> None: ...
+    def after_crash(self, trainer) -> None: ...  # (the training raised: an error, not a signal)
 
 
 class FunctionHook(Hook):
@@ -195,41 +196,33 @@ class BenchmarkHook(Hook):
 
 
 class ReportHook(Hook):
-    """Scalars to TensorBoard and/or Weights & Biases, for those who watch runs there."""
+    """Per-step scalars to the trackers in train.report_to (engine/trackers.py)."""
 
     def __init__(self, targets: list[str]):
         self.targets = targets
+        self.trackers = []
 
     def before_train(self, trainer):
-        self.writers = []
-        if "tensorboard" in self.targets:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TunerError("--report-to tensorboard needs the tensorboard package",
-                                 hint="pip install tensorboard") from None
-            writer = SummaryWriter(str(trainer.run_dir / "tensorboard"))
-            self.writers.append(lambda step, m: [writer.add_scalar(f"train/{k}", v, step) for k, v in m.items()])
-            self.close_tensorboard = writer.close
-        if "wandb" in self.targets:
-            try:
-                import wandb
-            except ImportError:
-                raise TunerError("--report-to wandb needs the wandb package", hint="pip install wandb") from None
-            run = wandb.init(project="tuner", name=trainer.cfg.name, dir=str(trainer.run_dir),
-                             config={"config": trainer.cfg.resolved_text()})
-            self.writers.append(lambda step, m: run.log({f"train/{k}": v for k, v in m.items()}, step=step))
-            self.finish_wandb = run.finish
+        from tuner.engine.trackers import open_tracker
+
+        self.trackers = [open_tracker(name, trainer.cfg, trainer.run_dir, trainer.info) for name in self.targets]
 
     def after_iter(self, trainer, step, metrics):
-        for write in self.writers:
-            write(step, metrics)
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
 
     def after_train(self, trainer):
-        if hasattr(self, "close_tensorboard"):
-            self.close_tensorboard()
-        if hasattr(self, "finish_wandb"):
-            self.finish_wandb()
+        for tracker in self.trackers:
+            tracker.close(failed=False)
+        self.trackers = []
+
+    def after_crash(self, trainer):
+        for tracker in self.trackers:
+            try:
+                tracker.close(failed=True)
+            except Exception:  # noqa: BLE001 - the training's own error is the one to report
+                pass
+        self.trackers = []
 
 
 def file_logger(path) -> logging.Logger:

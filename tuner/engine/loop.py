@@ -298,6 +298,9 @@ class Trainer:
             raise
         except BaseException as e:
             self._run_state("crashed", error=f"{type(e).__name__}: {e}"[:2000])
+            for hook in getattr(self, "hooks", []):
+                if hasattr(hook, "after_crash"):  # (custom hooks may have only after_iter)
+                    hook.after_crash(self)
             raise
         self._run_state("finished")
         self._plot()

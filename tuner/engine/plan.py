@@ -127,14 +127,15 @@ def check_plan(cfg: Config) -> tuple[list[str], list[str]]:
         if counted and rows:
             lines.append(f"steps      {rows // prompts * rl.num_iterations} per epoch x {t.max_epochs} epochs on one "
                          f"process ({rows} prompts, {prompts} per step: {t.batch_size} x {t.accumulative_counts} "
-                         f"completions)")
+                         f"completions)" + (f"; stops at step {t.max_steps} (train.max_steps)" if t.max_steps else ""))
     else:
         lines.append(f"template   {template}; max_length {cfg.data.max_length}, "
                      + ("packed" if cfg.data.pack else "not packed"))
     if counted and rows and cfg.rl is None:
         unit = "pairs" if cfg.preference is not None and cfg.preference.method != "kto" else "rows"
         lines.append(f"steps      at most {math.ceil(rows / per_step)} per epoch x {t.max_epochs} epochs on one process "
-                     f"({rows} {unit}, {t.batch_size} x {t.accumulative_counts} per step; packing makes fewer)")
+                     f"({rows} {unit}, {t.batch_size} x {t.accumulative_counts} per step; packing makes fewer)"
+                     + (f"; stops at step {t.max_steps} (train.max_steps)" if t.max_steps else ""))
     if t.sequence_parallel_size > 1:
         lines.append(f"parallel   each row split over {t.sequence_parallel_size} processes (Ulysses): run on a "
                      f"multiple of {t.sequence_parallel_size}; a step holds batch x accumulation x processes / "
