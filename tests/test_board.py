@@ -251,8 +251,12 @@ def test_launching_from_the_board_checks_the_form_and_writes_the_edited_config(t
     from tuner.board.server import Board, make_board_server
     from tuner.config import load_config
 
+    from tuner.cli import main
+
     root = tmp_path / "work_dirs"
     root.mkdir()
+    # launching on an address others can reach needs a key: refused before anything listens
+    assert main(["board", str(root), "--host", "0.0.0.0", "--allow-launch", "--port", str(free_port())]) == 1
     off = make_board_server(Board([root]), "127.0.0.1", 0)
     threading.Thread(target=off.serve_forever, daemon=True).start()
     try:
