@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -255,7 +256,8 @@ def test_memory_estimate_mfu_and_every_tracker(tmp_path, tiny_model_dir, data_fi
                    options=["train.report_to=tensorboard,wandb,swanlab,mlflow", "optim.lr=3e-4"])
     trainer.train()
     log = next((tmp_path / "work").glob("*/*.log")).read_text()
-    assert "memory estimate" in log and "GiB available" in log and "mfu:" in log
+    assert "memory estimate" in log and "GiB available" in log and "MFU: against a matmul peak of " in log
+    assert re.search(r"mfu: \d+\.\d% of [\d,]+ GFLOP/s", log)
     assert "SwanLab: no API key" in log and "MLflow: run " in log
     steps = scalars(tmp_path / "work")
     losses = [s["loss"] for s in steps]
@@ -458,7 +460,9 @@ def test_fp16_scales_the_loss_and_skips_an_overflow(tmp_path, tiny_model_dir, da
         return _InfiniteGradient.apply(loss) if calls["n"] == 2 else loss
 
     monkeypatch.setattr(Trainer, "loss_sum", overflow_on_second)
-    monkeypatch.setattr("tuner.engine.loop.matmul_peak_flops", lambda *a: 1e11)  # fp16 matmuls are slow on CPUs
+    from tuner.engine.budget import Peak
+
+    monkeypatch.setattr("tuner.engine.loop.matmul_peak", lambda *a, **k: Peak(1e11, "test"))  # fp16 matmuls are slow on CPUs
     trainer = make(tmp_path, tiny_model_dir, data_file, epochs=1, save_steps=3,
                    options=["train.dtype=fp16", "train.max_steps=3"])
     losses = trainer.train()

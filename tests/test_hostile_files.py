@@ -48,21 +48,78 @@ def test_checkpoints_written_by_tuner_load_safely(tmp_path, tiny_model_dir, data
 
 
 @pytest.mark.parametrize("content", ["", "{", "[]", '"fast"', "0", "-5", "NaN", '{"cpu|torch.float32": -1}',
-                                     '{"cpu|torch.float32": NaN}', '{"cpu|torch.float32": "x"}'])
+                                     '{"cpu|torch.float32": NaN}', '{"cpu|torch.float32": "x"}', "KEY: 1e30",
+                                     'KEY: {"flops": -1}', 'KEY: {"flops": NaN}', 'KEY: {"flops": true}'])
 def test_a_corrupt_peak_flops_file_is_measured_again(tmp_path, monkeypatch, content):
     import torch
 
     from tuner.engine import budget
 
     monkeypatch.setenv("TUNER_CACHE", str(tmp_path))
+    monkeypatch.setattr(budget, "CPU_PEAK_SIZES", (256,))  # (the file's handling is tested here, not the timing)
     path = budget.peak_flops_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content)
-    peak = budget.matmul_peak_flops(torch.device("cpu"), torch.float32)
+    key = budget.peak_key(torch.device("cpu"), torch.float32)
+    path.write_text("{" + content.replace("KEY", json.dumps(key)) + "}" if content.startswith("KEY") else content)
+    peak = budget.matmul_peak_flops(torch.device("cpu"), torch.float32)  # (a bare number: an older tuner's format)
     assert 1e8 < peak < 1e15
     saved = json.loads(path.read_text())  # rewritten whole, with the new figure
-    assert isinstance(saved, dict) and all(isinstance(v, float) and v > 0 for v in saved.values())
+    assert isinstance(saved, dict) and isinstance(saved[key]["flops"], float) and saved[key]["flops"] == peak
     assert budget.matmul_peak_flops(torch.device("cpu"), torch.float32) == peak  # read back, not measured
+
+
+def test_the_peak_is_kept_per_cpu_and_thread_count_and_raised_by_a_faster_step(tmp_path, monkeypatch):
+    """MFU's peak: keyed by the CPU's model, the dtype and the threads (a figure measured with 1 thread is not
+    used with 2); the best over several sizes; a step faster than the cached figure raises it, and the log says
+    where each figure came from."""
+    import torch
+
+    from tuner.engine import budget
+
+    monkeypatch.setenv("TUNER_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    first = budget.matmul_peak(cpu, torch.float32)
+    assert first.source.startswith("measured now, best of up to 5 timings at 512/1024/2048")
+    key = budget.peak_key(cpu, torch.float32)
+    assert key.endswith(f":torch.float32:{threads} threads") and budget._device_name(cpu) in key
+    again = budget.matmul_peak(cpu, torch.float32)
+    assert again.flops == first.flops and again.source.startswith("measured 20")  # cached, with when
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert budget.peak_key(cpu, torch.float32) != key
+    finally:
+        torch.set_num_threads(threads)
+    faster = budget.matmul_peak(cpu, torch.float32, at_least=first.flops * 100)  # (a step beat the cached figure)
+    assert faster.flops == first.flops * 100 and faster.source.startswith("a training step's speed")
+    assert budget.matmul_peak(cpu, torch.float32).flops == faster.flops  # kept
+
+
+def test_a_step_faster_than_the_cached_peak_measures_it_again(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    """A cached peak far too low (measured while the machine was busy) would put MFU above 100%: the first step
+    that beats it measures the peak again, the log says so, and no step reports more than 100%."""
+    import time
+
+    import torch
+
+    from tuner.config import load_config
+    from tuner.engine import budget
+    from tuner.engine.loop import Trainer
+
+    from conftest import scalars
+
+    monkeypatch.setenv("TUNER_CACHE", str(tmp_path / "cache"))
+    path = budget.peak_flops_file()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({budget.peak_key(torch.device("cpu"), torch.float32): {"flops": 1e6,
+                                                                                       "measured": time.time()}}))
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, data_file), ["train.max_steps=3"])
+    Trainer(cfg, work_dir=tmp_path / "work").train()
+    log = next((tmp_path / "work").glob("*/*.log")).read_text()
+    assert "MFU: against a matmul peak of 0 GFLOP/s (measured " in log
+    assert "MFU: step 1 ran faster than the cached matmul peak; peak now " in log
+    assert all(0 < s["mfu"] <= 1 for s in scalars(tmp_path / "work"))
+    assert budget.matmul_peak_flops(torch.device("cpu"), torch.float32) > 1e9  # the new figure was kept
 
 
 def test_an_unwritable_work_dir_is_one_line(tmp_path, tiny_model_dir, data_file):

@@ -67,52 +67,121 @@ def flops_per_token(model, lora: bool) -> float:
     return (2 if lora else 3) * 2 * n
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The measured matmul peak of this machine in FLOP/s, cached after the first measurement."""
-    key = f"{device.type}:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}:{dtype}"
-    path = peak_flops_file()
-    cached = _read_peak_flops(path)
-    if key in cached:
-        return cached[key]
-    n = 4096 if device.type == "cuda" else 1024
+# Square bf16/fp32 matmuls timed for the peak: small sizes suit a CPU's caches, large ones a GPU's.
+PEAK_SIZES = {"cuda": (4096, 8192)}
+CPU_PEAK_SIZES = (512, 1024, 2048)
+PEAK_REPEATS = 5
+PEAK_SECONDS_PER_SIZE = 0.3  # (after 2 timings a size stops here: fp32 at 2048 on one CPU thread takes 0.7 s a timing)
+
+
+@dataclass
+class Peak:
+    """The matmul peak MFU is measured against, and where it came from (said in the log)."""
+    flops: float
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.flops / 1e9:,.0f} GFLOP/s ({self.source})"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # (the CPU's model: a cache in a home folder shared by several machines keeps each one's figure)
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def peak_key(device: torch.device, dtype: torch.dtype) -> str:
+    """Everything the peak depends on: the device and its model, the dtype, and on a CPU the threads used."""
+    threads = "" if device.type == "cuda" else f":{torch.get_num_threads()} threads"
+    return f"{device.type}:{_device_name(device)}:{dtype}{threads}"
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, tuple[int, ...]]:
+    """The best FLOP/s over several matrix sizes, each the best of up to PEAK_REPEATS timings of 4 matmuls
+    (one slow timing, another process taking a core for a moment, does not lower the figure)."""
+    sizes = PEAK_SIZES.get(device.type, CPU_PEAK_SIZES)
     own = torch.Generator(device=device).manual_seed(0)  # (not the global stream: a run's dropout masks stay its seed's)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=own)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=own)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - started) / 4)
-    peak = 2 * n**3 / best
+    best_flops = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=own)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=own)
+        a @ b  # (warm: the first call picks its kernel)
+        best, size_started = float("inf"), time.perf_counter()
+        for repeat in range(PEAK_REPEATS):
+            if repeat >= 2 and time.perf_counter() - size_started > PEAK_SECONDS_PER_SIZE:
+                break
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, (time.perf_counter() - started) / 4)
+        best_flops = max(best_flops, 2 * n**3 / best)
+    return best_flops, sizes
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, at_least: float = 0.0) -> Peak:
+    """This machine's matmul peak, cached per peak_key after the first measurement. `at_least`: a speed a
+    training step reached; a cached peak below it is measured again (and the higher figure kept)."""
+    key = peak_key(device, dtype)
+    path = peak_flops_file()
+    cached = _read_peak_flops(path).get(key)
+    if cached and cached["flops"] >= at_least:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(cached["measured"])) if cached.get("measured") else "?"
+        return Peak(cached["flops"], f"measured {when}, cached in {path}")
+    measured, sizes = measure_peak(device, dtype)
+    flops = max(measured, at_least)
+    how = f"best of up to {PEAK_REPEATS} timings at {'/'.join(map(str, sizes))}"
+    source = (f"measured now, {how}" if at_least <= measured else
+              f"a training step's speed: above the {measured / 1e9:,.0f} GFLOP/s measured now, {how}")
     try:  # written whole under another name, then renamed: two runs at once never leave half a file
         from tuner.engine.checkpoint import atomic_write_text
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({**_read_peak_flops(path), key: peak}))
+        entry = {"flops": flops, "measured": time.time(), "sizes": list(sizes), "threads": torch.get_num_threads()}
+        atomic_write_text(path, json.dumps({**_read_peak_flops(path), key: entry}, indent=1))
     except OSError:
         pass  # a read-only cache: measured again next time
-    return peak
+    return Peak(flops, source)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The measured matmul peak of this machine in FLOP/s (matmul_peak's figure)."""
+    return matmul_peak(device, dtype).flops
 
 
 def peak_flops_file() -> Path:
     return cache_root() / "peak_flops.json"
 
 
-def _read_peak_flops(path: Path) -> dict[str, float]:
-    """The cached figures that make sense (positive, finite numbers); anything else is measured again."""
+def _read_peak_flops(path: Path) -> dict[str, dict]:
+    """The cached figures that make sense ({key: {"flops": positive finite, ...}}); anything else (a bare
+    number from an older tuner, text, NaN) is measured again."""
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):  # missing, unreadable, truncated, not JSON
         return {}
     if not isinstance(cached, dict):
         return {}
-    return {k: float(v) for k, v in cached.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
+    good = {}
+    for key, entry in cached.items():
+        flops = entry.get("flops") if isinstance(entry, dict) else None
+        if isinstance(flops, (int, float)) and not isinstance(flops, bool) and math.isfinite(flops) and flops > 0:
+            measured = entry.get("measured")
+            good[key] = {**entry, "flops": float(flops),
+                         "measured": measured if isinstance(measured, (int, float)) else None}
+    return good
 
 
 def text_config(model):

@@ -64,7 +64,7 @@ class LoggerHook(Hook):
         if step % self.interval == 0 or step == trainer.total_steps:
             line = (f"Iter(train) [{step}/{trainer.total_steps}]  lr: {metrics['lr']:.4e}  loss: {metrics['loss']:.4f}  "
                     f"grad_norm: {metrics['grad_norm']:.4f}  tokens/s: {metrics['tokens_per_s']:.1f}  "
-                    f"mfu: {metrics['mfu']:.1%}  "
+                    f"mfu: {metrics['mfu']:.1%} of {trainer.peak_flops / 1e9:,.0f} GFLOP/s  "
                     f"time: {metrics['step_time']:.3f}s")
             if "rewards/chosen" in metrics:  # preference training
                 line += (f"  rewards chosen / rejected: {metrics['rewards/chosen']:.4f} / "

@@ -28,7 +28,7 @@ from tuner.engine.budget import (
     available_memory,
     estimate_memory,
     flops_per_token,
-    matmul_peak_flops,
+    matmul_peak,
 )
 from tuner.engine.dist import Distributed
 from tuner.engine.hooks import (
@@ -219,7 +219,11 @@ class Trainer:
             self.info("WARNING: the estimate exceeds the available memory: lower train.batch_size or "
                       "data.max_length, or set train.gradient_checkpointing=True")
         self.flops_per_token = flops_per_token(self.raw_model, cfg.lora is not None)
-        self.peak_flops = matmul_peak_flops(self.device, self.compute_dtype) if self.dist.is_main else 0.0
+        self.peak_flops, self.peak_raised = 0.0, False
+        if self.dist.is_main:
+            peak = matmul_peak(self.device, self.compute_dtype)
+            self.peak_flops = peak.flops
+            self.info(f"MFU: against a matmul peak of {peak.describe()}")
 
     def info(self, message: str) -> None:
         if self.dist.is_main:
@@ -387,6 +391,13 @@ class Trainer:
             elapsed = time.perf_counter() - started
             tokens_per_s = real_tokens / elapsed
             mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size or 1)
+            if mfu > 1 and self.dist.is_main and not self.peak_raised:  # (a peak measured while the machine was busy)
+                self.peak_raised = True
+                peak = matmul_peak(self.device, self.compute_dtype,
+                                   at_least=tokens_per_s * self.flops_per_token / self.dist.world_size)
+                self.peak_flops = peak.flops
+                self.info(f"MFU: step {step + 1} ran faster than the cached matmul peak; peak now {peak.describe()}")
+                mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
             metrics = {"loss": loss_sum, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "tokens": real_tokens, "tokens_per_s": tokens_per_s, "mfu": mfu, "step_time": elapsed,
                        **figures}
