@@ -125,17 +125,18 @@ def board_page(tmp_path: Path, runs: Path, points: int, form: dict) -> None:
             page.click("#new-run")
             page.fill("#config-search", "personal_assistant_e3")
             page.locator("#config-list").select_option(PERSONAL)
-            expect(page.locator('[data-key="optim.lr"]')).to_have_value("0.0005")
+            expect(page.locator('[data-key="optim.lr"]')).to_have_value("0.0005", timeout=30_000)
             for key, value in {**form, "train.max_steps": "400", "train.max_epochs": "100", "optim.lr": "fast"}.items():
                 page.fill(f'[data-key="{key}"]', value)
             page.click("#start")  # an invalid value: the check's message, nothing started
-            expect(page.locator("#launch-status")).to_have_text("problems found: nothing started")
+            # (generous waits: the first plan imports transformers and reads the model, beside another worker)
+            expect(page.locator("#launch-status")).to_have_text("problems found: nothing started", timeout=60_000)
             expect(page.locator("#plan .error")).to_contain_text("optim.lr")
             page.fill('[data-key="optim.lr"]', "0.001")
             page.click("#check")
-            expect(page.locator("#plan")).to_contain_text("memory ")
+            expect(page.locator("#plan")).to_contain_text("memory ", timeout=60_000)
             page.click("#start")
-            expect(page.locator("#launch-status")).to_contain_text("started in ")
+            expect(page.locator("#launch-status")).to_contain_text("started in ", timeout=60_000)
             live = runs / PERSONAL
             row = page.locator(f'tr.run[data-run="0:{PERSONAL}"]')
             expect(row).to_have_count(1)
