@@ -215,13 +215,14 @@ class Launcher:
                 continue
         raise TunerError(f"{self.root}: no free work dir name for {name}")
 
-    def start(self, name: str, values: dict, deepspeed: str | None) -> Path:
+    def start(self, cfg, edits: list[str], deepspeed: str | None) -> Path:
+        """Train `cfg` (edited_config's, its `edits` listed by changes()) in a new work dir."""
         from tuner.engine.checkpoint import atomic_write_text
 
         if deepspeed not in DEEPSPEED_CHOICES and deepspeed is not None:
             raise TunerError(f"deepspeed: {deepspeed!r} is not a preset ({', '.join(DEEPSPEED_CHOICES[1:])})")
-        cfg = edited_config(name, values)
-        text = config_text(cfg, name, changes(name, cfg))
+        name = cfg.name
+        text = config_text(cfg, name, edits)
         work_dir = self.new_work_dir(name)
         config_file = work_dir / f"{name}.py"
         atomic_write_text(config_file, text)

@@ -72,7 +72,8 @@ def work_dirs(root: Path) -> tuple[list[Path], list[Path]]:
     return found, others
 
 
-def _state_file(folder: Path) -> dict:
+def read_state(folder: Path) -> dict:
+    """A run folder's run.json, or {} when it is missing or not a JSON object."""
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -106,7 +107,7 @@ def _total_from_log(folder: Path) -> int | None:
 def read_run(work_dir: Path, run_id: str) -> Run:
     folders = run_folders(work_dir)
     points = read_points(work_dir)
-    segments = [_state_file(f) for f in folders]  # (each run folder's run.json, oldest first)
+    segments = [read_state(f) for f in folders]  # (each run folder's run.json, oldest first)
     first, state = segments[0], segments[-1]
     last = points.rows[-1] if points.rows else {}
     steps = last.get("step", 0)

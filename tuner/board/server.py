@@ -39,7 +39,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from tuner.board import launch
-from tuner.board.runs import Runs, read_points
+from tuner.board.runs import Runs, read_points, read_run, read_state
 from tuner.errors import TunerError
 from tuner.serve.api import ApiError, Handler, Server, check_bearer
 
@@ -153,26 +153,29 @@ class Board:
 
     def plan(self, body: dict) -> dict:
         """check-config's plan of the edited config: every part that resolves, then every problem."""
+        return self._plan(body)[1]
+
+    def _plan(self, body: dict):
+        """(the edited config or None, the plan's answer)."""
         from tuner.engine.plan import check_plan
 
         self._launcher()
         try:
             cfg = launch.edited_config(body.get("config"), body.get("values") or {})
         except TunerError as e:
-            return {"lines": [], "problems": [_message(e)]}
+            return None, {"lines": [], "problems": [str(e)]}
         lines, problems = check_plan(cfg)
         if body.get("deepspeed"):
             lines.append(f"deepspeed  {body['deepspeed']}")
-        return {"lines": lines, "problems": problems, "changes": launch.changes(cfg.name, cfg)}
+        return cfg, {"lines": lines, "problems": problems, "changes": launch.changes(cfg.name, cfg)}
 
     def launch(self, body: dict) -> dict:
         """Nothing starts unless the plan holds (the same checks as /api/plan)."""
         launcher = self._launcher()
-        checked = self.plan(body)
+        cfg, checked = self._plan(body)
         if checked["problems"]:
             raise ApiError(400, "; ".join(checked["problems"]), code="invalid_config")
-        work_dir = _checked(lambda: launcher.start(body.get("config"), body.get("values") or {},
-                                                   body.get("deepspeed") or None))
+        work_dir = _checked(lambda: launcher.start(cfg, checked["changes"], body.get("deepspeed") or None))
         return {"run": self.runs.id_of(work_dir), "work_dir": str(work_dir)}
 
     def stop(self, body: dict) -> dict:
@@ -183,15 +186,11 @@ class Board:
     def resume(self, body: dict) -> dict:
         launcher, run_id = self._launcher(), str(body.get("run", ""))
         folder = self.work_dir(run_id)
-        run = next((r for r in self.runs.all()[0] if r.work_dir == folder), None)
-        if run is not None and run.state in ("running", "finished"):
+        run = read_run(folder, run_id)
+        if run.state in ("running", "finished"):
             raise ApiError(409, f"this run is {run.state}: nothing to resume", code=run.state)
-        _checked(lambda: launcher.resume(folder, run.config if run else None))
+        _checked(lambda: launcher.resume(folder, run.config))
         return {"run": run_id}
-
-
-def _message(e: TunerError) -> str:
-    return str(e) + (f" ({e.hint})" if getattr(e, "hint", None) else "")
 
 
 def _checked(action):
@@ -199,7 +198,7 @@ def _checked(action):
     try:
         return action()
     except TunerError as e:
-        raise ApiError(400, _message(e), code="invalid_request") from None
+        raise ApiError(400, str(e), code="invalid_request") from None
 
 
 def _diff_from_builtin(folder: Path, resolved: str | None) -> tuple[str | None, str | None]:
@@ -207,13 +206,10 @@ def _diff_from_builtin(folder: Path, resolved: str | None) -> tuple[str | None, 
     The run's config is found by its name in run.json (a copy-cfg copy is NAME_copy)."""
     from tuner.config import load_config
     from tuner.configs_index import builtin_configs
-    from tuner.engine.runstate import STATE_FILE, run_folders
+    from tuner.engine.runstate import run_folders
 
     folders = run_folders(folder)
-    try:
-        name = json.loads((folders[0] / STATE_FILE).read_text(encoding="utf-8")).get("config")
-    except (IndexError, OSError, ValueError, AttributeError):
-        return None, None
+    name = read_state(folders[0]).get("config") if folders else None
     configs = builtin_configs()
     name = next((n for n in (name, str(name).removesuffix("_copy")) if n in configs), None)
     if name is None or resolved is None:
@@ -296,23 +292,17 @@ class BoardHandler(Handler):
     def do_POST(self):  # noqa: N802
         routes = {"/api/plan": self.board.plan, "/api/launch": self.board.launch, "/api/stop": self.board.stop,
                   "/api/resume": self.board.resume}
+        path = urlsplit(self.path).path
+
+        def admit():
+            if path not in routes:
+                raise ApiError(404, f"no route POST {self.path}", code="not_found")
+            check_bearer(self.board.api_key, self.headers.get("Authorization"))
+            self.board._launcher()
+
         try:
-            try:  # everything that can refuse the request does so before the body is read
-                self._check_origin()
-                if urlsplit(self.path).path not in routes:
-                    raise ApiError(404, f"no route POST {self.path}", code="not_found")
-                check_bearer(self.board.api_key, self.headers.get("Authorization"))
-                self.board._launcher()
-                length = self._body_length()
-            except ApiError:
-                self.close_connection = self.body_unread = True
-                raise
-            raw = self.rfile.read(length)
-            self.server.clear_deadline(self.connection)
-            if len(raw) < length:
-                self.close_connection = True
-                raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes")
-            self._send_json(200, routes[urlsplit(self.path).path](self._parse_body(raw)))
+            body = self._json_body(admit)  # (before the route is looked up: an unknown one is refused in admit)
+            self._send_json(200, routes[path](body))
         except ApiError as e:
             self._send_error(e)
 

@@ -77,7 +77,7 @@ def check_plan(cfg: Config) -> tuple[list[str], list[str]]:
         try:
             return part(*args)
         except TunerError as e:
-            problems.append(str(e) + (f" ({e.hint})" if getattr(e, "hint", None) else ""))
+            problems.append(str(e))  # (its hint included: "...\n  hint: ...", as the CLI prints it)
         except OSError as e:
             problems.append(f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "))
         return None

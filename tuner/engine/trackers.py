@@ -98,10 +98,11 @@ def open_tracker(name: str, cfg, run_dir, say) -> Tracker:
 
 
 def _swanlab_logged_in() -> bool:
-    """`swanlab login` keeps the key in a netrc file under SwanLab's folder."""
+    """A key from `swanlab login` (its .netrc) or SwanLab's own settings. SwanLab has no public call for this:
+    its settings object is read, and another version without it counts as not logged in (offline is safe)."""
     try:
-        from swanlab.env import get_save_dir
-        folder = get_save_dir()
-    except Exception:  # noqa: BLE001 - another SwanLab version: judged as not logged in (offline is safe)
+        from swanlab.sdk.internal.settings import Settings
+
+        return bool(Settings().api_key)
+    except Exception:  # noqa: BLE001
         return False
-    return os.path.exists(os.path.join(folder, ".netrc"))

@@ -419,6 +419,24 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{self.max_body_bytes} (tuner serve --max-body-mb)", code="request_too_large")
         return length
 
+    def _json_body(self, admit) -> dict:
+        """The request's JSON body, once the origin and `admit()` (route, key...) have let it in. Everything
+        that can refuse the request does so before the body is read: an unread body spoils the connection,
+        so it is closed after the answer."""
+        try:
+            self._check_origin()
+            admit()
+            length = self._body_length()
+        except ApiError:
+            self.close_connection = self.body_unread = True
+            raise
+        raw = self.rfile.read(length)
+        self.server.clear_deadline(self.connection)  # (what the route does may take long: not the client's time)
+        if len(raw) < length:
+            self.close_connection = True
+            raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes")
+        return self._parse_body(raw)
+
     def _check_origin(self) -> None:
         """Refuse what a web page the user visits could send to this loopback server: a request from another
         origin (Origin header), or a Host that is not this server's name (DNS rebinding)."""
@@ -507,23 +525,13 @@ class Handler(BaseHTTPRequestHandler):
         routes = {"/v1/chat/completions": self._chat, "/v1/completions": self._completion}
         self.streaming = False
         try:
-            # Everything that can refuse the request does so before the body is read: an unread body
-            # spoils the connection, so it is closed after the answer.
-            try:
-                self._check_origin()
+            def admit():
                 if self.path not in routes:
                     raise ApiError(404, f"no route POST {self.path}", code="not_found")
                 self.api.check_key(self.headers.get("Authorization"))
-                length = self._body_length()
-            except ApiError:
-                self.close_connection = self.body_unread = True
-                raise
-            raw = self.rfile.read(length)
-            self.server.clear_deadline(self.connection)  # (generating may take long: it is not the client's time)
-            if len(raw) < length:
-                self.close_connection = True
-                raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes")
-            routes[self.path](self._parse_body(raw))
+
+            body = self._json_body(admit)  # (before the route is looked up: an unknown one is refused in admit)
+            routes[self.path](body)
         except ApiError as e:
             self._fail(e)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
