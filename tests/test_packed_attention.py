@@ -1,9 +1,12 @@
 """Per-sample attention for packed rows equals transformers' masked sdpa: outputs and gradients."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from tuner.model.packed_attention import NAME, register, varlen_kwargs
+from tuner.model import packed_attention
+from tuner.model.packed_attention import NAME, causal_attention, register, varlen_kwargs
 
 
 def test_samples_are_runs_of_consecutive_positions_and_rows_start_one():
@@ -16,9 +19,12 @@ def test_samples_are_runs_of_consecutive_positions_and_rows_start_one():
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 5
 
 
-def test_packed_attention_equals_masked_sdpa(tiny_model_dir):
+@pytest.mark.parametrize("matmul_longest", [0, 5, 512], ids=["flash kernel", "both", "matmuls"])
+def test_packed_attention_equals_masked_sdpa(tiny_model_dir, monkeypatch, matmul_longest):
     """Two rows of three and two samples (grouped-query heads: 4 query, 2 key/value): logits and
-    every gradient equal the masked sdpa computation to float32 rounding."""
+    every gradient equal the masked sdpa computation to float32 rounding, whether the samples go
+    through PyTorch's flash kernel, the matmul attention (CPU, up to MATMUL_LONGEST tokens) or some each."""
+    monkeypatch.setattr(packed_attention, "MATMUL_LONGEST", matmul_longest)
     register()
     torch.manual_seed(0)
     positions = torch.tensor([list(range(7)) + list(range(5)) + list(range(4)), list(range(10)) + list(range(6))])
@@ -40,6 +46,30 @@ def test_packed_attention_equals_masked_sdpa(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=NAME)
     logits = model(input_ids=ids, position_ids=positions, use_cache=False, **whole_rows).logits
     assert not torch.allclose(logits, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_attention_equals_the_flash_kernel(dtype):
+    """One sample, 6 query heads over 2 key/value heads: output and the gradients of q, k, v equal
+    PyTorch's causal sdpa (float32 to rounding; bfloat16 within its precision, as eager attention)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(heads, 37, 16, dtype=dtype, requires_grad=True) for heads in (6, 2, 2))
+    grad = torch.randn(6, 37, 16, dtype=dtype)
+    results = []
+    for attend in (lambda: packed_attention._MatmulAttention.apply(q, k, v, 0.25),
+                   lambda: F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=0.25,
+                                                          enable_gqa=True)[0]):
+        out = attend()
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for mine, theirs in zip(*results):
+        assert mine.dtype == dtype
+        assert torch.allclose(mine.float(), theirs.float(), atol=tolerance, rtol=tolerance)
+    with torch.no_grad():  # causal: changing the last position's key and value changes nothing before it
+        k2, v2 = k.clone(), v.clone()
+        k2[:, -1] += 1
+        v2[:, -1] += 1
+        assert torch.equal(causal_attention(q, k, v, 0.25)[:, :-1], causal_attention(q, k2, v2, 0.25)[:, :-1])
 
 
 def test_generation_falls_back_to_sdpa(tiny_model_dir):
