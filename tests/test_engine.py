@@ -591,3 +591,38 @@ def test_deepspeed_older_than_the_one_that_skips_non_finite_updates_is_refused(m
     with pytest.raises(TunerError, match="DeepSpeed 0.19.7 applies an update") as refused:
         zero._deepspeed()
     assert "deepspeed>=0.19.8" in refused.value.hint
+
+
+@pytest.mark.parametrize("case", ["lora", "full", "own conf", "no jemalloc", "own glibc", "gpu", "system"])
+def test_allocator_settings_of_the_restart(monkeypatch, case):
+    """What `tuner train` restarts itself with (os.execve caught): jemalloc with freed memory kept for
+    LoRA, jemalloc as it comes for full fine-tuning (measured slower and higher kept), a MALLOC_CONF of
+    the user's untouched, glibc's heap kept where no library is installed unless the user set glibc's
+    own settings, nothing of the kind on a GPU machine, and no restart with TUNER_MALLOC=system."""
+    from pathlib import Path as P
+
+    from tuner.engine import allocator
+
+    for name in ("TUNER_MALLOC", "MALLOC_CONF", "LD_PRELOAD", allocator.SWITCHED, "GLIBC_TUNABLES",
+                 *allocator.GLIBC_SETTINGS):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(allocator, "in_use", lambda: "glibc")
+    library = None if case in ("no jemalloc", "own glibc") else ("jemalloc", P("/x/libjemalloc.so.2"))
+    monkeypatch.setattr(allocator, "find_library", lambda: library)
+    monkeypatch.setattr(allocator, "has_gpu", lambda: case == "gpu")
+    env_of = {"own conf": {"MALLOC_CONF": "narenas:2"}, "own glibc": {"MALLOC_MMAP_THRESHOLD_": "65536"},
+              "system": {"TUNER_MALLOC": "system"}}
+    for name, value in env_of.get(case, {}).items():
+        monkeypatch.setenv(name, value)
+    started = []
+    monkeypatch.setattr(allocator.os, "execve", lambda exe, argv, env: started.append(env))
+    allocator.restart_with_faster_allocator(["train", "cfg.py"], lora=case != "full")
+    if case in ("own glibc", "system"):
+        assert started == []
+        return
+    env = started[0]
+    if library is None:
+        assert {k: env[k] for k in allocator.GLIBC_SETTINGS} == allocator.GLIBC_SETTINGS and "LD_PRELOAD" not in env
+        return
+    assert env["LD_PRELOAD"] == "/x/libjemalloc.so.2" and env[allocator.SWITCHED] == "jemalloc"
+    assert env.get("MALLOC_CONF") == {"lora": allocator.JEMALLOC_CONF, "own conf": "narenas:2"}.get(case)

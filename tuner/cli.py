@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
     options += [f"train.report_to={','.join(args.report_to)}"] if args.report_to else []
     cfg = load_config(args.config, options)  # a bad config fails here, before any restart
     if args.argv_from_command_line:
-        allocator.restart_with_faster_allocator(args.argv)
+        allocator.restart_with_faster_allocator(args.argv, lora=cfg.lora is not None)
     if args.launcher == "slurm":
         os.environ.update(dist.slurm_environment(dict(os.environ)))
     else:

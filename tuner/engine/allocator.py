@@ -13,8 +13,11 @@ own for CPU memory: every tensor is a malloc and a free. Two costs follow.
 - glibc's heaps fragment, so jemalloc (or tcmalloc) also lowers the peak.
 LoRA on SmolLM2-135M, 1 x 1024 packed tokens, bf16, AVX-512 bf16 CPU, two rounds side by side
 (tokens/s; peak RSS): glibc 552 / 522 (2.40 GiB), glibc kept 664 / 553 (2.44), jemalloc 636 / 579
-(2.23), jemalloc kept 752 / 735 (2.24). The opposite setting, glibc returning everything over
+(2.23), jemalloc kept 752 / 735 (2.24); in a later pair of rounds jemalloc 451 / 446 (2.11), kept
+645 / 590 (2.28), glibc kept 535 (2.25). The opposite setting, glibc returning everything over
 128 KB (MALLOC_MMAP_THRESHOLD_=131072), lowered the peak to 2.12 GiB at 239 / 249 tokens/s.
+Full fine-tuning is the exception for jemalloc: kept, 324 tokens/s and 4.92 GiB against 362 and
+3.54 as installed (glibc kept: 480, 3.72), so a full fine-tune keeps jemalloc's own settings.
 
 A library can only be swapped, and glibc's settings only read, when the process starts, so
 `tuner train` starts itself again with them, as `python -m torch.backends.xeon.run_cpu` does.
@@ -72,30 +75,38 @@ def in_use() -> str:
     return next((name for name in LIBRARIES if name in maps), "glibc")
 
 
-def restart_with_faster_allocator(argv: list[str]) -> None:
-    """Replace this process by `python -m tuner argv` with jemalloc / tcmalloc preloaded, or glibc's
-    settings above where none is installed (or TUNER_MALLOC=glibc), when on Linux, the process runs
-    with glibc as started and TUNER_MALLOC is not 'system'. Returns only when nothing is to be done."""
+def restart_with_faster_allocator(argv: list[str], lora: bool = True) -> None:
+    """Replace this process by `python -m tuner argv` with the environment of restart_env, if any."""
+    env = restart_env(lora)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "tuner", *argv], env)
+
+
+def restart_env(lora: bool = True) -> dict | None:
+    """The environment to start again with: jemalloc / tcmalloc preloaded, or glibc's settings above
+    where none is installed (or TUNER_MALLOC=glibc); None when not on Linux, when the process does not
+    run with glibc as started, or with TUNER_MALLOC=system. jemalloc keeps freed memory for LoRA and
+    QLoRA runs only: full fine-tuning ran slower and higher with it (see above)."""
     choice = os.environ.get("TUNER_MALLOC", "auto")
     if (not sys.platform.startswith("linux") or os.environ.get(SWITCHED) or choice == "system"
             or in_use() != "glibc"):
-        return
+        return None
     library = find_library() if choice != "glibc" else None
     env = dict(os.environ)
     if library is None:
         if (any(name in env for name in GLIBC_SETTINGS) or "GLIBC_TUNABLES" in env
                 or (has_gpu() and choice != "glibc")):
-            return  # the user's own settings; on a GPU machine, measured there first
+            return None  # the user's own settings; on a GPU machine, measured there first
         env.update(GLIBC_SETTINGS, **{SWITCHED: "glibc"})
-    else:
-        env[SWITCHED] = library[0]
-        env["LD_PRELOAD"] = " ".join(filter(None, [str(library[1]), os.environ.get("LD_PRELOAD")]))
-        env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
-        if library[0] == "jemalloc" and not has_gpu():  # (host memory settings measured on CPU training only)
-            env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "tuner", *argv], env)
+        return env
+    env[SWITCHED] = library[0]
+    env["LD_PRELOAD"] = " ".join(filter(None, [str(library[1]), os.environ.get("LD_PRELOAD")]))
+    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+    if library[0] == "jemalloc" and lora and not has_gpu():  # (measured on CPU training only)
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
 
 
 def describe() -> str:

@@ -1,0 +1,189 @@
+"""Each CPU speed lever of a LoRA step, measured alone, side by side in one run.
+
+    python tools/bench_levers.py [--steps 6] [--seq 1024] [--model smollm2-135m-instruct] [--allocators]
+
+One training set-up (the embedded model, LoRA r=16 on every linear layer, 1 x SEQ packed tokens,
+the compute dtype tuner picks: bf16 where the CPU has it), built in this process as `tuner train`
+builds it. For each lever the step alternates between its two settings (off, on, off, on, ...)
+so that the machine's drift falls on both; printed: the median tokens/s of each and the ratio.
+  attention    each packed sample through PyTorch's CPU flash kernel vs tuner's matmul attention
+  loss chunk   the chunked head + cross-entropy in 1024-position chunks vs 256
+  threads      1 intra-op thread vs all cores
+  onednn       PyTorch's oneDNN (mkldnn) kernels off vs on
+  checkpoint   gradient checkpointing on vs off
+--allocators also starts one process per memory allocator setting (glibc as started, glibc with its
+heap kept, jemalloc as installed, jemalloc with freed memory kept), alternating over two rounds, and
+prints tokens/s and peak RSS (a setting can only be made when a process starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import CONFIG, write_data  # noqa: E402
+
+
+def trainer_for(tmp: Path, model: str, seq: int, checkpointing: bool):
+    from tuner.config import load_config
+    from tuner.engine.loop import Trainer
+
+    data = tmp / "data.jsonl"
+    if not data.exists():
+        write_data(data, rows=600)
+    config = tmp / "levers.py"
+    config.write_text(CONFIG.format(model=model, quantization=None, lora="LoraConfig(r=16, alpha=32, dropout=0.0)",
+                                    data=str(data), seq=seq, batch=1, steps=10_000))
+    trainer = Trainer(load_config(str(config), [f"train.gradient_checkpointing={checkpointing}"]),
+                      work_dir=tmp / "work")
+    trainer.setup()
+    return trainer
+
+
+def stepper(trainer):
+    """One optimizer step on the next batch, as the loop does it; returns its tokens/s."""
+    from tuner.engine.batches import StepBatches, step_batches
+
+    batches = step_batches(StepBatches(trainer.schedule, trainer.sequences, trainer.collate,
+                                       trainer.tokenizer.pad_token_id, 0, trainer.objective.units), 0, 10_000, 0,
+                           pin=False)
+
+    def step() -> float:
+        data = next(batches)
+        started = time.perf_counter()
+        for weight, batch in zip(data.weights, data.batches):
+            (trainer.loss_sum(batch) * (weight / data.trained_tokens)).backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return data.real_tokens / (time.perf_counter() - started)
+    return step
+
+
+def alternate(step, settings: list, apply, steps: int) -> list[float]:
+    """Median tokens/s of each setting, the settings taking turns step by step."""
+    seen = {i: [] for i in range(len(settings))}
+    for i in range(len(settings) if steps > 1 else 0):  # one warm-up step each
+        apply(settings[i])
+        step()
+    for n in range(steps * len(settings)):
+        i = n % len(settings)
+        apply(settings[i])
+        seen[i].append(step())
+    return [statistics.median(seen[i]) for i in range(len(settings))]
+
+
+def levers(args, tmp: Path) -> None:
+    import torch
+    import tuner.engine.objective as objective
+    from tuner.engine import fused_loss
+    from tuner.model import packed_attention
+
+    trainer = trainer_for(tmp, args.model, args.seq, checkpointing=False)
+    step = stepper(trainer)
+    cores = torch.get_num_threads()
+    plain_loss = objective.chunked_linear_cross_entropy
+
+    def chunk(size):
+        objective.chunked_linear_cross_entropy = (
+            lambda *a, **k: plain_loss(*a, **{**k, "chunk_size": size}))
+
+    rows = [("attention: flash kernel -> matmuls", [0, packed_attention.MATMUL_LONGEST],
+             lambda v: setattr(packed_attention, "MATMUL_LONGEST", v)),
+            ("loss chunk: 1024 -> 256 positions", [1024, fused_loss.CHUNK], chunk),
+            (f"threads: 1 -> {cores}", [1, cores], torch.set_num_threads),
+            ("oneDNN kernels: off -> on (1 step each)", [False, True], lambda v: torch._C._set_mkldnn_enabled(v))]
+    from tuner.engine.allocator import describe
+    print(f"{args.model}, LoRA r=16 all linear, 1 x {args.seq} packed tokens, {describe()}, "
+          f"{str(trainer.compute_dtype).replace('torch.', '')}, {args.steps} steps of each setting, alternating; "
+          f"tokens/s (median)")
+    print(f"{'lever':40}{'before':>9}{'after':>9}{'ratio':>8}")
+    for label, settings, apply in rows:  # (without oneDNN, bf16 matmuls take PyTorch's slow reference kernel)
+        before, after = alternate(step, settings, apply, 1 if "oneDNN" in label else args.steps)
+        apply(settings[-1])
+        print(f"{label:40}{before:9.0f}{after:9.0f}{after / before:8.2f}x", flush=True)
+    objective.chunked_linear_cross_entropy = plain_loss
+    base = trainer.raw_model.get_base_model()
+    layers = base.model.layers
+
+    def checkpointing(on):
+        for layer in layers:
+            layer.gradient_checkpointing = on
+        base.model.gradient_checkpointing = on
+    if hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        before, after = alternate(step, [True, False], checkpointing, args.steps)
+        print(f"{'gradient checkpointing: on -> off':40}{before:9.0f}{after:9.0f}{after / before:8.2f}x")
+
+
+ALLOCATORS = {"glibc as started": {"TUNER_MALLOC": "system"},
+              "glibc, heap kept": {"TUNER_MALLOC": "glibc"},
+              "jemalloc as installed": {"MALLOC_CONF": "background_thread:false"},  # (its default; a MALLOC_CONF given is kept)
+              "jemalloc, freed memory kept": {}}
+
+
+def allocators(args, tmp: Path) -> None:
+    """One `tuner train` process per setting; tokens/s (median after the first step) and peak RSS."""
+    from bench_train import run, steps_of
+
+    from tuner.engine.allocator import find_library
+
+    if not find_library():
+        print("no jemalloc installed: only glibc's rows")
+    data = tmp / "data.jsonl"
+    if not data.exists():
+        write_data(data, rows=600)
+    config = tmp / "allocators.py"
+    config.write_text(CONFIG.format(model=args.model, quantization=None,
+                                    lora="LoraConfig(r=16, alpha=32, dropout=0.0)", data=str(data), seq=args.seq,
+                                    batch=1, steps=args.steps + 1))
+    results: dict[str, list] = {name: [] for name in ALLOCATORS}
+    for round_ in range(2):
+        for name, env in ALLOCATORS.items():
+            if "jemalloc" in name and not find_library():
+                continue
+            work = tmp / f"work_{round_}_{len(results[name])}_{name.split()[0]}"
+            code, peak = run([sys.executable, "-m", "tuner", "train", str(config), "--work-dir", str(work)],
+                             env=env)
+            steps = steps_of(work) if code == 0 else []
+            if len(steps) > 1:
+                results[name].append((statistics.median(s["tokens_per_s"] for s in steps[1:]), peak))
+    print(f"\n{'allocator (no checkpointing)':34}{'tokens/s per round':>22}{'peak RSS GiB':>14}")
+    for name, runs in results.items():
+        if runs:
+            speeds = " / ".join(f"{s:.0f}" for s, _ in runs)
+            print(f"{name:34}{speeds:>22}{max(p for _, p in runs) / 2**30:14.2f}")
+
+
+def with_tuners_allocator() -> None:
+    """Start this script again with the memory allocator settings `tuner train` gives a LoRA run."""
+    from tuner.engine import allocator
+
+    env = allocator.restart_env(lora=True)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def main() -> int:
+    with_tuners_allocator()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--allocators", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        levers(args, Path(folder))
+        if args.allocators:
+            allocators(args, Path(folder))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
