@@ -40,6 +40,15 @@ def run_of(folder: Path):
     return next(r for r in runs if r.work_dir == folder.resolve())
 
 
+def steps_listed(folder: Path) -> int:
+    """The steps of the run in `folder` as the board lists it; 0 while it is not listed yet (its folder
+    can exist a moment before its run.json)."""
+    from tuner.board.runs import Runs
+
+    runs, _ = Runs([folder.parent]).all() if folder.is_dir() else ([], None)
+    return next((r.steps for r in runs if r.work_dir == folder.resolve()), 0)
+
+
 @pytest.mark.slow
 def test_run_states_from_real_trainings_and_the_board_page(tmp_path, tiny_model_dir, data_file):
     """Trainings of a tiny model, watched through the reader as they go: running (the process alive, run.json
@@ -52,7 +61,7 @@ def test_run_states_from_real_trainings_and_the_board_page(tmp_path, tiny_model_
     cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=1000, save_steps=100000)
     first = runs / "first"
     training = start_training(cfg, first, "--cfg-options", "train.max_steps=120")
-    wait_until(lambda: (first.is_dir() and run_of(first).steps >= 5) or training.poll() is not None, what="steps")
+    wait_until(lambda: steps_listed(first) >= 5 or training.poll() is not None, what="steps")
     run = run_of(first)
     assert run.state == "running" and run.total == 120 and run.method == "LoRA" and run.config == "tiny_config", run
     training.send_signal(signal.SIGTERM)
@@ -73,7 +82,7 @@ def test_run_states_from_real_trainings_and_the_board_page(tmp_path, tiny_model_
 
     killed = runs / "killed"
     training = start_training(cfg, killed, "--cfg-options", "train.max_steps=120")
-    wait_until(lambda: (killed.is_dir() and run_of(killed).steps >= 3) or training.poll() is not None, what="steps")
+    wait_until(lambda: steps_listed(killed) >= 3 or training.poll() is not None, what="steps")
     training.kill()
     training.wait(60)
     crashed = run_of(killed)
