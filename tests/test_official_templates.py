@@ -163,3 +163,42 @@ def test_the_tokenizers_own_template_renders_as_apply_chat_template(package):
             except Exception:  # noqa: BLE001 - a template that refuses a case (no system role, ...)
                 continue
             assert template._render_jinja(shown, prompt, tools) == official, (package, case, prompt)
+
+
+TRICKY = ["  padded  ", "</think>reasoned", "<think>\nhm\n</think>\n\nanswer", 'quotes " and \\ and {{ braces }}',
+          "<|im_end|> inside", "line\nbreaks\n\n", "Ünïcödé 你好 🙂", "x"]
+
+
+@pytest.mark.parametrize("package", sorted(set(PAIRS.values())) + ["mistral_nemo", "smollm2"])
+def test_rendering_from_the_conversation_shape_equals_rendering_each_row(package):
+    """The tokenizer's own template, rendered once per shape (tuner/data/template_shapes.py): every case,
+    and each shape again with other contents (whitespace, think tags, quotes, special-token text, Unicode),
+    gives the text and the trained spans of rendering the row itself. Templates that test or transform a
+    content (Qwen3's think tags, Llama 3's trim) are seen to and render row by row."""
+    from tuner.data.templates import ChatTemplate
+
+    if package == "smollm2":
+        from tuner.model.load import load_tokenizer
+        tokenizer = load_tokenizer("smollm2-135m-instruct")
+    else:
+        tokenizer = real_tokenizer(package)
+    template = ChatTemplate(tokenizer)
+    compared = 0
+    for case in CASES.values():
+        for prompt in (False, True):
+            shown = case["messages"][:-1] if prompt else case["messages"]
+            variants = [shown] + [[{**m, "content": TRICKY[(i + k) % len(TRICKY)]} if m.get("content") else m
+                                   for i, m in enumerate(shown)] for k in range(len(TRICKY))]
+            for messages in variants:
+                try:
+                    plain, _ = template._render_each(messages, prompt, case.get("tools"))
+                except Exception:  # noqa: BLE001 - a template that refuses a case (no system role, ...)
+                    continue
+                assert template.render(messages, prompt, case.get("tools")) == plain, (package, messages, prompt)
+                compared += 1
+    assert compared > 20
+    shaped = [key for key, shape in template.__dict__.get("_shapes", {}).items() if shape is not None]
+    if package in ("smollm2", "qwen2_5"):
+        assert shaped, "this template writes contents as they are: its rows should not render twice each"
+    if package in ("qwen3", "llama3_1"):
+        assert not shaped, "this template tests or trims contents: it must render row by row"

@@ -95,7 +95,7 @@ def levers(args, tmp: Path) -> None:
 
     rows = [("attention: flash kernel -> matmuls", [0, packed_attention.MATMUL_LONGEST],
              lambda v: setattr(packed_attention, "MATMUL_LONGEST", v)),
-            ("loss chunk: 1024 -> 256 positions", [1024, fused_loss.CHUNK], chunk),
+            ("loss chunk: 1024 -> 256 positions", [1024, fused_loss.CPU_CHUNK], chunk),
             (f"threads: 1 -> {cores}", [1, cores], torch.set_num_threads),
             ("oneDNN kernels: off -> on (1 step each)", [False, True], lambda v: torch._C._set_mkldnn_enabled(v))]
     from tuner.engine.allocator import describe

@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
+from tuner.data import template_shapes
 from tuner.data.template_data import TEMPLATE_DATA
 from tuner.errors import TunerError
 
@@ -210,7 +211,8 @@ class ChatTemplate:
     def _apply(self, messages, add_generation_prompt, tools=None):
         clean = []
         for m in messages:
-            message = {"role": m["role"], "content": m.get("content") or ""}
+            content = m.get("content")  # (not `or ""`: a shape's placeholder must not be tested, see template_shapes)
+            message = {"role": m["role"], "content": "" if content is None else content}
             if m.get("tool_calls"):
                 if self.knows_tools:
                     message["tool_calls"] = m["tool_calls"]
@@ -248,8 +250,21 @@ class ChatTemplate:
                                      add_generation_prompt=add_generation_prompt, **self._variables)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> Rendered:
+        """The conversation's text and trained spans: from its shape's text where the template writes contents
+        as they are (tuner/data/template_shapes.py), else rendered (twice per reply)."""
+        shape_key = template_shapes.key(messages, add_generation_prompt, tools)
+        if shape_key is not None:
+            shapes = self.__dict__.setdefault("_shapes", {})
+            if shape_key not in shapes:
+                shapes[shape_key] = template_shapes.build(self._render_each, messages, add_generation_prompt)
+            if shapes[shape_key] is not None:
+                return Rendered(*shapes[shape_key].fill([m["content"] for m in messages]))
+        return self._render_each(messages, add_generation_prompt, tools)[0]
+
+    def _render_each(self, messages: list[dict], add_generation_prompt: bool, tools=None) -> tuple[Rendered, bool]:
+        """(rendered, whether every span ends where a turn's text ends: none moved to a token boundary)"""
         text = self._apply(messages, add_generation_prompt, tools)
-        out = Rendered(text)
+        out, exact = Rendered(text), True
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or not message.get("loss", True):
                 continue
@@ -264,8 +279,9 @@ class ChatTemplate:
                 end = len(through)
             else:  # the template closes a conversation differently from how the next turn opens
                 end = self._token_boundary(text, len(os.path.commonprefix([through, text])))
+                exact = False
             out.spans.append((len(before), end))
-        return out
+        return out, exact
 
     def _token_boundary(self, text: str, end: int) -> int:
         """Move `end` back to the start of a special token it would cut in two
