@@ -25,14 +25,14 @@ SAFE = {"__str__", "__add__", "__new__", "__init__", "__class__", "__getattribut
 
 
 class _Watched(str):
-    touched = False
+    uses: list  # what was done with the placeholders of one shape (one list per shape: threads may build at once)
 
 
 def _watching(name):
     method = getattr(str, name)
 
     def watched(self, *args, **kwargs):
-        _Watched.touched = True
+        self.uses.append(name)
         return method(self, *args, **kwargs)
     return watched
 
@@ -73,11 +73,15 @@ def key(messages: list[dict], add_generation_prompt: bool, tools) -> tuple | Non
 def build(render, messages: list[dict], add_generation_prompt: bool) -> Shape | None:
     """Render the shape of `messages` with `render(messages, add_generation_prompt)` -> (Rendered, exact)
     (exact: no span end was moved to a token boundary), or None when the template depends on the contents."""
-    marked = [{**m, "content": _Watched(placeholder(i))} for i, m in enumerate(messages)]
-    _Watched.touched = False
+    uses = []
+    marked = []
+    for i, m in enumerate(messages):
+        content = _Watched(placeholder(i))
+        content.uses = uses
+        marked.append({**m, "content": content})
     rendered, exact = render(marked, add_generation_prompt)
     text, spans = rendered.text, rendered.spans
-    if _Watched.touched or not exact:
+    if uses or not exact:
         return None
     places = []
     for i in range(len(messages)):
