@@ -626,3 +626,33 @@ def test_allocator_settings_of_the_restart(monkeypatch, case):
         return
     assert env["LD_PRELOAD"] == "/x/libjemalloc.so.2" and env[allocator.SWITCHED] == "jemalloc"
     assert env.get("MALLOC_CONF") == {"lora": allocator.JEMALLOC_CONF, "own conf": "narenas:2"}.get(case)
+
+
+def test_weights_left_in_the_mapped_checkpoint_get_their_own_memory(tmp_path, tiny_model_dir, data_file):
+    """transformers' tensors are views of the memory-mapped .safetensors file, which then stays mapped
+    (and counted in the process's memory) while one of them lives; own_memory copies them out, the same
+    values and ties, and the file is unmapped. A CPU training run's model holds no such view."""
+    import gc
+    import shutil
+
+    from tuner.config import ModelConfig
+    from tuner.model.load import load_model, own_memory
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)  # a file this test alone maps
+    checkpoint = str((folder / "model.safetensors").resolve())
+    mapped = lambda: checkpoint in Path("/proc/self/maps").read_text()  # noqa: E731
+    model = load_model(ModelConfig(path=str(folder)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert mapped() and any(not p.untyped_storage().resizable() for p in model.parameters())
+    assert own_memory(model) >= sum(p.numel() * 4 for p in model.parameters())
+    gc.collect()
+    assert not mapped()
+    assert all(p.untyped_storage().resizable() for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert own_memory(model) == 0
+
+    trainer = make(tmp_path, folder, data_file, epochs=1)
+    trainer.setup()
+    assert all(p.untyped_storage().resizable() for p in trainer.raw_model.parameters() if p.dtype.is_floating_point)

@@ -49,6 +49,7 @@ from tuner.errors import Interrupted, TunerError
 from tuner.model import fast_lora
 from tuner.model.adapt import count_parameters
 from tuner.model.device import default_device, resolve_compute_dtype
+from tuner.model.load import own_memory
 from tuner.model.logps import takes_logits_to_keep
 
 
@@ -131,6 +132,8 @@ class Trainer:
                            if cfg.train.fused_lora and self.strategy.plain_modules else (0, 0))
         placed = cfg.model.quantization is not None or self.built_sharded  # (sharding places the weights)
         self.raw_model = model if placed else model.to(self.device)
+        if self.device.type == "cpu":  # (on a GPU the weights were copied to it: the file is unmapped)
+            own_memory(self.raw_model)
         self.raw_model.train()
         # The loop calls self.model (wrapped for several processes); everything else uses raw_model.
         self.model = self.strategy.wrap(self.raw_model, self.device, self.built_sharded)
