@@ -50,15 +50,15 @@ def placeholder(i: int) -> str:
 class Shape:
     """A conversation shape's text, cut where each message's content goes."""
     pieces: list  # literal text and message indices, in order
-    order: list[int]  # the messages whose contents the text holds, in the text's order
+    order: list[tuple[int, int]]  # (message, its placeholder's length) for each content, in the text's order
     spans: list[tuple[tuple[int, int], tuple[int, int]]]
     """each span's start and end: (offset in the placeholder text, how many contents lie before it)"""
 
     def fill(self, contents: list[str]) -> tuple[str, list[tuple[int, int]]]:
         text = "".join(contents[p] if isinstance(p, int) else p for p in self.pieces)
         shift = [0]
-        for i in self.order:
-            shift.append(shift[-1] + len(contents[i]) - len(placeholder(i)))
+        for i, width in self.order:
+            shift.append(shift[-1] + len(contents[i]) - width)
         return text, [(a + shift[k], b + shift[m]) for (a, k), (b, m) in self.spans]
 
 
@@ -88,7 +88,8 @@ def build(render, messages: list[dict], add_generation_prompt: bool) -> Shape | 
         mark = placeholder(i)
         if text.count(mark) != 1:
             return None
-        places.append((text.index(mark), text.index(mark) + len(mark), i))
+        start = text.index(mark)
+        places.append((start, start + len(mark), i))
     places.sort()
     pieces, position = [], 0
     for start, end, i in places:
@@ -103,4 +104,4 @@ def build(render, messages: list[dict], add_generation_prompt: bool) -> Shape | 
     cut = [(boundary(a), boundary(b)) for a, b in spans]
     if any(a is None or b is None for a, b in cut):
         return None
-    return Shape([p for p in pieces if p != ""], [i for _, _, i in places], cut)
+    return Shape([p for p in pieces if p != ""], [(i, end - start) for start, end, i in places], cut)
