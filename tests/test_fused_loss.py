@@ -37,3 +37,44 @@ def test_training_with_the_chunked_loss_follows_the_plain_curve(tmp_path, tiny_m
         curves.append(trainer.train())
         assert (trainer.fused_head is not None) == chunked
     assert torch.allclose(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4), curves
+
+
+def _reference_bf16(hidden, weight, targets, chunk):
+    """The chunk loop as written before the CPU buffers (still the GPU's): out-of-place logits, float32
+    copy and log-softmax per chunk."""
+    w, total, grads = weight.to(torch.bfloat16), torch.zeros(()), []
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk].to(torch.bfloat16), targets[start:start + chunk]
+        log_probs = torch.log_softmax((h @ w.t()).float(), dim=-1)
+        total += F.nll_loss(log_probs, t, ignore_index=IGNORE, reduction="sum")
+        grad = log_probs.exp_()
+        grad[t != IGNORE, t[t != IGNORE]] -= 1.0
+        grad[t == IGNORE] = 0.0
+        grads.append((grad.to(torch.bfloat16) @ w).float())
+    return total, torch.cat(grads)
+
+
+def test_bf16_chunks_in_reused_buffers_give_the_same_bits_as_fresh_tensors():
+    torch.manual_seed(0)
+    hidden = torch.randn(70, 32, requires_grad=True)
+    weight = torch.randn(503, 32) * 0.1
+    targets = torch.randint(0, 503, (70,))
+    targets[3:9] = IGNORE
+    loss = chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=16, compute_dtype=torch.bfloat16)
+    loss.backward()
+    total, grad = _reference_bf16(hidden.detach(), weight, targets, 16)
+    assert torch.equal(loss.detach(), total)
+    assert torch.equal(hidden.grad, grad)
+
+
+def test_a_cpu_call_allocates_its_vocabulary_wide_buffers_once_not_per_chunk():
+    """8 chunks: the logits in bf16 and in float32 are two allocations of chunk x vocabulary for the whole
+    call (before: four per chunk, which glibc scattered over its heap)."""
+    hidden = torch.randn(8 * 64, 32, requires_grad=True)
+    weight = torch.randn(4000, 32)
+    targets = torch.randint(0, 4000, (8 * 64,))
+    chunk_bytes = 64 * 4000 * 2  # the smallest of them: a chunk's logits in bf16
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        chunked_linear_cross_entropy(hidden, weight, targets, chunk_size=64, compute_dtype=torch.bfloat16)
+    sizes = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage >= chunk_bytes]
+    assert len(sizes) == 2, sizes
