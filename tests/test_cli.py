@@ -89,9 +89,9 @@ def test_train_runs_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_mod
     elif found:
         assert f"memory allocator {found[0]}," in run.stderr, run.stderr[-2000:]
     else:
-        assert "memory allocator glibc malloc (freed memory kept for reuse; install jemalloc" in run.stderr
+        assert "memory allocator glibc malloc (freed memory kept for reuse, merged at once; install jemalloc" in run.stderr
     glibc = tuner("train", cfg, "--work-dir", tmp_path / "glibc", env={"TUNER_MALLOC": "glibc"})
-    assert "memory allocator glibc malloc (freed memory kept for reuse)," in glibc.stderr, glibc.stderr[-2000:]
+    assert "memory allocator glibc malloc (freed memory kept for reuse, merged at once)," in glibc.stderr, glibc.stderr[-2000:]
     plain = tuner("train", cfg, "--work-dir", tmp_path / "plain", env={"TUNER_MALLOC": "system"})
     assert "memory allocator glibc malloc," in plain.stderr
 

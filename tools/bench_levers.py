@@ -13,7 +13,8 @@ so that the machine's drift falls on both; printed: the median tokens/s of each 
   AdamW        torch's foreach implementation vs its fused kernel
   checkpoint   gradient checkpointing on vs off
 --allocators also starts one process per memory allocator setting (glibc as started, glibc with its
-heap kept, jemalloc as installed, jemalloc with freed memory kept), alternating over two rounds, and
+heap kept with its tcache and fast bins on and off, jemalloc as installed, jemalloc with freed memory
+kept), alternating over two rounds, and
 prints tokens/s and peak RSS (a setting can only be made when a process starts).
 """
 
@@ -131,6 +132,8 @@ def levers(args, tmp: Path) -> None:
 
 
 ALLOCATORS = {"glibc as started": {"TUNER_MALLOC": "system"},
+              "glibc, heap kept, caches on": {"TUNER_MALLOC_SWITCHED": "glibc", "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+                                              "MALLOC_TRIM_THRESHOLD_": str(1 << 32)},  # (before tcache / fastbins off)
               "glibc, heap kept": {"TUNER_MALLOC": "glibc"},
               "jemalloc as installed": {"MALLOC_CONF": "background_thread:false"},  # (its default; a MALLOC_CONF given is kept)
               "jemalloc, freed memory kept": {}}
