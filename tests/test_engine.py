@@ -660,6 +660,12 @@ def test_glibc_honours_the_cache_settings_of_the_restart():
         freed[name] = (int(out[0]), int(out[1]))
     assert freed["as started"][0] == 0  # (the probe can fail: glibc's own cache holds all 7)
     assert freed["restart"] == (7 * 48, 0), freed
+    loader = next((p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if Path(p).exists()), None)
+    if loader:  # the tunables glibc lists as set, which shows those above zero spelt right
+        listed = subprocess.run([loader, "--list-tunables"], env=given, capture_output=True, text=True).stdout
+        for tunable in given["GLIBC_TUNABLES"].split(":"):
+            name, value = tunable.split("=")
+            assert f"{name}: {int(value):#x} " in listed, (tunable, listed)
 
 
 def test_weights_left_in_the_mapped_checkpoint_get_their_own_memory(tmp_path, tiny_model_dir, data_file):

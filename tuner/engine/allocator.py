@@ -17,7 +17,12 @@ own for CPU memory: every tensor is a malloc and a free. Two costs follow.
   glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0) freed chunks merge at once: on an Intel AMX
   CPU, 2 rounds each, peak RSS 1.49-1.54 -> 1.28-1.29 GiB with checkpointing, 2.01-2.10 -> 1.87-1.88
   without, full fine-tuning 3.91-4.00 -> 3.77-3.83, QLoRA 3.32 -> 2.69, at the same tokens/s
-  (QLoRA 385-395 -> 410-425). jemalloc peaks as low and runs 8-10% faster, so it stays preferred.
+  (QLoRA 385-395 -> 410-425). glibc.malloc.hugetlb=1 asks for transparent huge pages for the heap
+  (where the kernel gives them on request, "madvise", as on the machine measured): after a slower
+  first step (280-300 tokens/s instead of 480-500), 529 -> 558 and 575 -> 583 tokens/s without
+  checkpointing, 433 -> 482 and 399 -> 436 with it, at the same peak. jemalloc peaks as low and ran
+  8-10% faster than glibc without huge pages, so it stays preferred (with its own thp:always, no
+  faster, 0.03-0.05 GiB higher).
 LoRA on SmolLM2-135M, 1 x 1024 packed tokens, bf16, AVX-512 bf16 CPU, two rounds side by side
 (tokens/s; peak RSS): glibc 552 / 522 (2.40 GiB), glibc kept 664 / 553 (2.44), jemalloc 636 / 579
 (2.23), jemalloc kept 752 / 735 (2.24); in a later pair of rounds jemalloc 451 / 446 (2.11), kept
@@ -45,7 +50,7 @@ LIBRARIES = {"jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
 SWITCHED = "TUNER_MALLOC_SWITCHED"  # set in the restarted process: never restart twice
 JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 GLIBC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
-                  "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"}
+                  "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0:glibc.malloc.hugetlb=1"}
 
 
 def folders() -> list[Path]:
