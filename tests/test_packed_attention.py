@@ -72,6 +72,21 @@ def test_matmul_attention_equals_the_flash_kernel(dtype):
         assert torch.equal(causal_attention(q, k, v, 0.25)[:, :-1], causal_attention(q, k2, v2, 0.25)[:, :-1])
 
 
+def test_the_kept_causal_masks_are_keyed_by_length_heads_dtype_and_device():
+    """Each layer meets the same sample lengths, so the mask is built once and kept; every part of
+    its key changes what it holds, and the one kept is what a fresh build gives."""
+    packed_attention.causal_mask.cache_clear()
+    mask = packed_attention.causal_mask(3, 2, torch.bfloat16, torch.device("cpu"))
+    inf = float("-inf")
+    expected = torch.tensor([[0, inf, inf], [0, 0, inf], [0, 0, 0]] * 2, dtype=torch.bfloat16)
+    assert torch.equal(mask, expected)
+    assert packed_attention.causal_mask(3, 2, torch.bfloat16, torch.device("cpu")) is mask
+    others = [packed_attention.causal_mask(*key, torch.device("cpu")) for key in
+              ((4, 2, torch.bfloat16), (3, 1, torch.bfloat16), (3, 2, torch.float32))]
+    assert [tuple(m.shape) + (m.dtype,) for m in others] == [(8, 4, torch.bfloat16), (3, 3, torch.bfloat16),
+                                                              (6, 3, torch.float32)]
+
+
 def test_generation_falls_back_to_sdpa(tiny_model_dir):
     """With a KV cache (chat), the same tokens come out as with sdpa."""
     register()

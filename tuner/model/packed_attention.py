@@ -21,6 +21,8 @@ sample and layer.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -73,12 +75,14 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     scale = scaling if scaling is not None else dim ** -0.5
     # What sdpa would compute in under autocast (rotary embedding can leave q and k in float32, v in bf16)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else value.dtype
+    if matmuls:  # one cast of each whole tensor rather than one per sample (a no-op where already in dtype)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     pieces = []
     for q_row, k_row, v_row, row_lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), per_row):
         for q, k, v in zip(q_row.split(row_lengths, dim=1), k_row.split(row_lengths, dim=1),
                            v_row.split(row_lengths, dim=1)):
             if matmuls and q.shape[1] <= MATMUL_LONGEST:
-                pieces.append(_MatmulAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale))
+                pieces.append(_MatmulAttention.apply(q, k, v, scale))
             else:
                 pieces.append(F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout,
                                                              scale=scaling, is_causal=True, enable_gqa=gqa)[0])
@@ -94,13 +98,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     heads, length, dim = q.shape
     kv_heads = k.shape[0]
     group = heads // kv_heads
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
-    masked = torch.zeros(length, length, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
     # scale * q k^T + mask in one call
-    scores = torch.baddbmm(masked.repeat(group, 1), q.reshape(kv_heads, group * length, dim), k.transpose(1, 2),
-                           alpha=scale)
+    scores = torch.baddbmm(causal_mask(length, group, q.dtype, q.device), q.reshape(kv_heads, group * length, dim),
+                           k.transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1)
     return (probs @ v).view(heads, length, dim)
+
+
+@functools.lru_cache(maxsize=32)
+def causal_mask(length: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0 on and below the diagonal, -inf above, (length x length) laid `group` times end to end: the
+    additive mask of `group` query heads' scores against one key head. Kept for the next calls (every
+    layer, forward and backward, meets the same sample lengths) and only read: baddbmm's input."""
+    future = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(group, 1)
 
 
 class _MatmulAttention(torch.autograd.Function):
