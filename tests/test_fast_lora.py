@@ -163,3 +163,51 @@ def test_swiglu_mlp_falls_back_when_adapters_are_off_or_merged():
     fused.unmerge_adapter()
     fused.eval(), plain.eval()  # dropout off in eval mode
     assert torch.allclose(fused(x), plain(x), atol=1e-5)
+
+
+class Three(torch.nn.Module):
+    """Three projections of one input, as q, k and v are."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(24, 24, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) + self.k(x) * self.v(x)
+
+
+def test_projections_of_one_input_share_its_cast_and_keep_one_copy():
+    """Under bf16 autocast the float32 input is cast once for q, k and v, and backward keeps that
+    one copy (three before); the result equals peft's. An input changed in place is cast again."""
+    torch.manual_seed(0)
+    plain = get_peft_model(Three(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "v"],
+                                               init_lora_weights=False))
+    fused = get_peft_model(Three(), LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "v"],
+                                               init_lora_weights=False))
+    fused.load_state_dict(plain.state_dict())
+    assert fused_layers(fused) == 3
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    copies = set()
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.shape == (10, 24):
+            copies.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fused(x)
+    assert len(copies) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.allclose(out.float(), plain(x).float(), atol=2e-2, rtol=2e-2)  # (bf16 rounding)
+        layer = fused.base_model.model.k
+        before = layer(x)
+        with torch.no_grad():
+            x.add_(1.0)
+        after = layer(x)
+    assert not torch.allclose(after.float(), before.float(), atol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (a new region: autocast keeps its casts of a leaf x)
+        assert torch.allclose(after.float(), plain.base_model.model.k(x).float(), atol=2e-2, rtol=2e-2)
+
+
+def fused_layers(model) -> int:
+    return fast_lora.enable(model, torch.bfloat16)[0]

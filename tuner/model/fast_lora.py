@@ -23,6 +23,7 @@ width per layer and token, about a quarter of a LoRA step's activations.
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +47,28 @@ def _adapter_gradients(g, xd, xa, lora_a, lora_b, scaling, dtype):
     return gxa, grad_a, grad_b
 
 
+_last_cast: list = [None, 0, None, None]  # (weak reference to x, x's version, dtype, x in dtype as 2-D)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as 2-D in `dtype`. The q, k and v projections (and gate and up) read the same x: the copy made
+    for the first is handed to the others, so each layer casts it once, and backward keeps one copy,
+    not three. Only while x is that same tensor, unchanged since (its version)."""
+    if x.dtype == dtype:
+        return x.reshape(-1, x.shape[-1])
+    ref, version, last_dtype, cast = _last_cast
+    if ref is not None and ref() is x and version == x._version and last_dtype == dtype:
+        return cast
+    cast = x.reshape(-1, x.shape[-1]).to(dtype)
+    _last_cast[:] = weakref.ref(x), x._version, dtype, cast
+    return cast
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scaling, dtype):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        x2 = _cast(x, dtype)
         xd = x2 if x_dropped is x else x_dropped.reshape(-1, shape[-1]).to(dtype)
         y, xa = _linear_and_adapter(x2, xd, weight, bias, lora_a, lora_b, scaling, dtype)
         ctx.save_for_backward(xd, xa, weight, lora_a, lora_b)
