@@ -75,14 +75,14 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     scale = scaling if scaling is not None else dim ** -0.5
     # What sdpa would compute in under autocast (rotary embedding can leave q and k in float32, v in bf16)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else value.dtype
-    if matmuls:  # one cast of each whole tensor rather than one per sample (a no-op where already in dtype)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    # (Each sample is cast alone: casting the whole q, k, v first and saving views of them made a
+    # jemalloc run's memory grow by 0.15 GiB a step, 1.49 -> 2.57 GiB over 8 steps, for no speed.)
     pieces = []
     for q_row, k_row, v_row, row_lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), per_row):
         for q, k, v in zip(q_row.split(row_lengths, dim=1), k_row.split(row_lengths, dim=1),
                            v_row.split(row_lengths, dim=1)):
             if matmuls and q.shape[1] <= MATMUL_LONGEST:
-                pieces.append(_MatmulAttention.apply(q, k, v, scale))
+                pieces.append(_MatmulAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale))
             else:
                 pieces.append(F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout,
                                                              scale=scaling, is_causal=True, enable_gqa=gqa)[0])
