@@ -143,10 +143,18 @@ def allocators(args, tmp: Path) -> None:
     """One `tuner train` process per setting; tokens/s (median after the first step) and peak RSS."""
     from bench_train import run, steps_of
 
+    from tuner.engine import allocator
     from tuner.engine.allocator import find_library
 
     if not find_library():
         print("no jemalloc installed: only glibc's rows")
+    # This script runs with what `tuner train` restarts with (with_tuners_allocator): its children must not
+    # inherit that (a preloaded jemalloc would make every row jemalloc), but start as a user's shell does.
+    library = find_library()
+    for name in (allocator.SWITCHED, "MALLOC_CONF", *allocator.GLIBC_SETTINGS):
+        os.environ.pop(name, None)
+    preload = [p for p in os.environ.get("LD_PRELOAD", "").split() if not library or p != str(library[1])]
+    os.environ["LD_PRELOAD"] = " ".join(preload)
     data = tmp / "data.jsonl"
     if not data.exists():
         write_data(data, rows=600)
