@@ -131,12 +131,16 @@ def levers(args, tmp: Path) -> None:
         print(f"{'gradient checkpointing: on -> off':40}{before:9.0f}{after:9.0f}{after / before:8.2f}x")
 
 
-ALLOCATORS = {"glibc as started": {"TUNER_MALLOC": "system"},
-              "glibc, heap kept, caches on": {"TUNER_MALLOC_SWITCHED": "glibc", "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
-                                              "MALLOC_TRIM_THRESHOLD_": str(1 << 32)},  # (before tcache / fastbins off)
-              "glibc, heap kept": {"TUNER_MALLOC": "glibc"},
-              "jemalloc as installed": {"MALLOC_CONF": "background_thread:false"},  # (its default; a MALLOC_CONF given is kept)
-              "jemalloc, freed memory kept": {}}
+def allocator_settings() -> dict[str, dict]:
+    """Each row's environment, over a user's shell's."""
+    from tuner.engine import allocator
+
+    heap_kept = {k: v for k, v in allocator.GLIBC_SETTINGS.items() if k != "GLIBC_TUNABLES"}
+    return {"glibc as started": {"TUNER_MALLOC": "system"},
+            "glibc, heap kept, caches on": {allocator.SWITCHED: "glibc", **heap_kept},  # (tuner's before the tunables)
+            "glibc, heap kept": {"TUNER_MALLOC": "glibc"},
+            "jemalloc as installed": {"MALLOC_CONF": "background_thread:false"},  # (its default; a MALLOC_CONF given is kept)
+            "jemalloc, freed memory kept": {}}
 
 
 def allocators(args, tmp: Path) -> None:
@@ -144,13 +148,12 @@ def allocators(args, tmp: Path) -> None:
     from bench_train import run, steps_of
 
     from tuner.engine import allocator
-    from tuner.engine.allocator import find_library
 
-    if not find_library():
+    library = allocator.find_library()
+    if not library:
         print("no jemalloc installed: only glibc's rows")
     # This script runs with what `tuner train` restarts with (with_tuners_allocator): its children must not
     # inherit that (a preloaded jemalloc would make every row jemalloc), but start as a user's shell does.
-    library = find_library()
     for name in (allocator.SWITCHED, "MALLOC_CONF", *allocator.GLIBC_SETTINGS):
         os.environ.pop(name, None)
     preload = [p for p in os.environ.get("LD_PRELOAD", "").split() if not library or p != str(library[1])]
@@ -162,10 +165,11 @@ def allocators(args, tmp: Path) -> None:
     config.write_text(CONFIG.format(model=args.model, quantization=None,
                                     lora="LoraConfig(r=16, alpha=32, dropout=0.0)", data=str(data), seq=args.seq,
                                     batch=1, steps=args.steps + 1))
-    results: dict[str, list] = {name: [] for name in ALLOCATORS}
+    settings = allocator_settings()
+    results: dict[str, list] = {name: [] for name in settings}
     for round_ in range(2):
-        for name, env in ALLOCATORS.items():
-            if "jemalloc" in name and not find_library():
+        for name, env in settings.items():
+            if "jemalloc" in name and not library:
                 continue
             work = tmp / f"work_{round_}_{len(results[name])}_{name.split()[0]}"
             code, peak = run([sys.executable, "-m", "tuner", "train", str(config), "--work-dir", str(work)],
