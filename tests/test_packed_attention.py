@@ -72,6 +72,25 @@ def test_matmul_attention_equals_the_flash_kernel(dtype):
         assert torch.equal(causal_attention(q, k, v, 0.25)[:, :-1], causal_attention(q, k2, v2, 0.25)[:, :-1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4)], ids=["grouped", "one key head each"])
+def test_matmul_attentions_written_out_backward_gives_autograds_bits(dtype, heads):
+    """The backward written out computes what autograd computes through causal_attention, bit for bit:
+    samples cut from a packed row (strided views, as the attention hands them in) of 1 to 512 tokens,
+    and a strided gradient (the concatenation's backward hands out slices)."""
+    torch.manual_seed(0)
+    lengths = [1, 7, 64, 205, 300, 512]
+    q_row, k_row, v_row = (torch.randn(n, sum(lengths), 16, dtype=dtype, requires_grad=True)
+                           for n in (heads[0], heads[1], heads[1]))
+    grad_row = torch.randn(heads[0], sum(lengths) + 3, 16, dtype=dtype)[:, 3:]
+    for q, k, v, grad in zip(*(t.split(lengths, dim=1) for t in (q_row, k_row, v_row, grad_row))):
+        assert not (q.is_contiguous() or grad.is_contiguous())
+        written = torch.autograd.grad(packed_attention._MatmulAttention.apply(q, k, v, 0.125), (q, k, v), grad)
+        by_autograd = torch.autograd.grad(causal_attention(q, k, v, 0.125), (q, k, v), grad)
+        for mine, theirs in zip(written, by_autograd):
+            assert mine.dtype == dtype and torch.equal(mine, theirs)
+
+
 def test_the_kept_causal_masks_are_keyed_by_length_heads_dtype_and_device():
     """Each layer meets the same sample lengths, so the mask is built once and kept; every part of
     its key changes what it holds, and the one kept is what a fresh build gives."""

@@ -96,13 +96,18 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     of k and v. Scores are in the inputs' dtype and the softmax accumulates in float32, as
     transformers' eager attention does."""
     heads, length, dim = q.shape
+    return (_probabilities(q, k, scale) @ v).view(heads, length, dim)
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + causal mask), (Hkv, H / Hkv x L, L): q's heads grouped by key head."""
+    heads, length, dim = q.shape
     kv_heads = k.shape[0]
     group = heads // kv_heads
     # scale * q k^T + mask in one call
     scores = torch.baddbmm(causal_mask(length, group, q.dtype, q.device), q.reshape(kv_heads, group * length, dim),
                            k.transpose(1, 2), alpha=scale)
-    probs = torch.softmax(scores, dim=-1)
-    return (probs @ v).view(heads, length, dim)
+    return torch.softmax(scores, dim=-1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -115,7 +120,14 @@ def causal_mask(length: int, group: int, dtype: torch.dtype, device: torch.devic
 
 
 class _MatmulAttention(torch.autograd.Function):
-    """causal_attention, keeping q, k, v for backward and computing the rest again there."""
+    """causal_attention, keeping q, k, v for backward and computing the probabilities again there.
+
+    Backward is written out: what autograd computes through causal_attention, in its order (the same
+    bits; dK as (Q^T dS)^T, not dS^T Q, which differs in the last bit at 512 tokens), without the graph
+    of the recomputation and its two passes scaling the gradients:
+        P = softmax(S), S = s Q K^T + mask:  dV = P^T dO;  dS = P (dP - rowsum(P dP)), dP = dO V^T;
+        dQ = s dS K;  dK = s (Q^T dS)^T
+    One sample of 205 tokens (SmolLM2's 9 / 3 heads, bf16), forward + backward: 1.65 -> 1.44 ms."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
@@ -126,10 +138,19 @@ class _MatmulAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
-        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
-            out = causal_attention(q, k, v, ctx.scale)
-        return (*torch.autograd.grad(out, (q, k, v), grad), None)
+        q, k, v = ctx.saved_tensors
+        heads, length, dim = q.shape
+        kv_heads, scale = k.shape[0], ctx.scale
+        with torch.autocast("cpu", enabled=False):
+            probs = _probabilities(q, k, scale)
+            q = q.reshape(kv_heads, -1, dim)
+            grad = grad.reshape(kv_heads, -1, dim)
+            grad_v = torch.bmm(probs.transpose(1, 2), grad)
+            grad_scores = torch._softmax_backward_data(torch.bmm(grad, v.transpose(1, 2)), probs, -1, probs.dtype)
+            del probs
+            grad_q = torch.bmm(grad_scores, k).mul_(scale).view(heads, length, dim)
+            grad_k = torch.bmm(q.transpose(1, 2), grad_scores).mul_(scale).transpose(1, 2)
+        return grad_q, grad_k, grad_v, None
 
 
 def packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
