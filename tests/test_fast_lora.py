@@ -84,6 +84,29 @@ def test_merged_or_disabled_adapters_take_peft_path():
     assert torch.allclose(fused(x), plain(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("what", ["lora_bias", "base bias trained"])
+def test_layers_with_more_to_train_than_a_and_b_take_peft_path(what):
+    """The function makes gradients for A and B only: a bias on B (peft's lora_bias) or a base bias that
+    trains goes through peft's forward, so they get theirs."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_peft_model(Two(True), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"],
+                                                     init_lora_weights=False, lora_bias=what == "lora_bias"))
+        if what != "lora_bias":
+            model.base_model.model.up.base_layer.bias.requires_grad_()
+        models.append(model)
+    fast_lora.enable(models[1])
+    x = torch.randn(3, 24)
+    results = []
+    for model in models:
+        model(x).square().sum().backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert results[0].keys() == results[1].keys()
+    for name, grad in results[0].items():
+        assert results[1][name] is not None and torch.allclose(results[1][name], grad, atol=1e-5), name
+
+
 def test_training_with_fused_lora_follows_peft_curve(tmp_path, tiny_model_dir, data_file):
     """fp32, dropout 0.1 (the same masks: the same RNG calls in the same order): the two paths
     differ in summation order only; 1e-4 catches any real difference."""

@@ -100,6 +100,10 @@ def _plain_adapter(layer) -> str | None:
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if layer.disable_adapters or layer.merged or len(active) != 1 or active[0] in layer.lora_variant:
         return None
+    base = layer.base_layer  # (no gradient is made for B's bias (peft's lora_bias) nor for a trained base)
+    if (getattr(layer.lora_B[active[0]], "bias", None) is not None or base.weight.requires_grad
+            or base.bias is not None and base.bias.requires_grad):
+        return None
     return active[0]
 
 
