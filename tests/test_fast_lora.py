@@ -155,6 +155,28 @@ def test_swiglu_mlp_under_bf16_autocast_matches_peft_to_bf16_rounding():
     assert_bf16_autocast_matches(plain, fused, torch.randn(4, 24), ["mlp.down_proj", "mlp.gate_proj"])
 
 
+def test_swiglu_mlp_in_bf16_gives_autograds_bits():
+    """bf16 without dropout: the gradients of gate, up, A and B equal autograd's, bit for bit, through
+    down(silu(gate) * up) with the down projection as _LoraLinear: backward recomputes the product as
+    forward made it, and takes SiLU's derivative from PyTorch's kernel, as autograd does."""
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    gate, up = (torch.randn(37, 56, dtype=bf16, requires_grad=True) for _ in range(2))
+    weight, bias = torch.randn(24, 56, dtype=bf16), torch.randn(24)
+    lora_a, lora_b = torch.randn(4, 56, requires_grad=True), torch.randn(24, 4, requires_grad=True)
+    grad = torch.randn(37, 24, dtype=bf16)
+    results = []
+    for fused in (True, False):
+        if fused:
+            out = fast_lora._SwiGLULoraDown.apply(gate, up, weight, bias, lora_a, lora_b, 2.0, 0.0, bf16)
+        else:
+            h = torch.nn.functional.silu(gate) * up
+            out = fast_lora._LoraLinear.apply(h, h, weight, bias, lora_a, lora_b, 2.0, bf16)
+        results.append((out, *torch.autograd.grad(out, (gate, up, lora_a, lora_b), grad)))
+    for mine, autograds in zip(*results):
+        assert torch.equal(mine, autograds)
+
+
 def test_swiglu_mlp_saves_two_tensors_fewer_per_token():
     """What autograd keeps for backward, counted through saved-tensor hooks: peft's path keeps
     silu(gate) and the product besides gate and up (and x, shared by gate and up)."""
