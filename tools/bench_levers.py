@@ -11,6 +11,8 @@ so that the machine's drift falls on both; printed: the median tokens/s of each 
   threads      1 intra-op thread vs all cores
   onednn       PyTorch's oneDNN (mkldnn) kernels off vs on
   AdamW        torch's foreach implementation vs its fused kernel
+  attention    the matmul attention's backward by autograd (as before) vs written out (tuner's)
+  SwiGLU       the fused MLP's SiLU derivative from seven bf16 operations (as before) vs PyTorch's kernel (tuner's)
   checkpoint   gradient checkpointing on vs off
 --allocators also starts one process per memory allocator setting (glibc as started, glibc with its
 heap kept with its tcache and fast bins on and off, jemalloc as installed, jemalloc with freed memory
@@ -21,6 +23,7 @@ prints tokens/s and peak RSS (a setting can only be made when a process starts).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -81,11 +84,46 @@ def alternate(step, settings: list, apply, steps: int) -> list[float]:
     return [statistics.median(seen[i]) for i in range(len(settings))]
 
 
+def autograd_attention_backward(ctx, grad):
+    """The matmul attention's backward as it was: the forward again under autograd, then autograd.grad."""
+    import torch
+    from tuner.model.packed_attention import causal_attention
+
+    q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        out = causal_attention(q, k, v, ctx.scale)
+    return (*torch.autograd.grad(out, (q, k, v), grad), None)
+
+
+def composed_swiglu_backward(ctx, grad):
+    """The fused SwiGLU MLP's backward as it was: SiLU's derivative built from bf16 operations."""
+    import torch
+    from tuner.model import fast_lora
+
+    g, u, keep, xa, weight, lora_a, lora_b = ctx.saved_tensors
+    dtype, s, p = ctx.dtype, ctx.scaling, ctx.p
+    big_g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    hd = silu * u if keep is None else fast_lora._dropped(silu * u, keep, p)
+    gxa, grad_a, grad_b = fast_lora._adapter_gradients(big_g, hd, xa, lora_a, lora_b, s, dtype)
+    dh = big_g @ weight.to(dtype)
+    a = lora_a.to(dtype)
+    if keep is None:
+        dh.addmm_(gxa, a)
+    else:
+        dh.add_(fast_lora._dropped(gxa @ a, keep, p))
+    grad_up = (dh * silu).view(*grad.shape[:-1], -1).to(ctx.in_dtypes[1])
+    grad_gate = dh.mul_(u).mul_(sig.mul_(g.neg().mul_(sig).add_(g).add_(1)))
+    return (grad_gate.view(*grad.shape[:-1], -1).to(ctx.in_dtypes[0]), grad_up, None, None, grad_a, grad_b,
+            None, None, None)
+
+
 def levers(args, tmp: Path) -> None:
     import torch
     import tuner.engine.objective as objective
     from tuner.engine import fused_loss
-    from tuner.model import packed_attention
+    from tuner.model import fast_lora, packed_attention
 
     trainer = trainer_for(tmp, args.model, args.seq, checkpointing=False, full=args.full)
     step = stepper(trainer)
@@ -105,7 +143,13 @@ def levers(args, tmp: Path) -> None:
             ("loss chunk: 1024 -> 256 positions", [1024, fused_loss.CPU_CHUNK], chunk),
             (f"threads: 1 -> {cores}", [1, cores], torch.set_num_threads),
             ("oneDNN kernels: off -> on (1 step each)", [False, True], lambda v: torch._C._set_mkldnn_enabled(v)),
-            ("AdamW: foreach -> fused", [False, True], fused_adamw)]
+            ("AdamW: foreach -> fused", [False, True], fused_adamw),
+            ("attention backward: autograd -> written", [autograd_attention_backward,
+                                                         packed_attention._MatmulAttention.backward],
+             lambda f: setattr(packed_attention._MatmulAttention, "backward", staticmethod(f))),
+            ("SwiGLU backward: bf16 ops -> silu kernel", [composed_swiglu_backward,
+                                                          fast_lora._SwiGLULoraDown.backward],
+             lambda f: setattr(fast_lora._SwiGLULoraDown, "backward", staticmethod(f)))]
 
     from tuner.engine.allocator import describe
     print(f"{args.model}, {'full fine-tuning' if args.full else 'LoRA r=16 all linear'}, 1 x {args.seq} packed tokens, {describe()}, "
@@ -154,10 +198,9 @@ def allocators(args, tmp: Path) -> None:
         print("no jemalloc installed: only glibc's rows")
     # This script runs with what `tuner train` restarts with (with_tuners_allocator): its children must not
     # inherit that (a preloaded jemalloc would make every row jemalloc), but start as a user's shell does.
-    for name in (allocator.SWITCHED, "MALLOC_CONF", *allocator.GLIBC_SETTINGS):
-        os.environ.pop(name, None)
-    preload = [p for p in os.environ.get("LD_PRELOAD", "").split() if not library or p != str(library[1])]
-    os.environ["LD_PRELOAD"] = " ".join(preload)
+    shell = shell_env()
+    os.environ.clear()
+    os.environ.update(shell)
     data = tmp / "data.jsonl"
     if not data.exists():
         write_data(data, rows=600)
@@ -184,13 +227,29 @@ def allocators(args, tmp: Path) -> None:
             print(f"{name:34}{speeds:>22}{max(p for _, p in runs) / 2**30:14.2f}")
 
 
+SHELL_ENV = "BENCH_LEVERS_SHELL_ENV"  # what the restart changed, as the user's shell had it (JSON; null: unset)
+
+
 def with_tuners_allocator() -> None:
     """Start this script again with the memory allocator settings `tuner train` gives the run."""
     from tuner.engine import allocator
 
     env = allocator.restart_env(lora="--full" not in sys.argv)
     if env is not None:
+        changed = {k: os.environ.get(k) for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)}
+        env[SHELL_ENV] = json.dumps(changed)
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def shell_env() -> dict[str, str]:
+    """This process's environment as the user's shell gave it, before with_tuners_allocator restarted it."""
+    env = dict(os.environ)
+    for name, value in json.loads(env.pop(SHELL_ENV, "{}")).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
 
 
 def main() -> int:
