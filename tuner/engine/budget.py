@@ -67,9 +67,13 @@ def flops_per_token(model, lora: bool) -> float:
     return (2 if lora else 3) * 2 * n
 
 
-# Square bf16/fp32 matmuls timed for the peak: small sizes suit a CPU's caches, large ones a GPU's.
-PEAK_SIZES = {"cuda": (4096, 8192)}
-CPU_PEAK_SIZES = (512, 1024, 2048)
+# Matmuls timed for the peak, (rows, inner, columns): small ones suit a CPU's caches, large ones a GPU's. On a
+# CPU also tall and wide ones of a model's proportions (tokens x hidden by hidden x out): AMX runs them faster
+# than any square (bf16, 2-core Intel Xeon: 4096x512x1024 3,310 and 4096x1024x1024 3,227 GFLOP/s against
+# 2,704 at 2048^3), so squares alone made the peak 18% low and MFU that much too high. (fp32: all ~428.)
+PEAK_SHAPES = {"cuda": ((4096, 4096, 4096), (8192, 8192, 8192))}
+CPU_PEAK_SHAPES = ((512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 1024, 1024), (4096, 512, 1024),
+                   (1024, 1024, 4096))
 PEAK_REPEATS = 5
 PEAK_SECONDS_PER_SIZE = 0.3  # (after 2 timings a size stops here: fp32 at 2048 on one CPU thread takes 0.7 s a timing)
 
@@ -105,15 +109,15 @@ def peak_key(device: torch.device, dtype: torch.dtype) -> str:
     return f"{device.type}:{_device_name(device)}:{dtype}{threads}"
 
 
-def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, tuple[int, ...]]:
-    """The best FLOP/s over several matrix sizes, each the best of up to PEAK_REPEATS timings of 4 matmuls
+def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, tuple[tuple[int, int, int], ...]]:
+    """The best FLOP/s over several matmul shapes, each the best of up to PEAK_REPEATS timings of 4 matmuls
     (one slow timing, another process taking a core for a moment, does not lower the figure)."""
-    sizes = PEAK_SIZES.get(device.type, CPU_PEAK_SIZES)
+    shapes = peak_shapes(device)
     own = torch.Generator(device=device).manual_seed(0)  # (not the global stream: a run's dropout masks stay its seed's)
     best_flops = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype, generator=own)
-        b = torch.randn(n, n, device=device, dtype=dtype, generator=own)
+    for rows, inner, columns in shapes:
+        a = torch.randn(rows, inner, device=device, dtype=dtype, generator=own)
+        b = torch.randn(inner, columns, device=device, dtype=dtype, generator=own)
         a @ b  # (warm: the first call picks its kernel)
         best, size_started = float("inf"), time.perf_counter()
         for repeat in range(PEAK_REPEATS):
@@ -127,8 +131,12 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, tuple
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             best = min(best, (time.perf_counter() - started) / 4)
-        best_flops = max(best_flops, 2 * n**3 / best)
-    return best_flops, sizes
+        best_flops = max(best_flops, 2 * rows * inner * columns / best)
+    return best_flops, shapes
+
+
+def peak_shapes(device: torch.device) -> tuple[tuple[int, int, int], ...]:
+    return PEAK_SHAPES.get(device.type, CPU_PEAK_SHAPES)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, at_least: float = 0.0) -> Peak:
@@ -137,19 +145,22 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, at_least: float = 0.0)
     key = peak_key(device, dtype)
     path = peak_flops_file()
     cached = _read_peak_flops(path).get(key)
+    if cached and cached.get("shapes") != [list(shape) for shape in peak_shapes(device)]:
+        cached = None  # (measured with other shapes: an older tuner's squares read AMX's peak 18% low)
     if cached and cached["flops"] >= at_least:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(cached["measured"])) if cached.get("measured") else "?"
         return Peak(cached["flops"], f"measured {when}, cached in {path}")
-    measured, sizes = measure_peak(device, dtype)
+    measured, shapes = measure_peak(device, dtype)
     flops = max(measured, at_least)
-    how = f"best of up to {PEAK_REPEATS} timings at {'/'.join(map(str, sizes))}"
+    how = f"best of up to {PEAK_REPEATS} timings at {'/'.join('x'.join(map(str, shape)) for shape in shapes)}"
     source = (f"measured now, {how}" if at_least <= measured else
               f"a training step's speed: above the {measured / 1e9:,.0f} GFLOP/s measured now, {how}")
     try:  # written whole under another name, then renamed: two runs at once never leave half a file
         from tuner.engine.checkpoint import atomic_write_text
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        entry = {"flops": flops, "measured": time.time(), "sizes": list(sizes), "threads": torch.get_num_threads()}
+        entry = {"flops": flops, "measured": time.time(), "shapes": [list(shape) for shape in shapes],
+                 "threads": torch.get_num_threads()}
         atomic_write_text(path, json.dumps({**_read_peak_flops(path), key: entry}, indent=1))
     except OSError:
         pass  # a read-only cache: measured again next time
