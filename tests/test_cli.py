@@ -78,7 +78,8 @@ def test_train_convert_merge_chat(tmp_path, tiny_model_dir, data_file):
 def test_train_runs_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_model_dir, data_file):
     """`tuner train` restarts itself with the allocator preloaded (CI installs libjemalloc2) and freed
     memory kept for reuse; without one (TUNER_MALLOC=glibc: as on a machine without jemalloc), with
-    glibc's heap kept; TUNER_MALLOC=system changes nothing. (Each setting's choice: test_engine.py.)"""
+    glibc's heap kept; TUNER_MALLOC=system changes nothing; a full fine-tune takes glibc's settings, with
+    no advice to install the jemalloc it has. (Each setting's choice: test_engine.py.)"""
     from tuner.engine.allocator import find_library
 
     cfg = write_config(tmp_path, tiny_model_dir, data_file, epochs=1)
@@ -94,6 +95,10 @@ def test_train_runs_with_jemalloc_or_tcmalloc_where_installed(tmp_path, tiny_mod
     assert "memory allocator glibc malloc (freed memory kept for reuse, merged at once)," in glibc.stderr, glibc.stderr[-2000:]
     plain = tuner("train", cfg, "--work-dir", tmp_path / "plain", env={"TUNER_MALLOC": "system"})
     assert "memory allocator glibc malloc," in plain.stderr
+    if found:
+        full = tuner("train", write_config(tmp_path, tiny_model_dir, data_file, lora=False, epochs=1, name="full"),
+                     "--work-dir", tmp_path / "full")
+        assert "memory allocator glibc malloc (freed memory kept for reuse, merged at once)," in full.stderr
 
 
 @pytest.mark.slow

@@ -594,12 +594,14 @@ def test_deepspeed_older_than_the_one_that_skips_non_finite_updates_is_refused(m
     assert "deepspeed>=0.19.8" in refused.value.hint
 
 
-@pytest.mark.parametrize("case", ["lora", "full", "own conf", "no jemalloc", "own glibc", "gpu", "system"])
+@pytest.mark.parametrize("case", ["lora", "full", "own conf", "no jemalloc", "own glibc", "gpu", "gpu full",
+                                  "system"])
 def test_allocator_settings_of_the_restart(monkeypatch, case):
     """What `tuner train` restarts itself with (os.execve caught): jemalloc with freed memory kept for
-    LoRA, jemalloc as it comes for full fine-tuning (measured slower and higher kept), a MALLOC_CONF of
-    the user's untouched, glibc's heap kept where no library is installed unless the user set glibc's
-    own settings, nothing of the kind on a GPU machine, and no restart with TUNER_MALLOC=system."""
+    LoRA, glibc's settings for full fine-tuning on a CPU even where jemalloc is installed (measured faster
+    than jemalloc as it comes or kept), a MALLOC_CONF of the user's untouched, glibc's heap kept where no
+    library is installed unless the user set glibc's own settings, jemalloc as it comes on a GPU machine
+    (LoRA or full), and no restart with TUNER_MALLOC=system."""
     from pathlib import Path as P
 
     from tuner.engine import allocator
@@ -610,19 +612,19 @@ def test_allocator_settings_of_the_restart(monkeypatch, case):
     monkeypatch.setattr(allocator, "in_use", lambda: "glibc")
     library = None if case in ("no jemalloc", "own glibc") else ("jemalloc", P("/x/libjemalloc.so.2"))
     monkeypatch.setattr(allocator, "find_library", lambda: library)
-    monkeypatch.setattr(allocator, "has_gpu", lambda: case == "gpu")
+    monkeypatch.setattr(allocator, "has_gpu", lambda: case.startswith("gpu"))
     env_of = {"own conf": {"MALLOC_CONF": "narenas:2"}, "own glibc": {"MALLOC_MMAP_THRESHOLD_": "65536"},
               "system": {"TUNER_MALLOC": "system"}}
     for name, value in env_of.get(case, {}).items():
         monkeypatch.setenv(name, value)
     started = []
     monkeypatch.setattr(allocator.os, "execve", lambda exe, argv, env: started.append(env))
-    allocator.restart_with_faster_allocator(["train", "cfg.py"], lora=case != "full")
+    allocator.restart_with_faster_allocator(["train", "cfg.py"], lora=not case.endswith("full"))
     if case in ("own glibc", "system"):
         assert started == []
         return
     env = started[0]
-    if library is None:
+    if library is None or case == "full":
         assert {k: env[k] for k in allocator.GLIBC_SETTINGS} == allocator.GLIBC_SETTINGS and "LD_PRELOAD" not in env
         return
     assert env["LD_PRELOAD"] == "/x/libjemalloc.so.2" and env[allocator.SWITCHED] == "jemalloc"

@@ -29,7 +29,11 @@ LoRA on SmolLM2-135M, 1 x 1024 packed tokens, bf16, AVX-512 bf16 CPU, two rounds
 645 / 590 (2.28), glibc kept 535 (2.25). The opposite setting, glibc returning everything over
 128 KB (MALLOC_MMAP_THRESHOLD_=131072), lowered the peak to 2.12 GiB at 239 / 249 tokens/s.
 Full fine-tuning is the exception for jemalloc: kept, 324 tokens/s and 4.92 GiB against 362 and
-3.54 as installed (glibc kept: 480, 3.72), so a full fine-tune keeps jemalloc's own settings.
+3.54 as installed (glibc kept: 480, 3.72). With glibc's caches off and huge pages, side by side on
+the Intel AMX machine (SmolLM2, 1 x 1024 tokens, bf16, two rounds): glibc 576 / 587 tokens/s at 3.75
+GiB, jemalloc as installed 467 / 465 at 3.55 (kept: 416 at 6.46; 1 s decay: 431 at 3.52). So a full
+fine-tune on a CPU takes glibc's settings even where jemalloc is installed: a quarter faster for 0.2
+GiB more. (A jemalloc preloaded by the user is in use already and kept.)
 
 A library can only be swapped, and glibc's settings only read, when the process starts, so
 `tuner train` starts itself again with them, as `python -m torch.backends.xeon.run_cpu` does.
@@ -101,12 +105,12 @@ def restart_env(lora: bool = True) -> dict | None:
     """The environment to start again with: jemalloc / tcmalloc preloaded, or glibc's settings above
     where none is installed (or TUNER_MALLOC=glibc); None when not on Linux, when the process does not
     run with glibc as started, or with TUNER_MALLOC=system. jemalloc keeps freed memory for LoRA and
-    QLoRA runs only: full fine-tuning ran slower and higher with it (see above)."""
+    QLoRA runs; full fine-tuning on a CPU takes glibc's settings, faster than jemalloc either way (above)."""
     choice = os.environ.get("TUNER_MALLOC", "auto")
     if (not sys.platform.startswith("linux") or os.environ.get(SWITCHED) or choice == "system"
             or in_use() != "glibc"):
         return None
-    library = find_library() if choice != "glibc" else None
+    library = find_library() if choice != "glibc" and (lora or has_gpu()) else None
     env = dict(os.environ)
     if library is None:
         if any(name in env for name in GLIBC_SETTINGS) or (has_gpu() and choice != "glibc"):
@@ -116,7 +120,8 @@ def restart_env(lora: bool = True) -> dict | None:
     env[SWITCHED] = library[0]
     env["LD_PRELOAD"] = " ".join(filter(None, [str(library[1]), os.environ.get("LD_PRELOAD")]))
     env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
-    if library[0] == "jemalloc" and lora and not has_gpu():  # (measured on CPU training only)
+    if library[0] == "jemalloc" and lora and not has_gpu():  # (measured on CPU training only; a GPU machine's
+        # full fine-tune keeps jemalloc as installed, as before: not measured there)
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env
 
@@ -129,7 +134,8 @@ def describe() -> str:
     if name != "glibc":
         return f"memory allocator {name}"
     kept = all(os.environ.get(k) == v for k, v in GLIBC_SETTINGS.items())
-    hint = "" if os.environ.get("TUNER_MALLOC") in ("system", "glibc") else (
-        "; install jemalloc, e.g. apt install libjemalloc2, for a lower peak memory on CPU")
+    hint = "" if os.environ.get("TUNER_MALLOC") in ("system", "glibc") or find_library() else (
+        "; install jemalloc, e.g. apt install libjemalloc2, for a lower peak memory on CPU")  # (installed: a full
+    # fine-tune runs glibc on purpose)
     return "memory allocator glibc malloc" + (f" (freed memory kept for reuse, merged at once{hint})" if kept else
                                               f" ({hint[2:]})" if hint else "")
