@@ -96,16 +96,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     of k and v. Scores are in the inputs' dtype and the softmax accumulates in float32, as
     transformers' eager attention does."""
     heads, length, dim = q.shape
-    return (_probabilities(q, k, scale) @ v).view(heads, length, dim)
+    return (_probabilities(_grouped(q, k), k, scale) @ v).view(heads, length, dim)
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scale q k^T + causal mask), (Hkv, H / Hkv x L, L): q's heads grouped by key head."""
-    heads, length, dim = q.shape
-    kv_heads = k.shape[0]
-    group = heads // kv_heads
+def _grouped(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (H, L, D) as (Hkv, H / Hkv x L, D): the query heads of each key head end to end (a copy only
+    where q is a strided view, as a sample cut from a bf16 row is)."""
+    return q.reshape(k.shape[0], -1, q.shape[-1])
+
+
+def _probabilities(grouped_q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + causal mask), (Hkv, H / Hkv x L, L), for q as _grouped lays it out."""
+    length = k.shape[1]
+    group = grouped_q.shape[1] // length
     # scale * q k^T + mask in one call
-    scores = torch.baddbmm(causal_mask(length, group, q.dtype, q.device), q.reshape(kv_heads, group * length, dim),
+    scores = torch.baddbmm(causal_mask(length, group, grouped_q.dtype, grouped_q.device), grouped_q,
                            k.transpose(1, 2), alpha=scale)
     return torch.softmax(scores, dim=-1)
 
@@ -140,11 +145,11 @@ class _MatmulAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v = ctx.saved_tensors
         heads, length, dim = q.shape
-        kv_heads, scale = k.shape[0], ctx.scale
+        scale = ctx.scale
         with torch.autocast("cpu", enabled=False):
+            q = _grouped(q, k)  # (once, for the probabilities and dK)
             probs = _probabilities(q, k, scale)
-            q = q.reshape(kv_heads, -1, dim)
-            grad = grad.reshape(kv_heads, -1, dim)
+            grad = _grouped(grad, k)
             grad_v = torch.bmm(probs.transpose(1, 2), grad)
             grad_scores = torch._softmax_backward_data(torch.bmm(grad, v.transpose(1, 2)), probs, -1, probs.dtype)
             del probs
