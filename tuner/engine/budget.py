@@ -75,7 +75,7 @@ PEAK_SHAPES = {"cuda": ((4096, 4096, 4096), (8192, 8192, 8192))}
 CPU_PEAK_SHAPES = ((512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 1024, 1024), (4096, 512, 1024),
                    (1024, 1024, 4096))
 PEAK_REPEATS = 5
-PEAK_SECONDS_PER_SIZE = 0.3  # (after 2 timings a size stops here: fp32 at 2048 on one CPU thread takes 0.7 s a timing)
+PEAK_SECONDS_PER_SHAPE = 0.3  # (after 2 timings a shape stops here: fp32 at 2048 on one CPU thread takes 0.7 s a timing)
 
 
 @dataclass
@@ -119,9 +119,9 @@ def measure_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, tuple
         a = torch.randn(rows, inner, device=device, dtype=dtype, generator=own)
         b = torch.randn(inner, columns, device=device, dtype=dtype, generator=own)
         a @ b  # (warm: the first call picks its kernel)
-        best, size_started = float("inf"), time.perf_counter()
+        best, shape_started = float("inf"), time.perf_counter()
         for repeat in range(PEAK_REPEATS):
-            if repeat >= 2 and time.perf_counter() - size_started > PEAK_SECONDS_PER_SIZE:
+            if repeat >= 2 and time.perf_counter() - shape_started > PEAK_SECONDS_PER_SHAPE:
                 break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
